@@ -1,0 +1,78 @@
+"""Update throughput (gradient updates per second) of the EDIS scripts' base algorithms at AntMaze sizes.
+
+    python benchmarks/update_throughput.py --algo iql --threads 2 --updates 2000
+    python benchmarks/update_throughput.py --algo iql --edis-batch      # the EDIS batch path (synthetic + online)
+
+Sizes follow CORL's AntMaze configs: obs 29, action 8, batch 256, 2x256 critics (IQL). Data is random (throughput
+does not depend on values). Prints one JSON line per run; benchmarks/results/throughput.md collects them.
+"""
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--algo", choices=["iql", "calql"], default="iql")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--updates", type=int, default=2000)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--edis-batch", action="store_true", help="compose batches as synthetic + online buffers")
+    p.add_argument("--device", default="cpu")
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    mod = importlib.import_module("edis_iql" if a.algo == "iql" else "edis_calql")
+    from utils.offline_data import get_task
+
+    task = get_task("antmaze-large")
+    dev = torch.device(a.device)
+    args = mod.apply_presets(mod.Args(env=task.name, offline_steps=10**6, online_steps=0), task, dev)
+    obs_dim, act_dim, n = 29, 8, 100_000
+    gen = torch.Generator(device=dev)
+    gen.manual_seed(0)
+
+    def filled(size):
+        buf = mod.ReplayBuffer(obs_dim, act_dim, size, dev)
+        buf.add_batch({"observations": torch.randn(size, obs_dim), "actions": torch.rand(size, act_dim) * 2 - 1,
+                       "rewards": torch.randn(size), "next_observations": torch.randn(size, obs_dim),
+                       "terminals": (torch.rand(size) < 0.01).float()})
+        return buf
+
+    offline, synthetic = filled(n), filled(n)
+    agent = mod.Agent(obs_dim, act_dim, args, 1.0).to(dev)
+    opts = mod.make_optimizers(agent, args)
+    extra = mod.update_extras(data=None, args=args) if hasattr(mod, "update_extras") else None
+
+    def batch():
+        if a.edis_batch:
+            k = int(args.batch_size * 0.5)
+            return mod.concat_batches(synthetic.sample(k, gen), offline.sample(args.batch_size - k, gen))
+        return offline.sample(args.batch_size, gen)
+
+    step = (lambda: mod.iql_update(agent, opts, batch(), args)) if a.algo == "iql" else (
+        lambda: mod.calql_update(agent, opts, batch(), args, extra))
+    for _ in range(a.warmup):
+        step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(a.updates):
+        out = step()
+    float(next(iter(out.values())))  # one sync at the end
+    dt = time.perf_counter() - t0
+    print(json.dumps({"algo": a.algo, "edis_batch": a.edis_batch, "threads": a.threads, "device": a.device,
+                      "updates": a.updates, "updates_per_s": round(a.updates / dt, 1),
+                      "cpu": platform.processor() or platform.machine(), "torch": torch.__version__}))
+
+
+if __name__ == "__main__":
+    main()

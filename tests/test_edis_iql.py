@@ -1,0 +1,354 @@
+"""edis_iql.py: IQL and EDIS math against hand-computed values and slow references, toys, smoke and resume runs."""
+
+import copy
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import edis_iql as m
+from tests.conftest import REPO, run_script
+from utils.offline_data import get_task
+
+
+def make_args(**kw):
+    task = get_task("antmaze-umaze")
+    args = m.Args(env=task.name, offline_steps=100, online_steps=0, **kw)
+    return m.apply_presets(args, task, torch.device("cpu"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# IQL pieces
+# ---------------------------------------------------------------------------------------------------------------
+def test_expectile_loss_hand_value():
+    u = torch.tensor([-2.0, 1.0, 3.0])
+    # |tau - 1(u<0)| u^2 with tau = 0.7: weights 0.3, 0.7, 0.7
+    assert m.expectile_loss(u, 0.7).item() == pytest.approx((0.3 * 4 + 0.7 * 1 + 0.7 * 9) / 3)
+    assert m.expectile_loss(u, 0.5).item() == pytest.approx(0.5 * (4 + 1 + 9) / 3)  # tau = 0.5: half the MSE
+
+
+def test_awr_weights_hand_values():
+    w = m.awr_weights(torch.tensor([0.0, 1.0, -1.0, 10.0]), beta=3.0, max_weight=100.0)
+    np.testing.assert_allclose(w.numpy(), [1.0, math.exp(3.0), math.exp(-3.0), 100.0], rtol=1e-6)
+
+
+def test_terminal_stops_bootstrap_timeout_does_not():
+    # transition 0 ends in a true terminal; transition 1 ends by a timeout (stored with terminal = 0)
+    r, next_v = torch.tensor([1.0, 1.0]), torch.tensor([5.0, 5.0])
+    terminals = torch.tensor([1.0, 0.0])
+    np.testing.assert_allclose(m.td_target(r, terminals, next_v, 0.99).numpy(), [1.0, 1.0 + 0.99 * 5.0])
+
+
+def slow_reference_update(agent, opts, batch, args):
+    """CORL's order with three optimizers and three backward passes (V, then Q, then actor)."""
+    opt_v, opt_q, opt_a = opts
+    s, a, r, s2, d = (batch[k] for k in m.FIELDS)
+    with torch.no_grad():
+        tq = torch.min(agent.q_target(s, a), 0).values
+        next_v = agent.vf(s2)
+    v = agent.vf(s)
+    adv = tq - v
+    v_loss = torch.mean(torch.abs(args.expectile - (adv < 0).float()) * adv**2)
+    opt_v.zero_grad()
+    v_loss.backward()
+    opt_v.step()
+    target = r + args.gamma * (1 - d) * next_v
+    q1, q2 = agent.qf(s, a)
+    q_loss = (torch.nn.functional.mse_loss(q1, target) + torch.nn.functional.mse_loss(q2, target)) / 2
+    opt_q.zero_grad()
+    q_loss.backward()
+    opt_q.step()
+    w = torch.clamp(torch.exp(args.beta * adv.detach()), max=args.max_weight)
+    logp = agent.actor.dist(s).log_prob(a).sum(-1)
+    actor_loss = torch.mean(-w * logp)
+    opt_a.zero_grad()
+    actor_loss.backward()
+    opt_a.step()
+    with torch.no_grad():
+        for tp, p in zip(agent.q_target.parameters(), agent.qf.parameters()):
+            tp.mul_(1 - args.tau).add_(args.tau * p)
+    return v_loss, q_loss, actor_loss
+
+
+def random_batch(n=64, obs=5, act=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"observations": torch.randn(n, obs, generator=g), "actions": torch.rand(n, act, generator=g) * 2 - 1,
+            "rewards": torch.randn(n, generator=g), "next_observations": torch.randn(n, obs, generator=g),
+            "terminals": (torch.rand(n, generator=g) < 0.2).float()}
+
+
+def test_fused_update_equals_three_optimizer_reference():
+    """One backward of the summed losses + one fused Adam == CORL's three optimizers and three backward passes."""
+    args = make_args(hidden_dim=32)
+    torch.manual_seed(0)
+    agent = m.Agent(5, 2, args, 1.0)
+    ref = copy.deepcopy(agent)
+    opts = m.make_optimizers(agent, args)
+    ref_opts = (torch.optim.Adam(ref.vf.parameters(), lr=args.critic_lr),
+                torch.optim.Adam(ref.qf.parameters(), lr=args.critic_lr),
+                torch.optim.Adam(ref.actor.parameters(), lr=args.actor_lr))
+    for step in range(3):  # several steps, so Adam's moment estimates are compared too
+        batch = random_batch(seed=step)
+        out = m.iql_update(agent, opts, batch, args)
+        v_loss, q_loss, actor_loss = slow_reference_update(ref, ref_opts, batch, args)
+        assert out["losses/v_loss"].item() == pytest.approx(v_loss.item(), rel=1e-5)
+        assert out["losses/q_loss"].item() == pytest.approx(q_loss.item(), rel=1e-5)
+        assert out["losses/actor_loss"].item() == pytest.approx(actor_loss.item(), rel=1e-5)
+    for (name, p1), p2 in zip(agent.state_dict().items(), ref.state_dict().values()):
+        torch.testing.assert_close(p1, p2, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_every_trainable_parameter_changes():
+    args = make_args(hidden_dim=32)
+    agent = m.Agent(5, 2, args, 1.0)
+    before = {k: v.clone() for k, v in agent.state_dict().items()}
+    m.iql_update(agent, m.make_optimizers(agent, args), random_batch(), args)
+    after = agent.state_dict()
+    for k in before:
+        assert not torch.equal(before[k], after[k]), f"{k} did not change"
+
+
+def test_twin_q_members_are_independent_linears():
+    torch.manual_seed(0)
+    q = m.TwinQ(5, 2, 16)
+    s, a = torch.randn(7, 5), torch.randn(7, 2)
+    out = q(s, a)
+    for i in range(2):  # member i is an ordinary MLP with its own weights
+        h = torch.cat([s, a], -1)
+        for layer in q.net:
+            h = h @ layer.weight[i] + layer.bias[i] if isinstance(layer, m.EnsembleLinear) else layer(h)
+        torch.testing.assert_close(out[i], h.squeeze(-1))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# EDM and EDIS pieces
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sigma", [0.002, 0.5, 1.0, 3.0, 80.0])
+def test_edm_coefficients_match_karras_table1(sigma):
+    c_skip, c_out, c_in, c_noise = (float(c) for c in m.edm_coefficients(torch.tensor(sigma, dtype=torch.float64)))
+    sd = 1.0
+    assert c_skip == pytest.approx(sd**2 / (sigma**2 + sd**2))
+    assert c_out == pytest.approx(sigma * sd / math.sqrt(sigma**2 + sd**2))
+    assert c_in == pytest.approx(1 / math.sqrt(sigma**2 + sd**2))
+    assert c_noise == pytest.approx(math.log(sigma) / 4)
+
+
+def test_karras_schedule_values():
+    s = m.karras_sigmas(128, torch.device("cpu"))
+    assert len(s) == 129 and s[-1] == 0 and s[0].item() == pytest.approx(80.0)
+    assert s[127].item() == pytest.approx(0.002, rel=1e-4)
+    # values listed in spec edis.md 4.3 for N = 128
+    for i, v in ((16, 38.8), (32, 17.3), (64, 2.43), (96, 0.157)):
+        assert s[i].item() == pytest.approx(v, rel=0.01)
+    assert torch.all(s[1:] < s[:-1])
+
+
+def two_mode_data(n, g):
+    """2-D toy: an equal mixture of N((-2, 0), 0.3^2) and N((2, 0), 0.3^2)."""
+    sign = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+    return torch.stack([2.0 * sign, torch.zeros(n)], -1) + 0.3 * torch.randn(n, 2, generator=g)
+
+
+@pytest.fixture(scope="module")
+def toy_denoiser():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    args = make_args(edis_width=64, edis_depth=2, edis_diffusion_steps=1500, edis_diffusion_batch=256,
+                     edis_diffusion_lr=3e-3, edis_sample_steps=24, edis_ema=0.99)
+    data = two_mode_data(4000, g)
+    ema, losses = m.train_diffusion(data, args, g)
+    return ema, losses, args
+
+
+def test_denoiser_loss_decreases_on_2d_toy(toy_denoiser):
+    net, losses, args = toy_denoiser
+    data = two_mode_data(4000, torch.Generator().manual_seed(9))
+    torch.manual_seed(0)
+    fresh = m.ResidualMLPDenoiser(2, args.edis_width, args.edis_depth)
+    with torch.no_grad():  # the same noise draws for both networks
+        trained = m.edm_loss(net, data, torch.Generator().manual_seed(10)).item()
+        untrained = m.edm_loss(fresh, data, torch.Generator().manual_seed(10)).item()
+    assert trained < 0.7 * untrained
+    assert losses[-200:].mean() < losses[:20].mean()
+
+
+def test_sampler_reproduces_both_modes(toy_denoiser):
+    net, _, args = toy_denoiser
+    x = m.edm_sample(net, 2000, 2, args.edis_sample_steps, torch.Generator().manual_seed(1))
+    right = (x[:, 0] > 0).float().mean().item()
+    assert 0.35 < right < 0.65  # both modes, roughly equally
+    assert (x[:, 0].abs() - 2).abs().median().item() < 0.5  # samples sit on the modes
+
+
+def test_zero_guidance_reproduces_unguided_exactly(toy_denoiser):
+    net, _, args = toy_denoiser
+    a = m.edm_sample(net, 64, 2, args.edis_sample_steps, torch.Generator().manual_seed(5))
+    b = m.edm_sample(net, 64, 2, args.edis_sample_steps, torch.Generator().manual_seed(5),
+                     guidance=lambda x, s: torch.zeros_like(x))
+    assert torch.equal(a, b)
+    codec = m.TransitionCodec(1, 1, torch.device("cpu"))
+    energies = m.make_energies(codec, 8, torch.device("cpu"))
+    assert m.make_guidance(energies, codec, {"state": 0.0, "policy": 0.0, "transition": 0.0}) is None
+
+
+def test_inpainting_keeps_conditioned_block_fixed(toy_denoiser):
+    net, _, args = toy_denoiser
+    known = torch.tensor([[1.5, 0.7]]).repeat(32, 1)
+    mask = torch.tensor([1.0, 0.0])
+    x = m.edm_sample(net, 32, 2, args.edis_sample_steps, torch.Generator().manual_seed(2), known=known,
+                     known_mask=mask)
+    assert torch.equal(x[:, 0], known[:, 0])  # exactly the condition
+    assert not torch.equal(x[:, 1], known[:, 1])  # the free block is sampled
+
+
+def test_infonce_guidance_moves_samples_to_target(toy_denoiser):
+    """Prior: both modes. Target: the right mode only. An energy trained by InfoNCE (positives from the target,
+    negatives from the diffusion prior, at the sampler's noise levels) must steer guided samples to the right."""
+    net, _, args = toy_denoiser
+    g = torch.Generator().manual_seed(3)
+    torch.manual_seed(3)
+    energy = m.EnergyNet(2, 64)
+    opt = torch.optim.Adam(energy.parameters(), lr=3e-3)
+    target = two_mode_data(4000, g)
+    target = target[target[:, 0] > 0]
+    prior = m.edm_sample(net, 2000, 2, args.edis_sample_steps, g)
+    sigmas = m.karras_sigmas(args.edis_sample_steps, torch.device("cpu"))[:-1]
+    K = 8
+    for _ in range(1500):
+        pos = target[torch.randint(0, len(target), (128,), generator=g)]
+        neg = prior[torch.randint(0, len(prior), (128, K), generator=g)]
+        sigma = sigmas[torch.randint(0, len(sigmas), (128,), generator=g)]
+        loss, acc = m.infonce_loss(energy, pos, neg, sigma, g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    def guidance(x, sigma):
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            return torch.autograd.grad(energy(x, sigma).sum(), x)[0]
+
+    unguided = m.edm_sample(net, 1000, 2, args.edis_sample_steps, torch.Generator().manual_seed(4))
+    guided = m.edm_sample(net, 1000, 2, args.edis_sample_steps, torch.Generator().manual_seed(4), guidance=guidance)
+    frac = lambda x: (x[:, 0] > 0).float().mean().item()  # noqa: E731
+    assert frac(unguided) < 0.65
+    assert frac(guided) > 0.85 and frac(guided) > frac(unguided) + 0.25
+    assert (guided[:, 0] - 2).abs().median().item() < 0.5  # and they land on the target mode
+
+
+def test_codec_roundtrip_and_blocks():
+    codec = m.TransitionCodec(3, 2, torch.device("cpu"))
+    b = random_batch(50, 3, 2)
+    codec.fit(codec.raw(b))
+    x = codec.encode(b)
+    assert x.shape == (50, 3 + 2 + 1 + 3 + 1)
+    out = codec.decode(x)
+    for k in ("observations", "actions", "rewards", "next_observations", "terminals"):
+        torch.testing.assert_close(out[k], b[k], rtol=1e-5, atol=1e-5)
+    blocks = m.energy_blocks(codec)
+    assert blocks["state"][1] == codec.s and blocks["policy"][1] == codec.a and blocks["transition"][1] == codec.s2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Script runs: smoke (offline + online updates, EDIS retrain, eval, checkpoint, summary) and resume
+# ---------------------------------------------------------------------------------------------------------------
+SMOKE = ["--env", "pointmaze-umaze", "--offline-steps", "150", "--online-steps", "260", "--eval-every", "100",
+         "--eval-episodes", "1", "--edis-retrain-every", "120", "--edis-diffusion-steps", "60",
+         "--edis-num-samples", "400", "--edis-width", "32", "--edis-depth", "2", "--edis-sample-steps", "6",
+         "--energy-pool", "16", "--energy-negatives", "4", "--energy-steps", "5", "--log-every", "50",
+         "--checkpoint-every", "100", "--hidden-dim", "32", "--batch-size", "32", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def tiny_pointmaze(tmp_path_factory):
+    root = tmp_path_factory.mktemp("minari")
+    env = {"MINARI_DATASETS_PATH": str(root), "HF_HUB_OFFLINE": "1"}
+    p = run_script(["-m", "utils.collect", "pointmaze-umaze", "--num-steps", "3000"], env)
+    assert p.returncode == 0, p.stderr
+    return env
+
+
+def read_scalars(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(run_dir)
+    acc.Reload()
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_smoke_run_reaches_every_stage(tiny_pointmaze, tmp_path):
+    out = tmp_path / "run"
+    p = run_script(["edis_iql.py", *SMOKE, "--output-dir", str(out)], tiny_pointmaze, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["updates"] == 150 + 260  # every offline and every online step did a gradient update
+    assert summary["online_env_steps"] == 260 and summary["edis_retrains"] == 2  # retrains at 120 and 240
+    for k in ("env", "seed", "offline_normalized_score", "final_normalized_score", "wall_time_s"):
+        assert summary[k] is not None
+    assert (out / "checkpoint.pt").exists() and (out / "config.json").exists()
+    scalars = read_scalars(str(out))
+    for tag in ("losses/q_loss", "losses/v_loss", "losses/actor_loss", "eval/normalized_score",
+                "eval/success_rate", "charts/SPS", "edis/diffusion_loss", "edis/energy_loss_state",
+                "edis/energy_loss_policy", "edis/energy_loss_transition", "edis/guidance_norm",
+                "edis/syn_state_mean_dist", "charts/synthetic_fraction"):
+        assert tag in scalars, tag
+    assert scalars["charts/synthetic_fraction"][-1] == pytest.approx(0.5)  # synthetic data is in the batches
+    assert "offline phase done" in p.stderr + p.stdout
+
+
+def test_no_edis_ablation_runs(tiny_pointmaze, tmp_path):
+    out = tmp_path / "run"
+    p = run_script(["edis_iql.py", *SMOKE, "--no-edis", "--online-steps", "120", "--output-dir", str(out)],
+                   tiny_pointmaze, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["edis_retrains"] == 0 and summary["updates"] == 150 + 120
+
+
+def test_kill_and_resume(tiny_pointmaze, tmp_path):
+    out = tmp_path / "run"
+    args = [*SMOKE, "--edis-retrain-every", "100", "--offline-steps", "3000", "--online-steps", "200",
+            "--eval-every", "10000", "--output-dir", str(out)]
+    env = dict(os.environ, **tiny_pointmaze)
+    proc = subprocess.Popen([sys.executable, "edis_iql.py", *args], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    ckpt = out / "checkpoint.pt"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt.exists() and torch.load(ckpt, weights_only=False)["step"] >= 200:
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step_at_kill = torch.load(ckpt, weights_only=False)["step"]
+    assert 200 <= step_at_kill < 3200 and not (out / "summary.json").exists()
+    p = run_script(["edis_iql.py", "--resume", str(out)], tiny_pointmaze, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"resumed {out} at step {step_at_kill}" in p.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["updates"] == 3000 + 200 and summary["online_env_steps"] == 200 and summary["edis_retrains"] == 2
+    # and a finished run can be extended: the flags given with --resume override the saved ones
+    p = run_script(["edis_iql.py", "--resume", str(out), "--online-steps", "300"], tiny_pointmaze, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["updates"] == 3300 and summary["online_env_steps"] == 300 and summary["edis_retrains"] == 3
+
+
+@pytest.mark.parametrize("flags, text", [
+    (["--offline-steps", "-5"], "--offline-steps must be >= 0"),
+    (["--edis-ratio", "1.5"], "--edis-ratio must be in [0, 1)"),
+    (["--resume", "/nonexistent/run"], "no checkpoint at"),
+    (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "nonsense"], "--device"),
+])
+def test_bad_flags_one_line_errors(flags, text, tiny_pointmaze):
+    p = run_script(["edis_iql.py", "--env", "pointmaze-umaze", *flags], tiny_pointmaze)
+    assert p.returncode == 2 and text in p.stderr and "Traceback" not in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
