@@ -1,40 +1,1387 @@
-"""edis_calql.py: Cal-QL (Nakamoto et al. 2023, arXiv 2303.05479) offline pre-training, then online fine-tuning with EDIS
-(Liu et al. 2024, arXiv 2407.12448). Docs: docs/edis_calql.md.
-
-STATUS: the data layer is wired in (task registry, dataset loading, environments); the algorithm is not
-implemented yet (issue #4). Running the script resolves --env, loads the offline dataset exactly as the
-finished script will, prints what it found, and exits with status 3.
-"""
-
+# edis_calql.py: Cal-QL offline pre-training, then online fine-tuning with EDIS. Docs: docs/edis_calql.md
+#
+# Cal-QL: Nakamoto et al. "Cal-QL: Calibrated Offline RL Pre-Training for Efficient Online Fine-Tuning."
+#       NeurIPS 2023, arXiv 2303.05479 (official code: nakamotoo/Cal-QL). CQL: Kumar et al. 2020, arXiv 2006.04779.
+# EDIS: Liu et al. "Energy-Guided Diffusion Sampling for Offline-to-Online Reinforcement Learning." ICML 2024,
+#       arXiv 2407.12448 (official code: liuxhym/EDIS; we implement what the paper intends, see docs/edis_calql.md).
+# EDM:  Karras et al. "Elucidating the Design Space of Diffusion-Based Generative Models." arXiv 2206.00364.
+# References for the Cal-QL details: CORL algorithms/finetune/cal_ql.py (hyper-parameters, reward conventions).
+#
+# Layout (identical in edis_iql.py, so `diff edis_iql.py edis_calql.py` shows only the algorithm):
+#   Args and presets -> replay buffers -> networks -> ALGO LOGIC: Cal-QL update -> ALGO LOGIC: EDIS (diffusion,
+#   energies, guided sampler) -> evaluation -> checkpoints -> main loop (offline phase, then online phase).
+# Blocks between `# >>> shared:NAME` and `# <<< shared:NAME` must be textually identical in both EDIS scripts
+# (tests/test_edis_shared.py checks it).
 from __future__ import annotations
 
 import dataclasses
-import sys
-from typing import Optional
+import json
+import math
+import os
+import random
+import time
+from typing import Callable, Optional
 
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 import tyro
 
-from utils.common import UserError, run_cli
-from utils.offline_data import get_task, load_offline_data
+from utils.common import UserError, atomic_torch_save, atomic_write_bytes, run_cli, seed_everything
+from utils.offline_data import OfflineData, TaskSpec, get_task, load_offline_data, make_env, normalized_score
+
+
+# >>> shared:args_common
+@dataclasses.dataclass
+class Args:
+    # --- run -----------------------------------------------------------------------------------------------------
+    env: str = "pointmaze-umaze"
+    """D4RL-style task: antmaze-{umaze,umaze-diverse,medium-play,medium-diverse,large-play,large-diverse} (antmaze-large
+    = antmaze-large-diverse), {pen,door,hammer,relocate}-{human,cloned,expert}, {hopper,halfcheetah,walker2d}-{simple,
+    medium,expert}, pointmaze-{umaze,medium,large}[-dense]. Selects the per-task preset of every flag left unset."""
+    seed: int = 1
+    """seed of python, numpy, torch, the env resets and the batch sampling"""
+    device: str = "auto"
+    """torch device: auto (cuda when available, else cpu), cpu, cuda, cuda:1, ... On cpu the small CPU preset is used
+    for budgets and model sizes that are left unset"""
+    torch_deterministic: bool = True
+    """set torch.backends.cudnn.deterministic"""
+    output_dir: Optional[str] = None
+    """where TensorBoard logs, config.json, checkpoint.pt and summary.json go
+    (default runs/<env>__<exp>__<seed>__<time>)"""
+    resume: Optional[str] = None
+    """an output dir (or its checkpoint.pt) of a killed run: continue it with its saved config; flags given together
+    with --resume override the saved values (e.g. a larger --online-steps to train longer)"""
+    dataset_path: Optional[str] = None
+    """a D4RL-layout hdf5 file or a Minari dataset folder to use instead of the task's Minari dataset"""
+    track: bool = False
+    """also log to Weights & Biases (imported only then)"""
+    wandb_project_name: str = "reference-rl"
+    """W&B project (with --track)"""
+    wandb_entity: Optional[str] = None
+    """W&B entity (with --track)"""
+    compile: bool = False
+    """torch.compile the update step (worth it on GPU for long runs)"""
+    bf16: Optional[bool] = None
+    """compute the updates' and EDIS's matrix products in bfloat16 (torch.autocast; weights, optimizer states and losses
+    stay fp32). Preset: on for CUDA GPUs with bf16, off on CPU, where it is 2x faster on CPUs with AVX512-BF16/AMX but
+    rounds Q-values of a few hundred to ~1 (see the docs)"""
+    # --- budget, evaluation, logging -----------------------------------------------------------------------------
+    offline_steps: Optional[int] = None
+    """gradient updates on the offline dataset (preset: 1,000,000 on GPU, 20,000 on CPU)"""
+    online_steps: Optional[int] = None
+    """environment steps of online fine-tuning (preset: 200,000 on GPU as EDIS, 20,000 on CPU)"""
+    utd: int = 1
+    """online updates per environment step (update-to-data ratio)"""
+    eval_every: Optional[int] = None
+    """evaluate every this many steps (offline updates and online env steps count alike), plus after the offline phase
+    and at the end"""
+    eval_episodes: Optional[int] = None
+    """episodes per evaluation (preset: AntMaze 100, others 10; CPU preset 5)"""
+    checkpoint_every: int = 10_000
+    """write checkpoint.pt (atomically) every this many steps, and at the end of each phase"""
+    log_every: int = 1_000
+    """log training losses to TensorBoard every this many updates"""
+    # --- data ----------------------------------------------------------------------------------------------------
+    batch_size: int = 256
+    """transitions per gradient update"""
+    normalize_states: Optional[bool] = None
+    """standardise states with the offline dataset's mean and std, stored in checkpoints (preset per task family)"""
+    reward_scale: Optional[float] = None
+    """rewards become reward_scale * r + reward_bias, offline and online (preset per task family)"""
+    reward_bias: Optional[float] = None
+    """see --reward-scale (preset per task family: IQL AntMaze r - 1, Cal-QL AntMaze 10 r - 5)"""
+    reward_normalize_returns: Optional[bool] = None
+    """locomotion convention: multiply rewards by 1000 / (max - min episode return of the dataset) first"""
+    # --- EDIS ----------------------------------------------------------------------------------------------------
+    edis: bool = True
+    """use EDIS in the online phase; --no-edis runs plain fine-tuning on offline + online replay (the ablation)"""
+    edis_ratio: Optional[float] = None
+    """fraction of synthetic transitions in every online batch (the rest are online transitions)"""
+    edis_retrain_every: Optional[int] = None
+    """retrain diffusion + energies and regenerate synthetic data every this many online env steps"""
+    edis_min_online: Optional[int] = None
+    """first retrain only once the online buffer holds this many transitions (default: --edis-retrain-every)"""
+    edis_num_samples: Optional[int] = None
+    """synthetic transitions generated at each retrain (the synthetic buffer is replaced)"""
+    edis_diffusion_steps: Optional[int] = None
+    """gradient steps of each (fresh) diffusion model training"""
+    edis_diffusion_batch: int = 256
+    """batch size of diffusion training"""
+    edis_diffusion_lr: float = 3e-4
+    """AdamW learning rate of the denoiser (cosine-decayed over --edis-diffusion-steps)"""
+    edis_width: Optional[int] = None
+    """width of the residual-MLP denoiser (preset: 1024 on GPU as the paper, 256 on CPU)"""
+    edis_depth: Optional[int] = None
+    """residual blocks of the denoiser (preset: 6 on GPU as the paper, 3 on CPU)"""
+    edis_ema: float = 0.999
+    """EMA decay of the denoiser weights used for sampling"""
+    edis_sample_steps: Optional[int] = None
+    """Heun steps of the EDM sampler (preset: 128 on GPU as the paper, 32 on CPU)"""
+    edis_sample_batch: int = 10_000
+    """transitions generated per sampler call"""
+    edis_churn: float = 80.0
+    """EDM S_churn of the stochastic sampler (Karras et al. Alg. 2)"""
+    guide_state: float = 1.0
+    """weight of the state energy E_s (online state distribution); 1 = the exact product p * exp(-E) of the paper"""
+    guide_policy: float = 1.0
+    """weight of the policy energy E_pi (current policy's actions)"""
+    guide_transition: float = 1.0
+    """weight of the transition energy E_T (true dynamics)"""
+    energy_negatives: int = 10
+    """K: negatives per positive in each InfoNCE group"""
+    energy_pool: Optional[int] = None
+    """positives (online transitions) per retrain for which K negatives are generated"""
+    energy_steps: Optional[int] = None
+    """gradient steps of each energy per retrain (energies persist across retrains)"""
+    energy_batch: int = 256
+    """InfoNCE groups per energy gradient step"""
+    energy_lr: float = 1e-3
+    """Adam learning rate of the energies"""
+    energy_hidden: int = 256
+    """width of the 3-hidden-layer energy MLPs"""
+    edis_reward_model: bool = False
+    """relabel synthetic rewards with a reward model fitted on offline + online data instead of the generated reward"""
+    # --- networks ------------------------------------------------------------------------------------------------
+    hidden_dim: int = 256
+    """width of the actor and critic MLPs"""
+    gamma: float = 0.99
+    """discount factor"""
+    tau: float = 0.005
+    """Polyak rate of the target critics"""
+# <<< shared:args_common
+    # --- Cal-QL / CQL --------------------------------------------------------------------------------------------
+    cql_alpha: Optional[float] = None
+    """weight of the CQL regulariser in the offline phase (preset: AntMaze 5, Adroit 1, locomotion 5)"""
+    cql_alpha_online: Optional[float] = None
+    """weight of the CQL regulariser in the online phase (preset: the offline value, as the CORL/EDIS configs)"""
+    cql_lagrange: Optional[bool] = None
+    """tune the CQL weight with a Lagrange multiplier alpha' so that the action gap stays near
+    --cql-target-action-gap"""
+    cql_target_action_gap: float = 0.8
+    """target of logsumexp Q(s, .) - Q(s, a_data) with --cql-lagrange"""
+    cql_n_actions: Optional[int] = None
+    """actions sampled per state for each of the three CQL sets (uniform, pi(s), pi(s')) (preset: 10, CPU 4)"""
+    cql_temp: float = 1.0
+    """temperature of the CQL logsumexp"""
+    cql_importance_sample: bool = True
+    """importance-weight the logsumexp by the sampling densities (CQL(H) with importance sampling, as CORL)"""
+    cql_clip_diff_min: Optional[float] = None
+    """lower clip of logsumexp Q - Q(s, a_data) (preset: AntMaze -200, else -inf)"""
+    cql_clip_diff_max: float = float("inf")
+    """upper clip of logsumexp Q - Q(s, a_data)"""
+    cql_max_target_backup: Optional[bool] = None
+    """TD target uses the max over --cql-n-actions next actions of the min target Q (preset: on for AntMaze/Adroit)"""
+    backup_entropy: bool = False
+    """subtract alpha * log pi(a'|s') in the TD target (off in CORL and the official Cal-QL)"""
+    calibration: bool = True
+    """Cal-QL: lower-bound the policy-action Q-values in the regulariser by the Monte-Carlo return (offline phase)"""
+    calibration_online: bool = False
+    """keep calibration on online, with returns of finished online episodes (official Cal-QL); off = CORL and EDIS"""
+    is_sparse_reward: Optional[bool] = None
+    """sparse-reward convention for MC returns: an episode whose rewards all equal the failure reward (a raw 0)
+    gets r/(1-gamma) at every step"""
+    mixing_ratio: float = 0.5
+    """without EDIS (or before its first retrain): fraction of offline data in online batches (CORL's 0.5)"""
+    q_layers: Optional[int] = None
+    """hidden layers of each critic (preset: AntMaze 5 as CORL, Adroit 3, locomotion 2, PointMaze 3)"""
+    policy_layers: int = 3
+    """hidden layers of the tanh-Gaussian actor (CORL: 3 x 256)"""
+    critic_lr: float = 3e-4
+    """Adam learning rate of the critics and of alpha' (Lagrange)"""
+    actor_lr: float = 1e-4
+    """Adam learning rate of the actor and of the entropy temperature alpha (CORL configs: 1e-4)"""
+    orthogonal_init: bool = True
+    """orthogonal initialisation (gain sqrt(2) hidden, 1e-2 output), as CORL's Cal-QL"""
+
+
+# Per-family presets (CORL finetune/cal_ql.py configs, the official Cal-QL scripts and the EDIS Cal-QL gins, spec
+# edis.md sections 6.1 and 8.3), applied to every flag the command line left unset. Per-task entries refine them.
+INF = float("inf")
+PRESETS = {
+    "antmaze": dict(normalize_states=False, reward_scale=10.0, reward_bias=-5.0, reward_normalize_returns=False,
+                    is_sparse_reward=True, cql_alpha=5.0, cql_alpha_online=5.0, cql_lagrange=True, q_layers=5,
+                    cql_max_target_backup=True, cql_clip_diff_min=-200.0, edis_ratio=0.5,
+                    edis_diffusion_steps=10_000, cql_n_actions=10, eval_episodes=100),
+    "adroit": dict(normalize_states=False, reward_scale=1.0, reward_bias=0.0, reward_normalize_returns=False,
+                   is_sparse_reward=False, cql_alpha=1.0, cql_alpha_online=1.0, cql_lagrange=False, q_layers=3,
+                   cql_max_target_backup=True, cql_clip_diff_min=-INF, edis_ratio=0.3,
+                   edis_diffusion_steps=10_000, cql_n_actions=10, eval_episodes=10),
+    "mujoco": dict(normalize_states=True, reward_scale=1.0, reward_bias=0.0, reward_normalize_returns=True,
+                   is_sparse_reward=False, cql_alpha=5.0, cql_alpha_online=5.0, cql_lagrange=False, q_layers=2,
+                   cql_max_target_backup=False, cql_clip_diff_min=-INF, edis_ratio=0.2,
+                   edis_diffusion_steps=10_000, cql_n_actions=10, eval_episodes=10),
+    "pointmaze": dict(normalize_states=True, reward_scale=10.0, reward_bias=-5.0, reward_normalize_returns=False,
+                      is_sparse_reward=True, cql_alpha=5.0, cql_alpha_online=5.0, cql_lagrange=True, q_layers=3,
+                      cql_max_target_backup=True, cql_clip_diff_min=-200.0, edis_ratio=0.5,
+                      edis_diffusion_steps=10_000, cql_n_actions=10, eval_episodes=10),
+}
+TASK_PRESETS = {  # EDIS Cal-QL gins: synthetic ratio per task
+    "antmaze-medium-play": dict(edis_ratio=0.3),
+    "antmaze-medium-diverse": dict(edis_ratio=0.3),
+    "door-human": dict(edis_ratio=0.5),
+    "relocate-human": dict(edis_ratio=0.2, cql_alpha_online=2.5),
+}
+# On CPU, Cal-QL's critic passes over 1 + 3N actions per state dominate: smaller budgets, 4 CQL actions per set and
+# 2 x 256 critics keep `--env pointmaze-umaze` within ~15 minutes on 2 cores (GPU runs keep the presets above).
+ALGO_CPU_PRESETS = dict(offline_steps=6_000, online_steps=6_000, eval_every=3_000, edis_retrain_every=2_000,
+                        q_layers=2, cql_n_actions=4)
+# >>> shared:presets_device
+# Budgets and model sizes by device. GPU: the paper's scale (1024x6 denoiser, 128 Heun steps, 100k samples per retrain
+# every 10k steps). CPU: small enough that `--env pointmaze-umaze` finishes in minutes on 2 cores.
+DEVICE_PRESETS = {
+    "cuda": dict(offline_steps=1_000_000, online_steps=200_000, eval_every=10_000, edis_retrain_every=10_000,
+                 edis_num_samples=100_000, edis_width=1024, edis_depth=6, edis_sample_steps=128, energy_pool=1024,
+                 energy_steps=200),
+    "cpu": dict(offline_steps=20_000, online_steps=20_000, eval_every=5_000, edis_retrain_every=5_000,
+                edis_num_samples=20_000, edis_diffusion_steps=3_000, edis_width=256, edis_depth=3,
+                edis_sample_steps=32, energy_pool=256, energy_steps=100, eval_episodes=5),
+}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a torch device (try auto, cpu, cuda, cuda:0)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for, but torch sees no CUDA GPU (use --device cpu)")
+    return dev
+
+
+def apply_presets(args: Args, task: TaskSpec, device: torch.device) -> Args:
+    """Fill every flag left at None: device preset, then family preset, then task preset (later ones win)."""
+    merged = {**DEVICE_PRESETS["cuda" if device.type == "cuda" else "cpu"]}
+    family = {**PRESETS[task.family], **TASK_PRESETS.get(task.name, {})}
+    for k, v in family.items():  # the CPU preset's smaller budgets win over the family's GPU-scale sizes
+        if not (device.type != "cuda" and k in merged):
+            merged[k] = v
+    if device.type != "cuda":  # and the algorithm's own CPU sizes win over both
+        merged.update(ALGO_CPU_PRESETS)
+    for k, v in merged.items():
+        if hasattr(args, k) and getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.edis_min_online is None:
+        args.edis_min_online = args.edis_retrain_every
+    if args.bf16 is None:
+        args.bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    for name in ("offline_steps", "online_steps"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    for name in ("eval_every", "eval_episodes", "checkpoint_every", "log_every", "batch_size", "utd",
+                 "edis_retrain_every", "edis_num_samples", "edis_diffusion_steps", "edis_diffusion_batch",
+                 "edis_sample_steps", "edis_sample_batch", "energy_negatives", "energy_pool", "energy_steps",
+                 "energy_batch"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 0.0 <= args.edis_ratio < 1.0:
+        raise UserError(f"--edis-ratio must be in [0, 1), got {args.edis_ratio}")
+    return args
+# <<< shared:presets_device
+
+
+# >>> shared:buffers
+# ---------------------------------------------------------------------------------------------------------------
+# BOILERPLATE: replay buffers on the training device (sampling never leaves the device)
+# ---------------------------------------------------------------------------------------------------------------
+FIELDS = ("observations", "actions", "rewards", "next_observations", "terminals")
+
+
+class ReplayBuffer:
+    """A ring buffer of transitions stored as tensors on ``device``; ``sample`` draws uniform indices there.
+
+    ``extra`` adds scalar fields with a fill value for rows that do not provide them (Cal-QL's ``mc_returns``).
+    """
+
+    def __init__(self, obs_dim: int, act_dim: int, capacity: int, device: torch.device, extra: Optional[dict] = None):
+        self.capacity, self.device, self.size, self.ptr = int(capacity), device, 0, 0
+        self.extra = dict(extra or {})
+        shapes = {"observations": (obs_dim,), "actions": (act_dim,), "rewards": (), "next_observations": (obs_dim,),
+                  "terminals": (), **{k: () for k in self.extra}}
+        self.data = {k: torch.zeros((self.capacity, *s), dtype=torch.float32, device=device) for k, s in shapes.items()}
+
+    def add_batch(self, batch: dict) -> torch.Tensor:
+        """Append rows (a ring: the oldest are overwritten when full); returns their indices."""
+        n = len(batch["rewards"])
+        idx = (self.ptr + torch.arange(n, device=self.device)) % self.capacity
+        for k, v in self.data.items():
+            v[idx] = torch.as_tensor(batch[k], dtype=torch.float32, device=self.device) if k in batch else self.extra[k]
+        self.ptr = (self.ptr + n) % self.capacity
+        self.size = min(self.size + n, self.capacity)
+        return idx
+
+    def add(self, obs, action, reward, next_obs, terminal) -> None:
+        self.add_batch({"observations": obs[None], "actions": action[None], "rewards": np.array([reward]),
+                        "next_observations": next_obs[None], "terminals": np.array([terminal])})
+
+    def sample_idx(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        return torch.randint(0, self.size, (n,), device=self.device, generator=generator)
+
+    def get(self, idx: torch.Tensor) -> dict:
+        return {k: v[idx] for k, v in self.data.items()}
+
+    def sample(self, n: int, generator: torch.Generator) -> dict:
+        return self.get(self.sample_idx(n, generator))
+
+    def rows(self) -> dict:
+        """All stored rows (views, no copy)."""
+        return {k: v[: self.size] for k, v in self.data.items()}
+
+    def state_dict(self) -> dict:
+        return {"size": self.size, "ptr": self.ptr, "data": {k: v.cpu() for k, v in self.rows().items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.size, self.ptr = state["size"], state["ptr"]
+        for k, v in state["data"].items():
+            self.data[k][: self.size] = v.to(self.device)
+
+
+def sample_union(a: ReplayBuffer, b: ReplayBuffer, n: int, generator: torch.Generator) -> dict:
+    """Uniform over the union of two buffers (offline + online replay, as CORL's single growing buffer)."""
+    idx = torch.randint(0, a.size + b.size, (n,), device=a.device, generator=generator)
+    from_a = idx < a.size
+    ia, ib = idx.clamp(max=a.size - 1), (idx - a.size).clamp(min=0, max=max(b.size - 1, 0))
+    assert a.data.keys() == b.data.keys(), "buffers with different fields"
+    out = {}
+    for k in a.data:
+        va, vb = a.data[k][ia], b.data[k][ib]
+        out[k] = torch.where(from_a.view(-1, *([1] * (va.dim() - 1))), va, vb)
+    return out
+
+
+def concat_batches(x: dict, y: dict) -> dict:
+    assert x.keys() == y.keys(), f"batches with different fields: {sorted(x)} vs {sorted(y)}"
+    return {k: torch.cat([x[k], y[k]]) for k in x}
+
+
+def reward_transform(data: OfflineData, args: Args) -> tuple:
+    """(scale, bias) so that stored rewards are scale * r + bias (CORL's modify_reward conventions)."""
+    scale = args.reward_scale
+    if args.reward_normalize_returns:  # locomotion: 1000 / (max - min episode return), as CORL and IQL
+        returns = data.episode_returns()
+        spread = float(returns.max() - returns.min())
+        scale *= 1000.0 / spread if spread > 0 else 1.0
+    return float(scale), float(args.reward_bias)
+# <<< shared:buffers
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ALGO LOGIC: Cal-QL networks
+# ---------------------------------------------------------------------------------------------------------------
+# >>> shared:networks
+def mlp(in_dim: int, out_dim: int, hidden: int, n_hidden: int = 2, dropout: float = 0.0) -> nn.Sequential:
+    layers, d = [], in_dim
+    for _ in range(n_hidden):
+        layers += [nn.Linear(d, hidden), nn.ReLU()] + ([nn.Dropout(dropout)] if dropout > 0 else [])
+        d = hidden
+    return nn.Sequential(*layers, nn.Linear(d, out_dim))
+
+
+def adam(params, lr: float) -> torch.optim.Optimizer:
+    """Adam, fused into one kernel where torch supports it (CPU and CUDA): 4x faster steps for many small tensors."""
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except (RuntimeError, TypeError):  # an older torch or an unsupported device: the default implementation
+        return torch.optim.Adam(params, lr=lr)
+
+
+class EnsembleLinear(nn.Module):
+    """``n`` independent linear layers applied in one batched matmul: x [n, B, in] -> [n, B, out]."""
+
+    def __init__(self, n: int, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n, in_features, out_features))
+        self.bias = nn.Parameter(torch.empty(n, 1, out_features))
+        bound = 1.0 / math.sqrt(in_features)  # nn.Linear's default init, member by member
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class TwinQ(nn.Module):
+    """Both critics Q_1, Q_2 in one forward pass (batched matmuls)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int, n_hidden: int = 2):
+        super().__init__()
+        self.obs_dim = obs_dim
+        layers, d = [], obs_dim + act_dim
+        for _ in range(n_hidden):
+            layers += [EnsembleLinear(2, d, hidden), nn.ReLU()]
+            d = hidden
+        self.net = nn.Sequential(*layers, EnsembleLinear(2, d, 1))
+
+    def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        """obs [B, S], act [B, A] -> [2, B]."""
+        return self.forward_multi(obs, act[:, None])[..., 0]
+
+    def forward_multi(self, obs: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
+        """Q_i(s_b, a_bn) for N actions per state: obs [B, S], acts [B, N, A] -> [2, B, N]. The first layer's state
+        half W_s s is computed once per state and broadcast over its N actions (W [s; a] = W_s s + W_a a)."""
+        (B, N, A), S = acts.shape, self.obs_dim
+        first = self.net[0]
+        hs = torch.baddbmm(first.bias, obs.unsqueeze(0).expand(2, B, S), first.weight[:, :S])  # [2, B, H]
+        ha = torch.bmm(acts.reshape(1, B * N, A).expand(2, B * N, A), first.weight[:, S:])  # [2, B*N, H]
+        h = (ha.view(2, B, N, -1) + hs.unsqueeze(2)).view(2, B * N, -1)
+        return self.net[1:](h).view(2, B, N)
+
+
+# <<< shared:networks
+
+
+def orthogonal_init_(module: nn.Module, last_gain: float = 1e-2) -> None:
+    """CORL's init_module_weights(orthogonal_init=True): hidden layers orthogonal with gain sqrt(2), the output layer
+    with gain 1e-2, zero biases. Ensemble layers are initialised member by member."""
+    linears = [m for m in module.modules() if isinstance(m, (nn.Linear, EnsembleLinear))]
+    for i, layer in enumerate(linears):
+        gain = last_gain if i == len(linears) - 1 else math.sqrt(2.0)
+        with torch.no_grad():
+            if isinstance(layer, EnsembleLinear):
+                for w in layer.weight:  # [in, out] per member; orthogonal_ on its transpose = nn.Linear's layout
+                    nn.init.orthogonal_(w.T, gain=gain)
+            else:
+                nn.init.orthogonal_(layer.weight, gain=gain)
+            layer.bias.zero_()
+
+
+class TanhGaussianActor(nn.Module):
+    """SAC/CQL policy: a = max_action * tanh(u), u ~ N(mu(s), sigma(s)); log sigma = m * raw + o, with learnable
+    scalars m = 1, o = -1 at init and a clamp to [-20, 2] (CORL's TanhGaussianPolicy)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int, max_action: float, n_hidden: int = 3):
+        super().__init__()
+        self.net = mlp(obs_dim, 2 * act_dim, hidden, n_hidden)
+        self.log_std_multiplier = nn.Parameter(torch.tensor(1.0))
+        self.log_std_offset = nn.Parameter(torch.tensor(-1.0))
+        self.max_action = max_action
+
+    def _mu_logstd(self, obs: torch.Tensor) -> tuple:
+        mu, raw = self.net(obs).chunk(2, -1)
+        return mu, (self.log_std_multiplier * raw + self.log_std_offset).clamp(-20.0, 2.0)
+
+    def rsample(self, obs: torch.Tensor, n: Optional[int] = None) -> tuple:
+        """Reparameterised actions and log-probs: obs [B, S] -> ([B, A], [B]) or, with n, ([B, n, A], [B, n])."""
+        mu, log_std = self._mu_logstd(obs)
+        if n is not None:
+            mu, log_std = mu.unsqueeze(1).expand(-1, n, -1), log_std.unsqueeze(1).expand(-1, n, -1)
+        eps = torch.randn_like(mu)
+        u = mu + log_std.exp() * eps
+        # log N(u; mu, sigma) - sum log(1 - tanh(u)^2), with log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u))
+        logp = (-0.5 * eps.pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+        logp = logp - (2.0 * (math.log(2.0) - u - F.softplus(-2.0 * u))).sum(-1)
+        return self.max_action * torch.tanh(u), logp
+
+    @torch.no_grad()
+    def sample(self, obs: torch.Tensor) -> torch.Tensor:
+        """Exploration / EDIS policy-energy positives: a ~ pi(.|s)."""
+        return self.rsample(obs)[0]
+
+    @torch.no_grad()
+    def act(self, obs: torch.Tensor) -> torch.Tensor:
+        """Evaluation action: max_action * tanh(mu(s)) (CORL's deterministic act)."""
+        return self.max_action * torch.tanh(self._mu_logstd(obs)[0])
+
+
+class Agent(nn.Module):
+    """Everything Cal-QL learns, in one module (one state_dict for checkpoints)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, args: Args, max_action: float):
+        super().__init__()
+        self.qf = TwinQ(obs_dim, act_dim, args.hidden_dim, args.q_layers)
+        self.actor = TanhGaussianActor(obs_dim, act_dim, args.hidden_dim, max_action, args.policy_layers)
+        if args.orthogonal_init:
+            orthogonal_init_(self.qf)
+            orthogonal_init_(self.actor.net)
+        self.q_target = TwinQ(obs_dim, act_dim, args.hidden_dim, args.q_layers)
+        self.q_target.load_state_dict(self.qf.state_dict())
+        self.q_target.requires_grad_(False)
+        self.log_alpha = nn.Parameter(torch.zeros(()))  # SAC entropy temperature, alpha = exp(log_alpha)
+        self.log_alpha_prime = nn.Parameter(torch.ones(()))  # CQL Lagrange multiplier (CORL init 1.0)
+        self.target_entropy = -float(act_dim)
+
+
+def make_optimizers(agent: Agent, args: Args) -> dict:
+    """One Adam over four parameter groups (CORL's learning rates: actor and alpha 1e-4, critics and alpha' 3e-4).
+    Each loss reaches only its own group (see calql_update), so one fused step equals CORL's four optimizers."""
+    groups = [{"params": list(agent.actor.parameters()), "lr": args.actor_lr, "name": "actor"},
+              {"params": [agent.log_alpha], "lr": args.actor_lr, "name": "alpha"},
+              {"params": list(agent.qf.parameters()), "lr": args.critic_lr, "name": "q"},
+              {"params": [agent.log_alpha_prime], "lr": args.critic_lr, "name": "alpha_prime"}]
+    return {"calql": adam(groups, args.critic_lr)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ALGO LOGIC: Monte-Carlo returns-to-go for the calibration (Cal-QL Sec. 4, Eq. 4)
+# ---------------------------------------------------------------------------------------------------------------
+def mc_returns(rewards: np.ndarray, episode_ends: np.ndarray, gamma: float,
+               sparse_failure_reward: Optional[float] = None) -> np.ndarray:
+    """G_t = sum_{k=t}^{T-1} gamma^(k-t) r_k within each episode (T its last step; nothing is bootstrapped past the
+    end, whether it ended by a terminal or a timeout, as CORL and the official code).
+
+    Sparse-reward convention (official Cal-QL, CORL PR #63): an episode whose rewards all equal
+    ``sparse_failure_reward`` never reached the goal; each of its steps gets r / (1 - gamma), the return of failing
+    forever, instead of a return truncated at the time limit (which would overestimate it: r < 0).
+    """
+    r = np.asarray(rewards, dtype=np.float64)
+    ends = np.flatnonzero(episode_ends)
+    out = np.empty_like(r)
+    for start, stop in zip(np.concatenate([[0], ends[:-1] + 1]), ends + 1):
+        ep = r[start:stop]
+        if sparse_failure_reward is not None and np.all(ep == sparse_failure_reward):
+            out[start:stop] = ep / (1.0 - gamma)
+        elif len(ep) <= 2000:  # G_t = gamma^-t sum_{k>=t} gamma^k r_k: exact in float64 for these lengths
+            disc = gamma ** np.arange(len(ep))
+            out[start:stop] = np.cumsum((disc * ep)[::-1])[::-1] / disc
+        else:  # very long episodes: the plain backward recursion G_t = r_t + gamma G_{t+1}
+            g = 0.0
+            for t in range(len(ep) - 1, -1, -1):
+                g = ep[t] + gamma * g
+                out[start + t] = g
+    return out.astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ALGO LOGIC: Cal-QL update (CQL with importance-sampled logsumexp, Lagrange alpha', Cal-QL calibration)
+# ---------------------------------------------------------------------------------------------------------------
+def cql_logsumexp(q_rand, q_curr, q_next, logp_curr, logp_next, act_dim: int, temp: float, importance: bool):
+    """log sum_a exp Q(s, a) estimated from the three action sets, [2, B, N] each -> [2, B] (CQL(H), CORL):
+    with importance sampling each Q is divided by its sampling density: uniform 0.5^A, pi(a|s), pi(a'|s')."""
+    if importance:
+        random_density = act_dim * math.log(0.5)
+        cat = torch.cat([q_rand - random_density, q_next - logp_next.detach().unsqueeze(0),
+                         q_curr - logp_curr.detach().unsqueeze(0)], -1)
+    else:
+        cat = torch.cat([q_rand, q_next, q_curr], -1)
+    return torch.logsumexp(cat / temp, -1) * temp
+
+
+def calql_update(agent: Agent, opts: dict, batch: dict, args: Args, calibrate: bool, cql_alpha: float) -> dict:
+    """One Cal-QL step: SAC actor and temperature, TD + CQL critics, Lagrange alpha'; Polyak target."""
+    s, a, r, s2, d = (batch[k] for k in FIELDS)
+    mc = batch["mc_returns"]
+    B, A = a.shape
+    N = args.cql_n_actions
+    alpha = agent.log_alpha.exp().detach()
+
+    # Actor and temperature (SAC): min_a' E[alpha log pi(a|s) - min_i Q_i(s, a)], a ~ pi reparameterised
+    pi_a, logp = agent.actor.rsample(s)
+    alpha_loss = -(agent.log_alpha * (logp.detach() + agent.target_entropy)).mean()
+    q_pi = agent.qf(s, pi_a).min(0).values
+    actor_loss = (alpha * logp - q_pi).mean()
+
+    # TD target: r + gamma (1 - terminal) [min_i Q'_i(s', a') (- alpha log pi(a'|s'))], a' ~ pi(s'); with
+    # max-target-backup, the max over N sampled a' (CQL's max backup, used by CORL and the official code)
+    with torch.no_grad():
+        n_next = N if args.cql_max_target_backup else 1
+        a2, logp2 = agent.actor.rsample(s2, n_next)  # [B, n, A], [B, n]
+        tq = agent.q_target.forward_multi(s2, a2).min(0).values  # [B, n]
+        tq, idx = tq.max(1)
+        logp2 = logp2.gather(1, idx[:, None]).squeeze(1)
+        if args.backup_entropy:
+            tq = tq - alpha * logp2
+        td = r + args.gamma * (1.0 - d) * tq
+        # CQL action sets: N uniform actions, N from pi(.|s) and N from pi(.|s'), all evaluated at s (detached)
+        a_rand = torch.rand(B, N, A, device=a.device) * 2.0 - 1.0
+        a_curr, logp_curr = agent.actor.rsample(s, N)
+        a_next, logp_next = agent.actor.rsample(s2, N)
+    # One forward for both critics and all 1 + 3N actions per state (the state half of layer 1 once per state)
+    q_all = agent.qf.forward_multi(s, torch.cat([a[:, None], a_rand, a_curr, a_next], 1))  # [2, B, 1 + 3N]
+    q_data, q_rand = q_all[..., 0], q_all[..., 1:1 + N]
+    q_curr, q_next = q_all[..., 1 + N:1 + 2 * N], q_all[..., 1 + 2 * N:]
+    td_loss = (q_data - td.unsqueeze(0)).pow(2).mean(1).sum()  # MSE of each critic, summed (CORL)
+    if calibrate:  # Cal-QL Eq. 4: policy-action Q-values are lower-bounded by the Monte-Carlo return mu's value
+        bound = mc.view(1, B, 1)
+        bound_rate = (q_curr < bound).float().mean()
+        q_curr, q_next = torch.maximum(q_curr, bound), torch.maximum(q_next, bound)
+    else:
+        bound_rate = torch.zeros((), device=a.device)
+    ood = cql_logsumexp(q_rand, q_curr, q_next, logp_curr, logp_next, A, args.cql_temp, args.cql_importance_sample)
+    gap = (ood - q_data).clamp(args.cql_clip_diff_min, args.cql_clip_diff_max).mean(1)  # [2]
+    if args.cql_lagrange:  # alpha' grows while the gap exceeds the target: max_{alpha'} alpha' (gap - target)
+        alpha_prime = agent.log_alpha_prime.exp().clamp(0.0, 1e6)
+        cql_loss = (alpha_prime.detach() * cql_alpha * (gap - args.cql_target_action_gap)).sum()
+        alpha_prime_loss = -0.5 * (alpha_prime * cql_alpha * (gap.detach() - args.cql_target_action_gap)).sum()
+    else:
+        alpha_prime = torch.ones((), device=a.device)
+        cql_loss = cql_alpha * gap.sum()
+        alpha_prime_loss = torch.zeros((), device=a.device)
+    critic_loss = td_loss + cql_loss
+
+    # Gradients: the actor/alpha losses only into the actor and log_alpha (torch.autograd.grad skips the critic weight
+    # gradients), the critic/alpha' losses only into the critics and log_alpha'; then one fused Adam step.
+    opt = opts["calql"]
+    opt.zero_grad(set_to_none=True)
+    actor_params = list(agent.actor.parameters()) + [agent.log_alpha]
+    for p, g in zip(actor_params, torch.autograd.grad(actor_loss + alpha_loss, actor_params)):
+        p.grad = g
+    (critic_loss + alpha_prime_loss).backward()
+    opt.step()
+    with torch.no_grad():  # Polyak averaging of the target critics
+        torch._foreach_lerp_(list(agent.q_target.parameters()), list(agent.qf.parameters()), args.tau)
+    return {"losses/td_loss": td_loss.detach(), "losses/cql_loss": cql_loss.detach(),
+            "losses/cql_gap": gap.detach().mean(), "losses/actor_loss": actor_loss.detach(),
+            "losses/alpha": alpha, "losses/alpha_loss": alpha_loss.detach(), "losses/alpha_prime": alpha_prime.detach(),
+            "losses/q_data_mean": q_data.detach().mean(), "losses/q_ood_lse": ood.detach().mean(),
+            "losses/log_pi": logp.detach().mean(), "losses/calibration_bound_rate": bound_rate}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ALGO LOGIC: how Cal-QL plugs into the training loop (the loop itself is shared with edis_iql.py)
+# ---------------------------------------------------------------------------------------------------------------
+UPDATE = calql_update  # the gradient step (torch.compile'd with --compile)
+BUFFER_EXTRA: dict = {"mc_returns": -INF}  # per-row Monte-Carlo return; -inf = no calibration bound (synthetic data)
+
+
+def failure_reward(args: Args, norm: dict) -> Optional[float]:
+    """The transformed value of a raw reward of 0, i.e. of a step that did not reach the goal (sparse tasks only)."""
+    return norm["reward_bias"] if args.is_sparse_reward else None
+
+
+def offline_extras(data: OfflineData, rewards: np.ndarray, args: Args) -> dict:
+    """Monte-Carlo returns-to-go of the (transformed) offline rewards, per dataset episode."""
+    fail = float(np.float32(args.reward_bias)) if args.is_sparse_reward else None  # a raw 0, transformed
+    return {"mc_returns": mc_returns(rewards, data.episode_ends, args.gamma, fail)}
+
+
+def train_step(agent: Agent, opts: dict, batch: dict, args: Args, step: int, update: Callable) -> dict:
+    """One gradient update at global step ``step``: calibration and the offline CQL weight in the offline phase; the
+    online weight, and calibration only with --calibration-online, afterwards (CORL switches calibration off)."""
+    offline_phase = step < args.offline_steps
+    calibrate = args.calibration and (offline_phase or args.calibration_online)
+    return update(agent, opts, batch, args, calibrate, args.cql_alpha if offline_phase else args.cql_alpha_online)
+
+
+def finetune_batch(offline: ReplayBuffer, online: ReplayBuffer, args: Args, gen: torch.Generator) -> dict:
+    """Online batch without synthetic data: ``mixing_ratio`` offline + the rest online (CORL's Cal-QL fine-tuning)."""
+    n_off = int(args.batch_size * args.mixing_ratio)
+    return concat_batches(offline.sample(n_off, gen), online.sample(args.batch_size - n_off, gen))
+
+
+def episode_done(online: ReplayBuffer, rows: torch.Tensor, args: Args, norm: dict) -> None:
+    """With --calibration-online: write the finished episode's Monte-Carlo returns into its buffer rows (official
+    Cal-QL). Rows of unfinished episodes keep -inf, i.e. no bound."""
+    if not (args.calibration and args.calibration_online) or len(rows) == 0:
+        return
+    rewards = online.data["rewards"][rows].cpu().numpy()
+    ends = np.zeros(len(rows), dtype=bool)
+    ends[-1] = True
+    online.data["mc_returns"][rows] = torch.as_tensor(
+        mc_returns(rewards, ends, args.gamma, failure_reward(args, norm)), device=online.device)
+
+
+# >>> shared:edis
+# ---------------------------------------------------------------------------------------------------------------
+# ALGO LOGIC: EDIS (Liu et al. 2024): a diffusion model of transitions whose samples are steered by three energies
+# ---------------------------------------------------------------------------------------------------------------
+# A transition is one vector x = [s, a, r, s', terminal] (states already RL-normalised, rewards transformed),
+# standardised per dimension by TransitionCodec. The diffusion prior p(x) is fitted on offline + online replay; the
+# target is q(x) = d_pi(s) pi(a|s) T(s'|s,a) (paper Sec. 4), i.e. q = p * exp(-E_s(s) - E_pi(s,a) - E_T(s,a,s'))
+# with E_s = -log d_pi/d_D, E_pi = -log pi/mu, E_T = -log T/T_hat (spec edis.md 5.1). Each energy is trained with
+# InfoNCE on noisy inputs, so that at noise level sigma, grad E(x, sigma) is the guidance the sampler needs.
+class TransitionCodec:
+    """Block layout of a transition vector and its per-dimension standardisation (refitted at each retrain)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, device: torch.device):
+        S, A = obs_dim, act_dim
+        self.obs_dim, self.act_dim, self.dim = S, A, 2 * S + A + 2
+        self.s, self.a, self.r = slice(0, S), slice(S, S + A), slice(S + A, S + A + 1)
+        self.s2, self.d = slice(S + A + 1, 2 * S + A + 1), slice(2 * S + A + 1, 2 * S + A + 2)
+        self.mean = torch.zeros(self.dim, device=device)
+        self.std = torch.ones(self.dim, device=device)
+
+    def mask(self, *blocks: slice) -> torch.Tensor:
+        m = torch.zeros(self.dim, device=self.mean.device)
+        for b in blocks:
+            m[b] = 1.0
+        return m
+
+    def raw(self, batch: dict) -> torch.Tensor:
+        return torch.cat([batch["observations"], batch["actions"], batch["rewards"][:, None],
+                          batch["next_observations"], batch["terminals"][:, None]], -1)
+
+    def fit(self, x_raw: torch.Tensor) -> None:
+        self.mean = x_raw.mean(0)
+        self.std = x_raw.std(0).clamp(min=1e-3)  # constant dimensions (e.g. no terminals) stay finite
+
+    def encode(self, batch: dict) -> torch.Tensor:
+        return (self.raw(batch) - self.mean) / self.std
+
+    def decode(self, x: torch.Tensor) -> dict:
+        y = x * self.std + self.mean
+        return {"observations": y[:, self.s], "actions": y[:, self.a], "rewards": y[:, self.r.start],
+                "next_observations": y[:, self.s2], "terminals": (y[:, self.d.start] > 0.5).float()}
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean.cpu(), "std": self.std.cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mean, self.std = state["mean"].to(self.mean.device), state["std"].to(self.mean.device)
+
+
+# --- EDM (Karras et al. 2022, Table 1): preconditioning, loss, noise schedule, stochastic Heun sampler -------------
+SIGMA_DATA, SIGMA_MIN, SIGMA_MAX, RHO = 1.0, 0.002, 80.0, 7.0
+P_MEAN, P_STD, S_TMIN, S_TMAX, S_NOISE = -1.2, 1.2, 0.05, 50.0, 1.003
+
+
+def edm_coefficients(sigma: torch.Tensor) -> tuple:
+    """Table 1 (EDM column): c_skip, c_out, c_in, c_noise for D(x; sigma) = c_skip x + c_out F(c_in x, c_noise)."""
+    c_skip = SIGMA_DATA**2 / (sigma**2 + SIGMA_DATA**2)
+    c_out = sigma * SIGMA_DATA / (sigma**2 + SIGMA_DATA**2).sqrt()
+    c_in = 1.0 / (sigma**2 + SIGMA_DATA**2).sqrt()
+    c_noise = sigma.log() / 4.0
+    return c_skip, c_out, c_in, c_noise
+
+
+class FourierEmbedding(nn.Module):
+    """Random Fourier features of the scalar noise input c_noise (fixed frequencies), then an MLP."""
+
+    def __init__(self, out_dim: int, n_freq: int = 16):
+        super().__init__()
+        self.register_buffer("freq", torch.randn(n_freq) * 2.0 * math.pi)
+        self.mlp = nn.Sequential(nn.Linear(2 * n_freq + 1, out_dim), nn.SiLU(), nn.Linear(out_dim, out_dim))
+
+    def forward(self, c: torch.Tensor) -> torch.Tensor:
+        f = c[:, None] * self.freq[None]
+        return self.mlp(torch.cat([c[:, None], f.sin(), f.cos()], -1))
+
+
+class ResidualMLPDenoiser(nn.Module):
+    """F_theta(x, c_noise): SynthER/EDIS residual MLP (width x depth, h <- h + Linear(act(LayerNorm(h))))."""
+
+    def __init__(self, dim: int, width: int, depth: int):
+        super().__init__()
+        self.inp = nn.Linear(dim, width)
+        self.temb = FourierEmbedding(width)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(width), nn.SiLU(), nn.Linear(width, width)) for _ in range(depth))
+        self.out = nn.Sequential(nn.LayerNorm(width), nn.SiLU(), nn.Linear(width, dim))
+
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x) + self.temb(c_noise)
+        for block in self.blocks:
+            h = h + block(h)
+        return self.out(h)
+
+
+def edm_denoise(net: nn.Module, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) (Karras Eq. 7); sigma: [B]."""
+    c_skip, c_out, c_in, c_noise = edm_coefficients(sigma)
+    return c_skip[:, None] * x + c_out[:, None] * net(c_in[:, None] * x, c_noise)
+
+
+def edm_loss(net: nn.Module, x0: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Karras Eq. 8 with ln(sigma) ~ N(P_mean, P_std^2) and weight lambda = (sigma^2 + sd^2) / (sigma sd)^2."""
+    n = torch.randn(x0.shape[0], device=x0.device, generator=generator)
+    sigma = (P_MEAN + P_STD * n).exp()
+    weight = (sigma**2 + SIGMA_DATA**2) / (sigma * SIGMA_DATA) ** 2
+    noise = torch.randn(x0.shape, device=x0.device, generator=generator)
+    d = edm_denoise(net, x0 + sigma[:, None] * noise, sigma)
+    return (weight[:, None] * (d - x0).pow(2)).mean()
+
+
+def karras_sigmas(n_steps: int, device: torch.device) -> torch.Tensor:
+    """Karras Eq. 5: sigma_i = (smax^(1/rho) + i/(N-1) (smin^(1/rho) - smax^(1/rho)))^rho, i < N, and sigma_N = 0."""
+    i = torch.arange(n_steps, device=device, dtype=torch.float32)
+    s = (SIGMA_MAX ** (1 / RHO) + i / max(n_steps - 1, 1) * (SIGMA_MIN ** (1 / RHO) - SIGMA_MAX ** (1 / RHO))) ** RHO
+    return torch.cat([s, torch.zeros(1, device=device)])
+
+
+GuidanceFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def edm_sample(net: nn.Module, n: int, dim: int, n_steps: int, generator: torch.Generator, churn: float = 80.0,
+               guidance: Optional[GuidanceFn] = None, known: Optional[torch.Tensor] = None,
+               known_mask: Optional[torch.Tensor] = None, stats: Optional[dict] = None) -> torch.Tensor:
+    """Stochastic Heun sampler (Karras Alg. 2) with energy guidance and in-painting.
+
+    Guided direction (EDIS, spec 5.1): the probability-flow ODE of q = p exp(-E) is dx/dsigma = -sigma grad log q =
+        d = (x - D(x; sigma)) / sigma + sigma * grad_x E(x, sigma),
+    with ``guidance(x, sigma)`` returning grad_x of the weighted energies (already masked to their blocks).
+    In-painting: the dimensions where ``known_mask`` is 1 are replaced, at every noise level, by the known values plus
+    noise of that level (the replacement method), so they end exactly at ``known``.
+    """
+    device = next(net.parameters()).device
+    sigmas = karras_sigmas(n_steps, device)
+    x = torch.randn(n, dim, device=device, generator=generator) * sigmas[0]
+
+    def direction(x_: torch.Tensor, sigma: float) -> torch.Tensor:
+        sig = torch.full((n,), sigma, device=device)
+        with torch.no_grad():
+            d = (x_ - edm_denoise(net, x_, sig)) / sigma
+        if guidance is None:
+            return d
+        g = sigma * guidance(x_, sig)
+        if stats is not None:
+            stats["guidance_norm"] += g.norm(dim=-1).mean()
+            stats["denoiser_norm"] += d.norm(dim=-1).mean()
+            stats["n"] += 1
+        return d + g
+
+    def inpaint(x_: torch.Tensor, sigma: float) -> torch.Tensor:
+        if known is None:
+            return x_
+        noisy = known + sigma * torch.randn(known.shape, device=device, generator=generator)
+        return torch.where(known_mask.bool(), noisy, x_)
+
+    x = inpaint(x, float(sigmas[0]))
+    for i in range(n_steps):
+        s_cur, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        gamma = min(churn / n_steps, math.sqrt(2.0) - 1.0) if S_TMIN <= s_cur <= S_TMAX else 0.0
+        s_hat = s_cur * (1.0 + gamma)
+        if gamma > 0:  # add noise to move from sigma_i up to sigma_hat
+            eps = torch.randn(x.shape, device=device, generator=generator) * S_NOISE
+            x = x + math.sqrt(s_hat**2 - s_cur**2) * eps
+        x = inpaint(x, s_hat)
+        d = direction(x, s_hat)
+        x_next = x + (s_next - s_hat) * d  # Euler step
+        if s_next > 0:  # Heun correction (2nd order)
+            d2 = direction(x_next, s_next)
+            x_next = x + (s_next - s_hat) * 0.5 * (d + d2)
+        x = inpaint(x_next, s_next)
+    return x
+
+
+class EnergyNet(nn.Module):
+    """E_phi(y, sigma): an MLP of a block y of the (noisy, normalised) transition and c_noise(sigma) -> scalar."""
+
+    def __init__(self, in_dim: int, hidden: int):
+        super().__init__()
+        self.net = mlp(in_dim + 1, 1, hidden, n_hidden=3)
+
+    def forward(self, y: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([y, sigma.log()[:, None] / 4.0], -1)).squeeze(-1)
+
+
+ENERGY_NAMES = ("state", "policy", "transition")
+
+
+def energy_blocks(codec: TransitionCodec) -> dict:
+    """Inputs of each energy and the block its gradient steers (official code: E_s -> s, E_pi -> a, E_T -> s')."""
+    s, a, s2 = codec.s, codec.a, codec.s2
+    return {"state": ((s,), s), "policy": ((s, a), a), "transition": ((s, a, s2), s2)}
+
+
+def energy_input(x: torch.Tensor, blocks: tuple) -> torch.Tensor:
+    return torch.cat([x[..., b] for b in blocks], -1)
+
+
+def make_energies(codec: TransitionCodec, hidden: int, device: torch.device) -> nn.ModuleDict:
+    sizes = {k: sum(b.stop - b.start for b in ins) for k, (ins, _) in energy_blocks(codec).items()}
+    return nn.ModuleDict({k: EnergyNet(sizes[k], hidden) for k in ENERGY_NAMES}).to(device)
+
+
+def make_guidance(energies: nn.ModuleDict, codec: TransitionCodec, weights: dict) -> Optional[GuidanceFn]:
+    """grad_x sum_k lambda_k E_k(x, sigma), each gradient masked to its own block."""
+    active = {k: w for k, w in weights.items() if w != 0.0}
+    if not active:
+        return None
+    blocks = energy_blocks(codec)
+    masks = {k: codec.mask(blocks[k][1]) for k in active}
+
+    def guidance(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            grad = torch.zeros_like(x)
+            for k, w in active.items():
+                e = energies[k](energy_input(x, blocks[k][0]), sigma).sum()
+                (g,) = torch.autograd.grad(e, x)
+                grad = grad + w * masks[k] * g
+        return grad
+
+    return guidance
+
+
+def infonce_loss(energy: nn.Module, pos: torch.Tensor, neg: torch.Tensor, sigma: torch.Tensor,
+                 generator: torch.Generator) -> tuple:
+    """Contrastive energy prediction: one positive, K negatives per group, all noised at the group's sigma.
+
+    pos [G, d], neg [G, K, d], sigma [G]. L = -log exp(-E(x+)) / (exp(-E(x+)) + sum_j exp(-E(x-_j))), whose minimiser
+    is E(x, sigma) = -log q_sigma(x) / p_sigma(x) + c(sigma) (spec edis.md 5.1). Returns (loss, accuracy).
+    """
+    G, K, d = neg.shape
+    x = torch.cat([pos[:, None], neg], 1)  # [G, 1 + K, d], the positive first
+    x = x + sigma[:, None, None] * torch.randn(x.shape, device=x.device, generator=generator)
+    e = energy(x.reshape(G * (K + 1), d), sigma.repeat_interleave(K + 1)).view(G, K + 1)
+    target = torch.zeros(G, dtype=torch.long, device=x.device)
+    loss = F.cross_entropy(-e, target)
+    acc = (e.argmin(1) == 0).float().mean()
+    return loss, acc
 
 
 @dataclasses.dataclass
-class Args:
-    env: str = "pointmaze-umaze"
-    """D4RL-style task name, e.g. antmaze-large (= antmaze-large-diverse), pen-human, hopper-medium, pointmaze-umaze"""
-    dataset_path: Optional[str] = None
-    """a D4RL-layout hdf5 file or a Minari dataset folder to use instead of the task's Minari dataset"""
-    seed: int = 1
-    """seed of the run"""
+class EDISState:
+    """What EDIS keeps between retrains (all of it goes into checkpoints)."""
+
+    codec: TransitionCodec
+    energies: nn.ModuleDict
+    energy_opt: torch.optim.Optimizer
+    synthetic: Optional[ReplayBuffer] = None
+    retrains: int = 0
+    last_retrain_step: int = -1
 
 
-def main() -> None:
-    args = tyro.cli(Args)
+def new_edis_state(obs_dim: int, act_dim: int, args: Args, device: torch.device) -> EDISState:
+    codec = TransitionCodec(obs_dim, act_dim, device)
+    energies = make_energies(codec, args.energy_hidden, device)
+    return EDISState(codec, energies, torch.optim.Adam(energies.parameters(), lr=args.energy_lr))
+
+
+def train_diffusion(x: torch.Tensor, args: Args, generator: torch.Generator) -> tuple:
+    """Fit a fresh denoiser on the normalised transitions x [N, D] (EDM loss, AdamW, cosine lr, grad clip 1, EMA)."""
+    net = ResidualMLPDenoiser(x.shape[1], args.edis_width, args.edis_depth).to(x.device)
+    ema = ResidualMLPDenoiser(x.shape[1], args.edis_width, args.edis_depth).to(x.device)
+    ema.load_state_dict(net.state_dict())
+    ema.requires_grad_(False)
+    opt = torch.optim.AdamW(net.parameters(), lr=args.edis_diffusion_lr, betas=(0.9, 0.99), weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.edis_diffusion_steps)
+    losses = torch.zeros(args.edis_diffusion_steps, device=x.device)
+    for step in range(args.edis_diffusion_steps):
+        idx = torch.randint(0, x.shape[0], (args.edis_diffusion_batch,), device=x.device, generator=generator)
+        loss = edm_loss(net, x[idx], generator)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1.0 - args.edis_ema)
+        losses[step] = loss.detach()
+    return ema, losses
+
+
+def sample_chunked(net: nn.Module, n: int, dim: int, args: Args, generator: torch.Generator, **kw) -> torch.Tensor:
+    out, known, mask = [], kw.pop("known", None), kw.pop("known_mask", None)
+    for start in range(0, n, args.edis_sample_batch):
+        m = min(args.edis_sample_batch, n - start)
+        k = known[start:start + m] if known is not None else None
+        out.append(edm_sample(net, m, dim, args.edis_sample_steps, generator, args.edis_churn, known=k,
+                              known_mask=mask, **kw))
+    return torch.cat(out)
+
+
+def train_energies(state: EDISState, denoiser: nn.Module, online: ReplayBuffer, policy_sample: Callable, args: Args,
+                   generator: torch.Generator) -> dict:
+    """InfoNCE training of E_s, E_pi, E_T at the noise levels the sampler visits (paper-faithful, spec 10).
+
+    Positives: online states (E_s); (s, a ~ pi(s)) with the current policy (E_pi); real online (s, a, s') (E_T).
+    Negatives, K per positive, from the diffusion prior: unconditional samples (E_s); in-paintings of a | s (E_pi);
+    in-paintings of (r, s', terminal) | s, a (E_T).
+    """
+    codec, K, M = state.codec, args.energy_negatives, args.energy_pool
+    blocks = energy_blocks(codec)
+    pos_batch = online.sample(M, generator)
+    with torch.no_grad():
+        pos = {"transition": codec.encode(pos_batch)}
+        pol = dict(pos_batch, actions=policy_sample(pos_batch["observations"]))
+        pos["policy"] = codec.encode(pol)
+        pos["state"] = pos["transition"]
+        dim = codec.dim
+        rep = lambda t: t.repeat_interleave(K, 0)  # noqa: E731  (K copies of each positive, for its negatives)
+        neg = {
+            "state": sample_chunked(denoiser, M * K, dim, args, generator),
+            "policy": sample_chunked(denoiser, M * K, dim, args, generator, known=rep(pos["policy"]),
+                                     known_mask=codec.mask(codec.s)),
+            "transition": sample_chunked(denoiser, M * K, dim, args, generator, known=rep(pos["transition"]),
+                                         known_mask=codec.mask(codec.s, codec.a)),
+        }
+    sigmas = karras_sigmas(args.edis_sample_steps, codec.mean.device)[:-1]  # the sampler's noise levels
+    metrics = {f"edis/energy_loss_{k}": torch.zeros((), device=codec.mean.device) for k in ENERGY_NAMES}
+    metrics.update({f"edis/energy_acc_{k}": torch.zeros((), device=codec.mean.device) for k in ENERGY_NAMES})
+    G = min(args.energy_batch, M)
+    for _ in range(args.energy_steps):
+        groups = torch.randint(0, M, (G,), device=codec.mean.device, generator=generator)
+        sigma = sigmas[torch.randint(0, len(sigmas), (G,), device=codec.mean.device, generator=generator)]
+        loss_total = 0.0
+        for k in ENERGY_NAMES:
+            ins = blocks[k][0]
+            p = energy_input(pos[k][groups], ins)
+            if k == "state":  # unconditional negatives are not tied to a positive: any K from the pool
+                nidx = torch.randint(0, M * K, (G, K), device=codec.mean.device, generator=generator)
+            else:  # the K in-paintings conditioned on this group's own s (or s, a)
+                nidx = groups[:, None] * K + torch.arange(K, device=codec.mean.device)[None]
+            n = energy_input(neg[k][nidx], ins)
+            loss, acc = infonce_loss(state.energies[k], p, n, sigma, generator)
+            loss_total = loss_total + loss
+            metrics[f"edis/energy_loss_{k}"] += loss.detach() / args.energy_steps
+            metrics[f"edis/energy_acc_{k}"] += acc / args.energy_steps
+        state.energy_opt.zero_grad(set_to_none=True)
+        loss_total.backward()
+        state.energy_opt.step()
+    return metrics
+
+
+def fit_reward_model(x_raw: torch.Tensor, codec: TransitionCodec, args: Args, generator: torch.Generator) -> tuple:
+    """Optional (--edis-reward-model): r_psi(s, a, s') fitted by MSE, to relabel synthetic rewards (paper Sec. 4:
+    the target excludes r because the reward is "accessible ... or learned from the dataset")."""
+    ins = torch.cat([x_raw[:, codec.s], x_raw[:, codec.a], x_raw[:, codec.s2]], -1)
+    model = mlp(ins.shape[1], 1, args.hidden_dim).to(x_raw.device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss = torch.zeros((), device=x_raw.device)
+    for _ in range(max(args.edis_diffusion_steps // 2, 1)):
+        idx = torch.randint(0, len(ins), (args.batch_size,), device=x_raw.device, generator=generator)
+        loss = (model(ins[idx]).squeeze(-1) - x_raw[idx, codec.r.start]).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return model, loss.detach()
+
+
+def edis_retrain(state: EDISState, offline: ReplayBuffer, online: ReplayBuffer, policy_sample: Callable, args: Args,
+                 generator: torch.Generator) -> dict:
+    """One EDIS round: fresh diffusion on offline + online replay, energy training, guided generation."""
+    t0 = time.time()
+    codec = state.codec
+    x_raw = torch.cat([codec.raw(offline.rows()), codec.raw(online.rows())])
+    codec.fit(x_raw)
+    denoiser, diff_losses = train_diffusion((x_raw - codec.mean) / codec.std, args, generator)
+    metrics = train_energies(state, denoiser, online, policy_sample, args, generator)
+    weights = {"state": args.guide_state, "policy": args.guide_policy, "transition": args.guide_transition}
+    stats = {"guidance_norm": 0.0, "denoiser_norm": 0.0, "n": 0}
+    guidance = make_guidance(state.energies, codec, weights)
+    x = sample_chunked(denoiser, args.edis_num_samples, codec.dim, args, generator, guidance=guidance, stats=stats)
+    syn = codec.decode(x.detach())
+    if args.edis_reward_model:
+        model, rm_loss = fit_reward_model(x_raw, codec, args, generator)
+        with torch.no_grad():
+            syn["rewards"] = model(torch.cat([syn["observations"], syn["actions"], syn["next_observations"]],
+                                             -1)).squeeze(-1)
+        metrics["edis/reward_model_loss"] = rm_loss
+    syn["actions"] = syn["actions"].clamp(-1.0, 1.0)
+    buf = ReplayBuffer(codec.obs_dim, codec.act_dim, args.edis_num_samples, codec.mean.device, extra=BUFFER_EXTRA)
+    buf.add_batch(syn)
+    state.synthetic, state.retrains = buf, state.retrains + 1
+    real = online.rows()
+    n = max(stats["n"], 1)
+    metrics.update({
+        "edis/diffusion_loss": diff_losses[-max(len(diff_losses) // 10, 1):].mean(),
+        "edis/guidance_norm": stats["guidance_norm"] / n,
+        "edis/denoiser_norm": stats["denoiser_norm"] / n,
+        "edis/syn_reward_mean": syn["rewards"].mean(), "edis/online_reward_mean": real["rewards"].mean(),
+        "edis/syn_terminal_rate": syn["terminals"].mean(), "edis/online_terminal_rate": real["terminals"].mean(),
+        "edis/syn_state_mean_dist": (syn["observations"].mean(0) - real["observations"].mean(0)).norm(),
+        "edis/syn_state_std_ratio": (syn["observations"].std(0) / real["observations"].std(0).clamp(min=1e-6)).mean(),
+        "edis/retrain_time_s": torch.tensor(time.time() - t0),
+    })
+    return metrics
+# <<< shared:edis
+
+
+# >>> shared:eval
+# ---------------------------------------------------------------------------------------------------------------
+# BOILERPLATE: evaluation (D4RL normalized score, success rate)
+# ---------------------------------------------------------------------------------------------------------------
+def evaluate(task: TaskSpec, policy: Callable, episodes: int, seed: int, env=None) -> dict:
+    """Run ``episodes`` deterministic episodes; env resets are seeded seed, seed+1, ... (the same starts each time)."""
+    own = env is None
+    env = env or make_env(task)
+    returns, successes = [], []
+    for ep in range(episodes):
+        obs, _ = env.reset(seed=seed + ep)
+        done, ret, success = False, 0.0, False
+        while not done:
+            obs, r, terminated, truncated, info = env.step(policy(obs))
+            ret += float(r)
+            success |= bool(info.get("success", False))
+            done = terminated or truncated
+        returns.append(ret)
+        successes.append(success)
+    if own:
+        env.close()
+    scores = normalized_score(task, returns)
+    return {"eval/normalized_score": float(scores.mean()), "eval/normalized_score_std": float(scores.std()),
+            "eval/return": float(np.mean(returns)), "eval/success_rate": float(np.mean(successes))}
+# <<< shared:eval
+
+
+# >>> shared:checkpoint
+# ---------------------------------------------------------------------------------------------------------------
+# BOILERPLATE: checkpoints (atomic), logging helpers
+# ---------------------------------------------------------------------------------------------------------------
+CHECKPOINT = "checkpoint.pt"
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def find_checkpoint(resume: str) -> str:
+    path = resume if resume.endswith(".pt") else os.path.join(resume, CHECKPOINT)
+    if not os.path.isfile(path):
+        raise UserError(f"--resume {resume!r}: no checkpoint at {path}")
+    return path
+
+
+class Logger:
+    """TensorBoard always; W&B only with --track (imported lazily). Metrics arrive as tensors and are synced in bulk."""
+
+    def __init__(self, out_dir: str, args: Args, run_name: str):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(out_dir)
+        if args.track:
+            try:
+                import wandb
+            except ImportError:
+                raise UserError("--track needs wandb: pip install wandb") from None
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                       config=dataclasses.asdict(args), name=run_name, save_code=True)
+        table = "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items())
+        self.writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+        self.pending: dict = {}
+
+    def accumulate(self, metrics: dict) -> None:
+        for k, v in metrics.items():
+            self.pending.setdefault(k, []).append(v)
+
+    def flush_pending(self, step: int) -> dict:
+        """Average accumulated tensors with one device sync, write them, return the floats."""
+        if not self.pending:
+            return {}
+        keys = list(self.pending)
+        means = torch.stack([torch.stack(self.pending[k]).float().mean() for k in keys]).tolist()
+        self.pending = {}
+        out = dict(zip(keys, means))
+        self.scalars(out, step)
+        return out
+
+    def scalars(self, metrics: dict, step: int) -> None:
+        for k, v in metrics.items():
+            self.writer.add_scalar(k, float(v), step)
+
+    def close(self) -> None:
+        self.writer.close()
+# <<< shared:checkpoint
+
+
+# >>> shared:main
+def save_checkpoint(path: str, args: Args, step: int, agent: Agent, opts: dict, online: ReplayBuffer,
+                    edis: EDISState, norm: dict, progress: dict) -> None:
+    atomic_torch_save({
+        "args": dataclasses.asdict(args), "step": step, "agent": agent.state_dict(),
+        "optimizers": {k: o.state_dict() for k, o in opts.items()}, "online_buffer": online.state_dict(),
+        "edis": {"codec": edis.codec.state_dict(), "energies": edis.energies.state_dict(),
+                 "energy_opt": edis.energy_opt.state_dict(), "retrains": edis.retrains,
+                 "last_retrain_step": edis.last_retrain_step,
+                 "synthetic": edis.synthetic.state_dict() if edis.synthetic is not None else None},
+        "normalization": norm, "progress": progress, "rng": rng_state(),
+    }, path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Main: offline phase, then online phase
+# ---------------------------------------------------------------------------------------------------------------
+def main(argv: Optional[list] = None) -> None:
+    args = tyro.cli(Args, args=argv)
+    ckpt = None
+    if args.resume:  # continue a killed run: its saved config, overridden by the flags given now (e.g. a longer budget)
+        ckpt_path = find_checkpoint(args.resume)
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        args = tyro.cli(Args, args=argv, default=Args(**ckpt["args"]))
+        args.output_dir = os.path.dirname(os.path.abspath(ckpt_path))
     task = get_task(args.env)
+    device = resolve_device(args.device)
+    args = apply_presets(args, task, device)
+    exp_name = os.path.basename(__file__)[: -len(".py")]
+    run_name = f"{task.name}__{exp_name}__{args.seed}__{int(time.time())}"
+    out_dir = args.output_dir or os.path.join("runs", run_name)
+    os.makedirs(out_dir, exist_ok=True)
+    if ckpt is None:
+        atomic_write_bytes(os.path.join(out_dir, "config.json"), json.dumps(
+            {"args": dataclasses.asdict(args), "task": dataclasses.asdict(task)}, indent=2, default=str).encode())
+
+    # TRY NOT TO MODIFY: seeding
+    seed_everything(args.seed, args.torch_deterministic)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(args.seed)
+
+    # BOILERPLATE: data -> device buffers (states normalised, rewards transformed)
     data = load_offline_data(task, dataset_path=args.dataset_path)
-    print(f"{task.name}: {len(data)} transitions in {data.num_episodes} episodes from {data.source}")
-    print("the training loop is not implemented yet (issue #4)", file=sys.stderr)
-    sys.exit(3)
+    obs_dim, act_dim = data.observations.shape[1], data.actions.shape[1]
+    if ckpt is None:
+        obs_mean = data.observations.mean(0) if args.normalize_states else np.zeros(obs_dim, np.float32)
+        obs_std = data.observations.std(0) + 1e-3 if args.normalize_states else np.ones(obs_dim, np.float32)
+        r_scale, r_bias = reward_transform(data, args)
+        norm = {"obs_mean": obs_mean.astype(np.float32), "obs_std": obs_std.astype(np.float32),
+                "reward_scale": r_scale, "reward_bias": r_bias}
+    else:
+        norm = ckpt["normalization"]
+    norm_obs = lambda o: (o - norm["obs_mean"]) / norm["obs_std"]  # noqa: E731
+    norm_rew = lambda r: r * norm["reward_scale"] + norm["reward_bias"]  # noqa: E731
+    offline = ReplayBuffer(obs_dim, act_dim, len(data), device, extra=BUFFER_EXTRA)
+    rewards = norm_rew(data.rewards)
+    offline.add_batch({"observations": norm_obs(data.observations), "actions": data.actions, "rewards": rewards,
+                       "next_observations": norm_obs(data.next_observations), "terminals": data.terminals,
+                       **offline_extras(data, rewards, args)})
+    online = ReplayBuffer(obs_dim, act_dim, max(args.online_steps, 1), device, extra=BUFFER_EXTRA)
+
+    env = make_env(task, seed=args.seed)
+    max_action = float(env.action_space.high[0])
+    agent = Agent(obs_dim, act_dim, args, max_action).to(device)
+    opts = make_optimizers(agent, args)
+    edis = new_edis_state(obs_dim, act_dim, args, device)
+    progress = {"offline_score": None, "evals": [], "episodes": 0, "train_successes": [], "updates": 0}
+    start_step = 0
+    if ckpt is not None:
+        agent.load_state_dict(ckpt["agent"])
+        for k, o in opts.items():
+            o.load_state_dict(ckpt["optimizers"][k])
+        if ckpt["online_buffer"]["size"] > online.capacity:
+            raise UserError(f"--online-steps {args.online_steps} is smaller than the {ckpt['online_buffer']['size']} "
+                            f"online steps the checkpoint already holds")
+        online.load_state_dict(ckpt["online_buffer"])
+        edis.codec.load_state_dict(ckpt["edis"]["codec"])
+        edis.energies.load_state_dict(ckpt["edis"]["energies"])
+        edis.energy_opt.load_state_dict(ckpt["edis"]["energy_opt"])
+        edis.retrains, edis.last_retrain_step = ckpt["edis"]["retrains"], ckpt["edis"]["last_retrain_step"]
+        if ckpt["edis"]["synthetic"] is not None:
+            edis.synthetic = ReplayBuffer(obs_dim, act_dim, ckpt["edis"]["synthetic"]["size"], device,
+                                          extra=BUFFER_EXTRA)
+            edis.synthetic.load_state_dict(ckpt["edis"]["synthetic"])
+        progress, start_step = ckpt["progress"], ckpt["step"]
+        set_rng_state(ckpt["rng"])
+        gen.manual_seed(args.seed + start_step)  # a fresh, reproducible batch stream from the resume point
+        print(f"resumed {out_dir} at step {start_step}")
+
+    update = torch.compile(UPDATE) if args.compile else UPDATE
+    amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)  # noqa: E731
+    logger = Logger(out_dir, args, run_name)
+
+    def policy_eval(o: np.ndarray) -> np.ndarray:
+        agent.actor.eval()
+        a = agent.actor.act(torch.as_tensor(norm_obs(o), dtype=torch.float32, device=device)[None])
+        agent.actor.train()
+        return a[0].cpu().numpy()
+
+    def run_eval(step: int) -> dict:
+        res = evaluate(task, policy_eval, args.eval_episodes, seed=args.seed + 10_000)
+        logger.scalars(res, step)
+        progress["evals"].append({"step": step, **res})
+        return res
+
+    def checkpoint(step: int) -> None:
+        save_checkpoint(os.path.join(out_dir, CHECKPOINT), args, step, agent, opts, online, edis, norm, progress)
+
+    total = args.offline_steps + args.online_steps
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=start_step, desc=task.name, unit="step", dynamic_ncols=True, mininterval=2.0)
+    t_start, t_sps, n_sps = time.time(), time.time(), 0
+    print(f"{task.name}: {len(data)} offline transitions ({data.source}); logging to {out_dir}")
+
+    # ALGO LOGIC: offline phase: the base algorithm on the offline dataset
+    for step in range(start_step, args.offline_steps):
+        with amp():
+            logger.accumulate(train_step(agent, opts, offline.sample(args.batch_size, gen), args, step, update))
+        progress["updates"] += 1
+        n_sps += 1
+        bar.update(1)
+        if (step + 1) % args.log_every == 0:
+            logger.flush_pending(step + 1)
+            logger.scalars({"charts/SPS": n_sps / max(time.time() - t_sps, 1e-9)}, step + 1)
+            t_sps, n_sps = time.time(), 0
+        if (step + 1) % args.eval_every == 0 and step + 1 < args.offline_steps:
+            bar.set_postfix(score=f"{run_eval(step + 1)['eval/normalized_score']:.1f}")
+        if (step + 1) % args.checkpoint_every == 0:
+            checkpoint(step + 1)
+    if start_step <= args.offline_steps and progress["offline_score"] is None:
+        res = run_eval(args.offline_steps)
+        progress["offline_score"] = res["eval/normalized_score"]
+        tqdm.write(f"offline phase done: normalized score {res['eval/normalized_score']:.1f} "
+                   f"(success {res['eval/success_rate']:.2f})")
+        checkpoint(args.offline_steps)
+
+    # ALGO LOGIC: online phase: act, store, update (EDIS batches once synthetic data exists)
+    obs, _ = env.reset(seed=args.seed + max(start_step, args.offline_steps))
+    ep_ret, ep_success, ep_start = 0.0, False, online.size
+    for step in range(max(start_step, args.offline_steps), total):
+        t = step - args.offline_steps  # online env steps done so far
+        with torch.no_grad():
+            s = torch.as_tensor(norm_obs(obs), dtype=torch.float32, device=device)[None]
+            action = agent.actor.sample(s)[0].cpu().numpy()
+        next_obs, reward, terminated, truncated, info = env.step(action)
+        # terminal = true termination only; a time-limit truncation keeps bootstrapping
+        online.add(norm_obs(obs), action, norm_rew(reward), norm_obs(next_obs), float(terminated))
+        ep_ret += float(reward)
+        ep_success |= bool(info.get("success", False))
+        obs = next_obs
+        if terminated or truncated:
+            progress["episodes"] += 1
+            progress["train_successes"].append(ep_success)
+            ep_stats = {"charts/episodic_return": ep_ret,
+                        "charts/episodic_normalized_score": float(normalized_score(task, ep_ret))}
+            if task.goal_reaching:  # CORL's regret: 1 - mean success over the online training episodes
+                ep_stats["charts/regret"] = 1.0 - float(np.mean(progress["train_successes"]))
+            logger.scalars(ep_stats, step + 1)
+            episode_done(online, torch.arange(ep_start, online.size, device=device), args, norm)
+            obs, _ = env.reset()
+            ep_ret, ep_success, ep_start = 0.0, False, online.size
+        # EDIS: retrain every edis_retrain_every online steps, first once the online buffer is large enough (never on
+        # the last step: no update would use the samples)
+        if args.edis and online.size >= args.edis_min_online and t + 1 < args.online_steps and (
+                edis.last_retrain_step < 0 or t + 1 - edis.last_retrain_step >= args.edis_retrain_every):
+            tqdm.write(f"EDIS retrain {edis.retrains + 1} at online step {t + 1} ...")
+            with amp():
+                metrics = edis_retrain(edis, offline, online, lambda o: agent.actor.sample(o), args, gen)
+            edis.last_retrain_step = t + 1
+            logger.scalars({k: float(v) for k, v in metrics.items()}, step + 1)
+        for _ in range(args.utd):
+            if args.edis and edis.synthetic is not None:  # every batch: ratio synthetic + (1 - ratio) online
+                n_syn = int(round(args.batch_size * args.edis_ratio))
+                batch = concat_batches(edis.synthetic.sample(n_syn, gen), online.sample(args.batch_size - n_syn, gen))
+            else:  # no EDIS, or before its first retrain: the base algorithm's own fine-tuning batches
+                batch = finetune_batch(offline, online, args, gen)
+            with amp():
+                logger.accumulate(train_step(agent, opts, batch, args, step, update))
+            progress["updates"] += 1
+            n_sps += 1
+        bar.update(1)
+        if (step + 1) % args.log_every == 0:
+            logger.flush_pending(step + 1)
+            logger.scalars({"charts/SPS": n_sps / max(time.time() - t_sps, 1e-9),
+                            "charts/synthetic_fraction": args.edis_ratio if edis.synthetic is not None and args.edis
+                            else 0.0}, step + 1)
+            t_sps, n_sps = time.time(), 0
+        if (step + 1) % args.eval_every == 0 and step + 1 < total:
+            bar.set_postfix(score=f"{run_eval(step + 1)['eval/normalized_score']:.1f}")
+        if (step + 1) % args.checkpoint_every == 0:
+            checkpoint(step + 1)
+    bar.close()
+
+    last = progress["evals"][-1] if progress["evals"] else None
+    final = last if last is not None and last["step"] == total else run_eval(total)
+    checkpoint(total)
+    logger.flush_pending(total)
+    summary = {
+        "env": task.name, "seed": args.seed, "edis": args.edis,
+        "offline_normalized_score": progress["offline_score"],
+        "final_normalized_score": final["eval/normalized_score"],
+        "final_success_rate": final["eval/success_rate"],
+        "regret": (1.0 - float(np.mean(progress["train_successes"]))
+                   if task.goal_reaching and progress["train_successes"] else None),
+        "updates": progress["updates"], "online_env_steps": online.size, "online_episodes": progress["episodes"],
+        "edis_retrains": edis.retrains, "wall_time_s": time.time() - t_start, "output_dir": out_dir,
+    }
+    atomic_write_bytes(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2).encode())
+    logger.close()
+    env.close()
+    print(f"{task.name}: normalized score {summary['offline_normalized_score']:.1f} (offline) -> "
+          f"{summary['final_normalized_score']:.1f} (after {online.size} online steps); {out_dir}/summary.json")
+
+
+# <<< shared:main
 
 
 if __name__ == "__main__":

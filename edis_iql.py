@@ -47,7 +47,8 @@ class Args:
     torch_deterministic: bool = True
     """set torch.backends.cudnn.deterministic"""
     output_dir: Optional[str] = None
-    """where TensorBoard logs, config.json, checkpoint.pt and summary.json go (default runs/<env>__<exp>__<seed>__<time>)"""
+    """where TensorBoard logs, config.json, checkpoint.pt and summary.json go
+    (default runs/<env>__<exp>__<seed>__<time>)"""
     resume: Optional[str] = None
     """an output dir (or its checkpoint.pt) of a killed run: continue it with its saved config; flags given together
     with --resume override the saved values (e.g. a larger --online-steps to train longer)"""
@@ -61,6 +62,10 @@ class Args:
     """W&B entity (with --track)"""
     compile: bool = False
     """torch.compile the update step (worth it on GPU for long runs)"""
+    bf16: Optional[bool] = None
+    """compute the updates' and EDIS's matrix products in bfloat16 (torch.autocast; weights, optimizer states and losses
+    stay fp32). Preset: on for CUDA GPUs with bf16, off on CPU, where it is 2x faster on CPUs with AVX512-BF16/AMX but
+    rounds Q-values of a few hundred to ~1 (see the docs)"""
     # --- budget, evaluation, logging -----------------------------------------------------------------------------
     offline_steps: Optional[int] = None
     """gradient updates on the offline dataset (preset: 1,000,000 on GPU, 20,000 on CPU)"""
@@ -80,12 +85,12 @@ class Args:
     # --- data ----------------------------------------------------------------------------------------------------
     batch_size: int = 256
     """transitions per gradient update"""
-    normalize_states: bool = True
-    """standardise states with the offline dataset's mean and std (stored in checkpoints)"""
+    normalize_states: Optional[bool] = None
+    """standardise states with the offline dataset's mean and std, stored in checkpoints (preset per task family)"""
     reward_scale: Optional[float] = None
     """rewards become reward_scale * r + reward_bias, offline and online (preset per task family)"""
     reward_bias: Optional[float] = None
-    """see --reward-scale (preset: AntMaze/PointMaze IQL -1, i.e. r - 1)"""
+    """see --reward-scale (preset per task family: IQL AntMaze r - 1, Cal-QL AntMaze 10 r - 5)"""
     reward_normalize_returns: Optional[bool] = None
     """locomotion convention: multiply rewards by 1000 / (max - min episode return of the dataset) first"""
     # --- EDIS ----------------------------------------------------------------------------------------------------
@@ -165,14 +170,18 @@ class Args:
 # Per-family presets (CORL finetune/iql.py configs and the EDIS IQL gins, spec edis.md section 6.2), applied to every
 # flag the command line left unset. Per-task entries refine them.
 PRESETS = {
-    "antmaze": dict(expectile=0.9, beta=10.0, reward_scale=1.0, reward_bias=-1.0, reward_normalize_returns=False,
-                    actor_dropout=0.0, edis_ratio=0.2, edis_diffusion_steps=50_000, eval_episodes=100),
-    "adroit": dict(expectile=0.8, beta=3.0, reward_scale=1.0, reward_bias=0.0, reward_normalize_returns=False,
-                   actor_dropout=0.1, edis_ratio=0.2, edis_diffusion_steps=30_000, eval_episodes=10),
-    "mujoco": dict(expectile=0.7, beta=3.0, reward_scale=1.0, reward_bias=0.0, reward_normalize_returns=True,
-                   actor_dropout=0.0, edis_ratio=0.2, edis_diffusion_steps=30_000, eval_episodes=10),
-    "pointmaze": dict(expectile=0.9, beta=10.0, reward_scale=1.0, reward_bias=-1.0, reward_normalize_returns=False,
-                      actor_dropout=0.0, edis_ratio=0.5, edis_diffusion_steps=30_000, eval_episodes=10),
+    "antmaze": dict(normalize_states=True, expectile=0.9, beta=10.0, reward_scale=1.0, reward_bias=-1.0,
+                    reward_normalize_returns=False, actor_dropout=0.0, edis_ratio=0.2, edis_diffusion_steps=50_000,
+                    eval_episodes=100),
+    "adroit": dict(normalize_states=True, expectile=0.8, beta=3.0, reward_scale=1.0, reward_bias=0.0,
+                   reward_normalize_returns=False, actor_dropout=0.1, edis_ratio=0.2, edis_diffusion_steps=30_000,
+                   eval_episodes=10),
+    "mujoco": dict(normalize_states=True, expectile=0.7, beta=3.0, reward_scale=1.0, reward_bias=0.0,
+                   reward_normalize_returns=True, actor_dropout=0.0, edis_ratio=0.2, edis_diffusion_steps=30_000,
+                   eval_episodes=10),
+    "pointmaze": dict(normalize_states=True, expectile=0.9, beta=10.0, reward_scale=1.0, reward_bias=-1.0,
+                      reward_normalize_returns=False, actor_dropout=0.0, edis_ratio=0.5, edis_diffusion_steps=30_000,
+                      eval_episodes=10),
 }
 TASK_PRESETS = {  # EDIS IQL gins: synthetic ratio, expectile and diffusion steps per task
     "antmaze-umaze-diverse": dict(edis_ratio=0.9, expectile=0.7),
@@ -181,9 +190,10 @@ TASK_PRESETS = {  # EDIS IQL gins: synthetic ratio, expectile and diffusion step
     "hopper-medium": dict(edis_ratio=0.2),
     "halfcheetah-medium": dict(edis_ratio=0.5, edis_diffusion_steps=50_000),
 }
+ALGO_CPU_PRESETS: dict = {}  # IQL needs nothing smaller than the shared CPU preset below
 # >>> shared:presets_device
 # Budgets and model sizes by device. GPU: the paper's scale (1024x6 denoiser, 128 Heun steps, 100k samples per retrain
-# every 10k steps). CPU: small enough that `python edis_iql.py --env pointmaze-umaze` finishes in minutes on 2 cores.
+# every 10k steps). CPU: small enough that `--env pointmaze-umaze` finishes in minutes on 2 cores.
 DEVICE_PRESETS = {
     "cuda": dict(offline_steps=1_000_000, online_steps=200_000, eval_every=10_000, edis_retrain_every=10_000,
                  edis_num_samples=100_000, edis_width=1024, edis_depth=6, edis_sample_steps=128, energy_pool=1024,
@@ -213,11 +223,15 @@ def apply_presets(args: Args, task: TaskSpec, device: torch.device) -> Args:
     for k, v in family.items():  # the CPU preset's smaller budgets win over the family's GPU-scale sizes
         if not (device.type != "cuda" and k in merged):
             merged[k] = v
+    if device.type != "cuda":  # and the algorithm's own CPU sizes win over both
+        merged.update(ALGO_CPU_PRESETS)
     for k, v in merged.items():
         if hasattr(args, k) and getattr(args, k) is None:
             setattr(args, k, v)
     if args.edis_min_online is None:
         args.edis_min_online = args.edis_retrain_every
+    if args.bf16 is None:
+        args.bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     for name in ("offline_steps", "online_steps"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
@@ -241,21 +255,27 @@ FIELDS = ("observations", "actions", "rewards", "next_observations", "terminals"
 
 
 class ReplayBuffer:
-    """A ring buffer of transitions stored as tensors on ``device``; ``sample`` draws uniform indices there."""
+    """A ring buffer of transitions stored as tensors on ``device``; ``sample`` draws uniform indices there.
 
-    def __init__(self, obs_dim: int, act_dim: int, capacity: int, device: torch.device):
+    ``extra`` adds scalar fields with a fill value for rows that do not provide them (Cal-QL's ``mc_returns``).
+    """
+
+    def __init__(self, obs_dim: int, act_dim: int, capacity: int, device: torch.device, extra: Optional[dict] = None):
         self.capacity, self.device, self.size, self.ptr = int(capacity), device, 0, 0
+        self.extra = dict(extra or {})
         shapes = {"observations": (obs_dim,), "actions": (act_dim,), "rewards": (), "next_observations": (obs_dim,),
-                  "terminals": ()}
+                  "terminals": (), **{k: () for k in self.extra}}
         self.data = {k: torch.zeros((self.capacity, *s), dtype=torch.float32, device=device) for k, s in shapes.items()}
 
-    def add_batch(self, batch: dict) -> None:
+    def add_batch(self, batch: dict) -> torch.Tensor:
+        """Append rows (a ring: the oldest are overwritten when full); returns their indices."""
         n = len(batch["rewards"])
         idx = (self.ptr + torch.arange(n, device=self.device)) % self.capacity
-        for k in FIELDS:
-            self.data[k][idx] = torch.as_tensor(batch[k], dtype=torch.float32, device=self.device)
+        for k, v in self.data.items():
+            v[idx] = torch.as_tensor(batch[k], dtype=torch.float32, device=self.device) if k in batch else self.extra[k]
         self.ptr = (self.ptr + n) % self.capacity
         self.size = min(self.size + n, self.capacity)
+        return idx
 
     def add(self, obs, action, reward, next_obs, terminal) -> None:
         self.add_batch({"observations": obs[None], "actions": action[None], "rewards": np.array([reward]),
@@ -270,8 +290,12 @@ class ReplayBuffer:
     def sample(self, n: int, generator: torch.Generator) -> dict:
         return self.get(self.sample_idx(n, generator))
 
+    def rows(self) -> dict:
+        """All stored rows (views, no copy)."""
+        return {k: v[: self.size] for k, v in self.data.items()}
+
     def state_dict(self) -> dict:
-        return {"size": self.size, "ptr": self.ptr, "data": {k: v[: self.size].cpu() for k, v in self.data.items()}}
+        return {"size": self.size, "ptr": self.ptr, "data": {k: v.cpu() for k, v in self.rows().items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.size, self.ptr = state["size"], state["ptr"]
@@ -284,15 +308,17 @@ def sample_union(a: ReplayBuffer, b: ReplayBuffer, n: int, generator: torch.Gene
     idx = torch.randint(0, a.size + b.size, (n,), device=a.device, generator=generator)
     from_a = idx < a.size
     ia, ib = idx.clamp(max=a.size - 1), (idx - a.size).clamp(min=0, max=max(b.size - 1, 0))
+    assert a.data.keys() == b.data.keys(), "buffers with different fields"
     out = {}
-    for k in FIELDS:
+    for k in a.data:
         va, vb = a.data[k][ia], b.data[k][ib]
         out[k] = torch.where(from_a.view(-1, *([1] * (va.dim() - 1))), va, vb)
     return out
 
 
 def concat_batches(x: dict, y: dict) -> dict:
-    return {k: torch.cat([x[k], y[k]]) for k in FIELDS}
+    assert x.keys() == y.keys(), f"batches with different fields: {sorted(x)} vs {sorted(y)}"
+    return {k: torch.cat([x[k], y[k]]) for k in x}
 
 
 def reward_transform(data: OfflineData, args: Args) -> tuple:
@@ -309,7 +335,23 @@ def reward_transform(data: OfflineData, args: Args) -> tuple:
 # ---------------------------------------------------------------------------------------------------------------
 # ALGO LOGIC: IQL networks
 # ---------------------------------------------------------------------------------------------------------------
-# >>> shared:ensemble
+# >>> shared:networks
+def mlp(in_dim: int, out_dim: int, hidden: int, n_hidden: int = 2, dropout: float = 0.0) -> nn.Sequential:
+    layers, d = [], in_dim
+    for _ in range(n_hidden):
+        layers += [nn.Linear(d, hidden), nn.ReLU()] + ([nn.Dropout(dropout)] if dropout > 0 else [])
+        d = hidden
+    return nn.Sequential(*layers, nn.Linear(d, out_dim))
+
+
+def adam(params, lr: float) -> torch.optim.Optimizer:
+    """Adam, fused into one kernel where torch supports it (CPU and CUDA): 4x faster steps for many small tensors."""
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except (RuntimeError, TypeError):  # an older torch or an unsupported device: the default implementation
+        return torch.optim.Adam(params, lr=lr)
+
+
 class EnsembleLinear(nn.Module):
     """``n`` independent linear layers applied in one batched matmul: x [n, B, in] -> [n, B, out]."""
 
@@ -326,10 +368,11 @@ class EnsembleLinear(nn.Module):
 
 
 class TwinQ(nn.Module):
-    """Both critics Q_1, Q_2 in one forward pass (batched matmuls): returns [2, B]."""
+    """Both critics Q_1, Q_2 in one forward pass (batched matmuls)."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: int, n_hidden: int = 2):
         super().__init__()
+        self.obs_dim = obs_dim
         layers, d = [], obs_dim + act_dim
         for _ in range(n_hidden):
             layers += [EnsembleLinear(2, d, hidden), nn.ReLU()]
@@ -337,17 +380,21 @@ class TwinQ(nn.Module):
         self.net = nn.Sequential(*layers, EnsembleLinear(2, d, 1))
 
     def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([obs, act], -1)
-        return self.net(x.unsqueeze(0).expand(2, *x.shape)).squeeze(-1)
-# <<< shared:ensemble
+        """obs [B, S], act [B, A] -> [2, B]."""
+        return self.forward_multi(obs, act[:, None])[..., 0]
+
+    def forward_multi(self, obs: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
+        """Q_i(s_b, a_bn) for N actions per state: obs [B, S], acts [B, N, A] -> [2, B, N]. The first layer's state
+        half W_s s is computed once per state and broadcast over its N actions (W [s; a] = W_s s + W_a a)."""
+        (B, N, A), S = acts.shape, self.obs_dim
+        first = self.net[0]
+        hs = torch.baddbmm(first.bias, obs.unsqueeze(0).expand(2, B, S), first.weight[:, :S])  # [2, B, H]
+        ha = torch.bmm(acts.reshape(1, B * N, A).expand(2, B * N, A), first.weight[:, S:])  # [2, B*N, H]
+        h = (ha.view(2, B, N, -1) + hs.unsqueeze(2)).view(2, B * N, -1)
+        return self.net[1:](h).view(2, B, N)
 
 
-def mlp(in_dim: int, out_dim: int, hidden: int, n_hidden: int = 2, dropout: float = 0.0) -> nn.Sequential:
-    layers, d = [], in_dim
-    for _ in range(n_hidden):
-        layers += [nn.Linear(d, hidden), nn.ReLU()] + ([nn.Dropout(dropout)] if dropout > 0 else [])
-        d = hidden
-    return nn.Sequential(*layers, nn.Linear(d, out_dim))
+# <<< shared:networks
 
 
 class ValueNet(nn.Module):
@@ -401,21 +448,13 @@ class Agent(nn.Module):
                                    args.deterministic_actor)
 
 
-def adam(params, lr: float, device_type: str):
-    """Adam, fused into one kernel where torch supports it (CPU and CUDA): 4x faster steps for many small tensors."""
-    try:
-        return torch.optim.Adam(params, lr=lr, fused=True)
-    except (RuntimeError, TypeError):  # an older torch or an unsupported device: the default implementation
-        return torch.optim.Adam(params, lr=lr)
-
-
 def make_optimizers(agent: Agent, args: Args) -> dict:
     """One Adam over three parameter groups (V, Q, actor): the three losses touch disjoint parameters, so one backward
     of their sum and one (fused) step give exactly the gradients and updates of three separate optimizers."""
     groups = [{"params": list(agent.vf.parameters()), "lr": args.critic_lr, "name": "v"},
               {"params": list(agent.qf.parameters()), "lr": args.critic_lr, "name": "q"},
               {"params": list(agent.actor.parameters()), "lr": args.actor_lr, "name": "actor"}]
-    return {"iql": adam(groups, args.critic_lr, next(agent.parameters()).device.type)}
+    return {"iql": adam(groups, args.critic_lr)}
 
 
 def set_actor_lr(opts: dict, lr: float) -> None:
@@ -487,6 +526,33 @@ def iql_update(agent: Agent, opts: dict, batch: dict, args: Args) -> dict:
             "losses/actor_loss": actor_loss.detach(), "losses/v_mean": v.detach().mean(),
             "losses/q_mean": qs.detach().mean(), "losses/adv_mean": adv.detach().mean(),
             "losses/awr_weight_mean": weights.mean()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ALGO LOGIC: how IQL plugs into the training loop (the loop itself is shared with edis_calql.py)
+# ---------------------------------------------------------------------------------------------------------------
+UPDATE = iql_update  # the gradient step (torch.compile'd with --compile)
+BUFFER_EXTRA: dict = {}  # per-row fields beyond (s, a, r, s', terminal): none for IQL
+
+
+def offline_extras(data: OfflineData, rewards: np.ndarray, args: Args) -> dict:
+    """Extra per-row fields of the offline buffer: none for IQL."""
+    return {}
+
+
+def train_step(agent: Agent, opts: dict, batch: dict, args: Args, step: int, update: Callable) -> dict:
+    """One gradient update at global step ``step`` (the offline phase is step < offline_steps)."""
+    set_actor_lr(opts, actor_lr_at(step, args))
+    return update(agent, opts, batch, args)
+
+
+def finetune_batch(offline: ReplayBuffer, online: ReplayBuffer, args: Args, gen: torch.Generator) -> dict:
+    """Online batch without synthetic data: uniform over offline + online replay (CORL's IQL fine-tuning)."""
+    return sample_union(offline, online, args.batch_size, gen)
+
+
+def episode_done(online: ReplayBuffer, rows: torch.Tensor, args: Args, norm: dict) -> None:
+    """Called with the online buffer rows of each finished online episode: nothing to do for IQL."""
 
 
 # >>> shared:edis
@@ -851,8 +917,7 @@ def edis_retrain(state: EDISState, offline: ReplayBuffer, online: ReplayBuffer, 
     """One EDIS round: fresh diffusion on offline + online replay, energy training, guided generation."""
     t0 = time.time()
     codec = state.codec
-    x_raw = torch.cat([codec.raw({k: v[: offline.size] for k, v in offline.data.items()}),
-                       codec.raw({k: v[: online.size] for k, v in online.data.items()})])
+    x_raw = torch.cat([codec.raw(offline.rows()), codec.raw(online.rows())])
     codec.fit(x_raw)
     denoiser, diff_losses = train_diffusion((x_raw - codec.mean) / codec.std, args, generator)
     metrics = train_energies(state, denoiser, online, policy_sample, args, generator)
@@ -868,10 +933,10 @@ def edis_retrain(state: EDISState, offline: ReplayBuffer, online: ReplayBuffer, 
                                              -1)).squeeze(-1)
         metrics["edis/reward_model_loss"] = rm_loss
     syn["actions"] = syn["actions"].clamp(-1.0, 1.0)
-    buf = ReplayBuffer(codec.obs_dim, codec.act_dim, args.edis_num_samples, codec.mean.device)
+    buf = ReplayBuffer(codec.obs_dim, codec.act_dim, args.edis_num_samples, codec.mean.device, extra=BUFFER_EXTRA)
     buf.add_batch(syn)
     state.synthetic, state.retrains = buf, state.retrains + 1
-    real = {k: v[: online.size] for k, v in online.data.items()}
+    real = online.rows()
     n = max(stats["n"], 1)
     metrics.update({
         "edis/diffusion_loss": diff_losses[-max(len(diff_losses) // 10, 1):].mean(),
@@ -983,6 +1048,7 @@ class Logger:
 # <<< shared:checkpoint
 
 
+# >>> shared:main
 def save_checkpoint(path: str, args: Args, step: int, agent: Agent, opts: dict, online: ReplayBuffer,
                     edis: EDISState, norm: dict, progress: dict) -> None:
     atomic_torch_save({
@@ -1036,11 +1102,12 @@ def main(argv: Optional[list] = None) -> None:
         norm = ckpt["normalization"]
     norm_obs = lambda o: (o - norm["obs_mean"]) / norm["obs_std"]  # noqa: E731
     norm_rew = lambda r: r * norm["reward_scale"] + norm["reward_bias"]  # noqa: E731
-    offline = ReplayBuffer(obs_dim, act_dim, len(data), device)
-    offline.add_batch({"observations": norm_obs(data.observations), "actions": data.actions,
-                       "rewards": norm_rew(data.rewards), "next_observations": norm_obs(data.next_observations),
-                       "terminals": data.terminals})
-    online = ReplayBuffer(obs_dim, act_dim, max(args.online_steps, 1), device)
+    offline = ReplayBuffer(obs_dim, act_dim, len(data), device, extra=BUFFER_EXTRA)
+    rewards = norm_rew(data.rewards)
+    offline.add_batch({"observations": norm_obs(data.observations), "actions": data.actions, "rewards": rewards,
+                       "next_observations": norm_obs(data.next_observations), "terminals": data.terminals,
+                       **offline_extras(data, rewards, args)})
+    online = ReplayBuffer(obs_dim, act_dim, max(args.online_steps, 1), device, extra=BUFFER_EXTRA)
 
     env = make_env(task, seed=args.seed)
     max_action = float(env.action_space.high[0])
@@ -1062,14 +1129,16 @@ def main(argv: Optional[list] = None) -> None:
         edis.energy_opt.load_state_dict(ckpt["edis"]["energy_opt"])
         edis.retrains, edis.last_retrain_step = ckpt["edis"]["retrains"], ckpt["edis"]["last_retrain_step"]
         if ckpt["edis"]["synthetic"] is not None:
-            edis.synthetic = ReplayBuffer(obs_dim, act_dim, ckpt["edis"]["synthetic"]["size"], device)
+            edis.synthetic = ReplayBuffer(obs_dim, act_dim, ckpt["edis"]["synthetic"]["size"], device,
+                                          extra=BUFFER_EXTRA)
             edis.synthetic.load_state_dict(ckpt["edis"]["synthetic"])
         progress, start_step = ckpt["progress"], ckpt["step"]
         set_rng_state(ckpt["rng"])
         gen.manual_seed(args.seed + start_step)  # a fresh, reproducible batch stream from the resume point
         print(f"resumed {out_dir} at step {start_step}")
 
-    update = torch.compile(iql_update) if args.compile else iql_update
+    update = torch.compile(UPDATE) if args.compile else UPDATE
+    amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)  # noqa: E731
     logger = Logger(out_dir, args, run_name)
 
     def policy_eval(o: np.ndarray) -> np.ndarray:
@@ -1094,10 +1163,10 @@ def main(argv: Optional[list] = None) -> None:
     t_start, t_sps, n_sps = time.time(), time.time(), 0
     print(f"{task.name}: {len(data)} offline transitions ({data.source}); logging to {out_dir}")
 
-    # ALGO LOGIC: offline phase, IQL on the offline dataset
+    # ALGO LOGIC: offline phase: the base algorithm on the offline dataset
     for step in range(start_step, args.offline_steps):
-        set_actor_lr(opts, actor_lr_at(step, args))
-        logger.accumulate(update(agent, opts, offline.sample(args.batch_size, gen), args))
+        with amp():
+            logger.accumulate(train_step(agent, opts, offline.sample(args.batch_size, gen), args, step, update))
         progress["updates"] += 1
         n_sps += 1
         bar.update(1)
@@ -1118,7 +1187,7 @@ def main(argv: Optional[list] = None) -> None:
 
     # ALGO LOGIC: online phase: act, store, update (EDIS batches once synthetic data exists)
     obs, _ = env.reset(seed=args.seed + max(start_step, args.offline_steps))
-    ep_ret, ep_success = 0.0, False
+    ep_ret, ep_success, ep_start = 0.0, False, online.size
     for step in range(max(start_step, args.offline_steps), total):
         t = step - args.offline_steps  # online env steps done so far
         with torch.no_grad():
@@ -1138,22 +1207,26 @@ def main(argv: Optional[list] = None) -> None:
             if task.goal_reaching:  # CORL's regret: 1 - mean success over the online training episodes
                 ep_stats["charts/regret"] = 1.0 - float(np.mean(progress["train_successes"]))
             logger.scalars(ep_stats, step + 1)
+            episode_done(online, torch.arange(ep_start, online.size, device=device), args, norm)
             obs, _ = env.reset()
-            ep_ret, ep_success = 0.0, False
-        # EDIS: retrain every edis_retrain_every online steps, first once the online buffer is large enough
-        if args.edis and online.size >= args.edis_min_online and (
+            ep_ret, ep_success, ep_start = 0.0, False, online.size
+        # EDIS: retrain every edis_retrain_every online steps, first once the online buffer is large enough (never on
+        # the last step: no update would use the samples)
+        if args.edis and online.size >= args.edis_min_online and t + 1 < args.online_steps and (
                 edis.last_retrain_step < 0 or t + 1 - edis.last_retrain_step >= args.edis_retrain_every):
             tqdm.write(f"EDIS retrain {edis.retrains + 1} at online step {t + 1} ...")
-            metrics = edis_retrain(edis, offline, online, lambda o: agent.actor.sample(o), args, gen)
+            with amp():
+                metrics = edis_retrain(edis, offline, online, lambda o: agent.actor.sample(o), args, gen)
             edis.last_retrain_step = t + 1
             logger.scalars({k: float(v) for k, v in metrics.items()}, step + 1)
         for _ in range(args.utd):
             if args.edis and edis.synthetic is not None:  # every batch: ratio synthetic + (1 - ratio) online
                 n_syn = int(round(args.batch_size * args.edis_ratio))
                 batch = concat_batches(edis.synthetic.sample(n_syn, gen), online.sample(args.batch_size - n_syn, gen))
-            else:  # no EDIS (or before its first retrain): uniform over offline + online replay, as CORL
-                batch = sample_union(offline, online, args.batch_size, gen)
-            logger.accumulate(update(agent, opts, batch, args))
+            else:  # no EDIS, or before its first retrain: the base algorithm's own fine-tuning batches
+                batch = finetune_batch(offline, online, args, gen)
+            with amp():
+                logger.accumulate(train_step(agent, opts, batch, args, step, update))
             progress["updates"] += 1
             n_sps += 1
         bar.update(1)
@@ -1169,7 +1242,8 @@ def main(argv: Optional[list] = None) -> None:
             checkpoint(step + 1)
     bar.close()
 
-    final = run_eval(total) if not progress["evals"] or progress["evals"][-1]["step"] != total else progress["evals"][-1]
+    last = progress["evals"][-1] if progress["evals"] else None
+    final = last if last is not None and last["step"] == total else run_eval(total)
     checkpoint(total)
     logger.flush_pending(total)
     summary = {
@@ -1187,6 +1261,9 @@ def main(argv: Optional[list] = None) -> None:
     env.close()
     print(f"{task.name}: normalized score {summary['offline_normalized_score']:.1f} (offline) -> "
           f"{summary['final_normalized_score']:.1f} (after {online.size} online steps); {out_dir}/summary.json")
+
+
+# <<< shared:main
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
     python benchmarks/update_throughput.py --algo iql --threads 2 --updates 2000
     python benchmarks/update_throughput.py --algo iql --edis-batch      # the EDIS batch path (synthetic + online)
 
-Sizes follow CORL's AntMaze configs: obs 29, action 8, batch 256, 2x256 critics (IQL). Data is random (throughput
+Sizes follow CORL's AntMaze configs: obs 29, action 8, batch 256; IQL 2x256 critics; Cal-QL 5x256 critics, 10 CQL
+actions per set, Lagrange, max-target backup (the script's antmaze preset). Data is random (throughput
 does not depend on values). Prints one JSON line per run; benchmarks/results/throughput.md collects them.
 """
 
@@ -28,6 +29,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--edis-batch", action="store_true", help="compose batches as synthetic + online buffers")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--compile", action="store_true", help="torch.compile the update (as the scripts' --compile)")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (as the scripts' --bf16)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     mod = importlib.import_module("edis_iql" if a.algo == "iql" else "edis_calql")
@@ -41,16 +44,15 @@ def main() -> None:
     gen.manual_seed(0)
 
     def filled(size):
-        buf = mod.ReplayBuffer(obs_dim, act_dim, size, dev)
+        buf = mod.ReplayBuffer(obs_dim, act_dim, size, dev, extra=mod.BUFFER_EXTRA)
         buf.add_batch({"observations": torch.randn(size, obs_dim), "actions": torch.rand(size, act_dim) * 2 - 1,
                        "rewards": torch.randn(size), "next_observations": torch.randn(size, obs_dim),
-                       "terminals": (torch.rand(size) < 0.01).float()})
+                       "terminals": (torch.rand(size) < 0.01).float(), "mc_returns": torch.randn(size) * 10})
         return buf
 
     offline, synthetic = filled(n), filled(n)
     agent = mod.Agent(obs_dim, act_dim, args, 1.0).to(dev)
     opts = mod.make_optimizers(agent, args)
-    extra = mod.update_extras(data=None, args=args) if hasattr(mod, "update_extras") else None
 
     def batch():
         if a.edis_batch:
@@ -58,8 +60,12 @@ def main() -> None:
             return mod.concat_batches(synthetic.sample(k, gen), offline.sample(args.batch_size - k, gen))
         return offline.sample(args.batch_size, gen)
 
-    step = (lambda: mod.iql_update(agent, opts, batch(), args)) if a.algo == "iql" else (
-        lambda: mod.calql_update(agent, opts, batch(), args, extra))
+    update = torch.compile(mod.UPDATE) if a.compile else mod.UPDATE
+
+    def step():  # the scripts' own train_step: offline phase (Cal-QL: calibration on, offline CQL weight)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.bf16):
+            return mod.train_step(agent, opts, batch(), args, 0, update)
+
     for _ in range(a.warmup):
         step()
     if dev.type == "cuda":
@@ -69,7 +75,9 @@ def main() -> None:
         out = step()
     float(next(iter(out.values())))  # one sync at the end
     dt = time.perf_counter() - t0
-    print(json.dumps({"algo": a.algo, "edis_batch": a.edis_batch, "threads": a.threads, "device": a.device,
+    print(json.dumps({"algo": a.algo, "edis_batch": a.edis_batch, "compile": a.compile, "bf16": a.bf16,
+                      "threads": a.threads,
+                      "device": a.device,
                       "updates": a.updates, "updates_per_s": round(a.updates / dt, 1),
                       "cpu": platform.processor() or platform.machine(), "torch": torch.__version__}))
 

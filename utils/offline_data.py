@@ -8,7 +8,8 @@ gymnasium-robotics; datasets from Minari (the D4RL datasets re-collected in the 
 Public API
 ----------
 ``get_task(name)``            -> ``TaskSpec`` (raises ``UserError`` listing valid names for a typo)
-``load_offline_data(task)``    -> ``OfflineData`` with flat float32 arrays (Minari cache -> download -> local collection)
+``load_offline_data(task)``    -> ``OfflineData`` with flat float32 arrays
+                                  (Minari cache -> download -> local collection)
 ``load_d4rl_hdf5(path, task)`` -> ``OfflineData`` from a D4RL-layout hdf5 file
 ``make_env(task)``             -> a gymnasium env whose observations are flattened exactly like the dataset's
 ``normalized_score(task, R)``  -> D4RL normalized score ``100 * (R - min) / (max - min)``

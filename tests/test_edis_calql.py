@@ -1,0 +1,265 @@
+"""edis_calql.py: Monte-Carlo returns, CQL / Cal-QL losses against slow references, smoke and resume runs."""
+
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import edis_calql as m
+from tests.conftest import run_script
+from tests.test_edis_iql import SMOKE, read_scalars, tiny_pointmaze  # noqa: F401  (fixture reuse)
+from utils.offline_data import get_task
+
+
+def make_args(task="antmaze-umaze", **kw):
+    t = get_task(task)
+    return m.apply_presets(m.Args(env=t.name, offline_steps=100, online_steps=0, **kw), t, torch.device("cpu"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Monte-Carlo returns-to-go
+# ---------------------------------------------------------------------------------------------------------------
+def slow_mc(rewards, ends, gamma, fail=None):
+    rewards = [float(x) for x in rewards]  # python floats: float64 arithmetic
+    out, g, episode = [0.0] * len(rewards), 0.0, []
+    for t in range(len(rewards) - 1, -1, -1):  # backwards, restarting at every episode end
+        if ends[t]:
+            g, episode = 0.0, []
+        g = rewards[t] + gamma * g
+        out[t] = g
+        episode.append(t)
+        if t == 0 or ends[t - 1]:  # the episode is complete: apply the sparse failure rule
+            if fail is not None and all(rewards[k] == fail for k in episode):
+                for k in episode:
+                    out[k] = rewards[k] / (1 - gamma)
+    return np.array(out)
+
+
+def test_mc_returns_match_slow_loop_dense():
+    rng = np.random.default_rng(0)
+    r = rng.normal(size=500).astype(np.float32)
+    ends = rng.random(500) < 0.02  # episodes of random lengths (terminals or timeouts alike)
+    ends[-1] = True
+    np.testing.assert_allclose(m.mc_returns(r, ends, 0.99), slow_mc(r, ends, 0.99), rtol=1e-5, atol=1e-4)
+
+
+def test_mc_returns_sparse_failure_and_success():
+    # AntMaze after Cal-QL's transform 10 r - 5: failure steps are -5, a goal step +5.
+    fail_ep = [-5.0] * 4  # never reached the goal, cut by a timeout: -5 / (1 - gamma) everywhere
+    success_ep = [-5.0, -5.0, 5.0]  # reached the goal (terminal): plain discounted sums
+    r = np.array(fail_ep + success_ep, dtype=np.float32)
+    ends = np.array([0, 0, 0, 1, 0, 0, 1], dtype=bool)
+    g = m.mc_returns(r, ends, 0.99, sparse_failure_reward=-5.0)
+    np.testing.assert_allclose(g[:4], -500.0, rtol=1e-6)
+    np.testing.assert_allclose(g[4:], [-5 - 0.99 * 5 + 0.99**2 * 5, -5 + 0.99 * 5, 5.0], rtol=1e-6)
+    np.testing.assert_allclose(g, slow_mc(r, ends, 0.99, fail=-5.0), rtol=1e-6)
+    # without the sparse convention the failed episode's return is truncated at its timeout
+    np.testing.assert_allclose(m.mc_returns(r, ends, 0.99)[:4], slow_mc(r, ends, 0.99)[:4], rtol=1e-6)
+
+
+def test_mc_returns_long_episode_path():
+    rng = np.random.default_rng(1)
+    r = rng.normal(size=5000).astype(np.float32)
+    ends = np.zeros(5000, dtype=bool)
+    ends[[2499, 4999]] = True  # two episodes longer than the vectorised path handles
+    np.testing.assert_allclose(m.mc_returns(r, ends, 0.995), slow_mc(r, ends, 0.995), rtol=1e-5, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Actor, CQL pieces
+# ---------------------------------------------------------------------------------------------------------------
+def test_tanh_gaussian_logp_matches_torch_distribution():
+    torch.manual_seed(0)
+    actor = m.TanhGaussianActor(4, 3, 16, max_action=1.0)
+    s = torch.randn(64, 4)
+    torch.manual_seed(1)
+    a, logp = actor.rsample(s)
+    mu, log_std = actor._mu_logstd(s)
+    dist = torch.distributions.TransformedDistribution(torch.distributions.Normal(mu, log_std.exp()),
+                                                       torch.distributions.TanhTransform(cache_size=1))
+    ref = dist.log_prob(a.clamp(-1 + 1e-6, 1 - 1e-6)).sum(-1)
+    ok = a.abs().max(-1).values < 0.999  # away from the saturated edge where the reference loses precision
+    torch.testing.assert_close(logp[ok], ref[ok], rtol=1e-3, atol=1e-3)
+
+
+def test_cql_logsumexp_hand_value():
+    q_rand, q_curr, q_next = (torch.tensor([[[v]]]) for v in (1.0, 2.0, 3.0))
+    lp_curr, lp_next = torch.tensor([[-1.0]]), torch.tensor([[-2.0]])
+    out = m.cql_logsumexp(q_rand, q_curr, q_next, lp_curr, lp_next, act_dim=2, temp=1.0, importance=True)
+    expected = math.log(math.exp(1 - 2 * math.log(0.5)) + math.exp(3 + 2) + math.exp(2 + 1))
+    assert out.item() == pytest.approx(expected, rel=1e-6)
+    plain = m.cql_logsumexp(q_rand, q_curr, q_next, lp_curr, lp_next, act_dim=2, temp=1.0, importance=False)
+    assert plain.item() == pytest.approx(math.log(math.exp(1) + math.exp(2) + math.exp(3)), rel=1e-6)
+
+
+def member_q(qf, i, s, a):
+    """Critic i as a plain MLP, one state-action pair at a time (slow reference)."""
+    h = torch.cat([s, a], -1)
+    for layer in qf.net:
+        h = h @ layer.weight[i] + layer.bias[i, 0] if isinstance(layer, m.EnsembleLinear) else layer(h)
+    return h.squeeze(-1)
+
+
+def reference_losses(agent, batch, args, calibrate, cql_alpha):
+    """CORL's Cal-QL losses written with per-critic, per-state loops; draws random numbers in calql_update's order."""
+    s, a, r, s2, d, mc = (batch[k] for k in (*m.FIELDS, "mc_returns"))
+    B, A = a.shape
+    N = args.cql_n_actions
+    alpha = agent.log_alpha.exp().item()
+    pi_a, logp = agent.actor.rsample(s)
+    q_pi = torch.stack([torch.min(member_q(agent.qf, 0, s[b], pi_a[b]), member_q(agent.qf, 1, s[b], pi_a[b]))
+                        for b in range(B)])
+    actor_loss = (alpha * logp - q_pi).mean()
+    with torch.no_grad():
+        n_next = N if args.cql_max_target_backup else 1
+        a2, logp2 = agent.actor.rsample(s2, n_next)
+        td = []
+        for b in range(B):
+            vals = [min(member_q(agent.q_target, 0, s2[b], a2[b, j]).item(),
+                        member_q(agent.q_target, 1, s2[b], a2[b, j]).item()) for j in range(n_next)]
+            j = int(np.argmax(vals))
+            target = vals[j] - (alpha * logp2[b, j].item() if args.backup_entropy else 0.0)
+            td.append(r[b].item() + args.gamma * (1 - d[b].item()) * target)
+        a_rand = torch.rand(B, N, A) * 2 - 1
+        a_curr, lp_curr = agent.actor.rsample(s, N)
+        a_next, lp_next = agent.actor.rsample(s2, N)
+    td_loss, cql_terms = 0.0, []
+    for i in range(2):
+        qd = torch.stack([member_q(agent.qf, i, s[b], a[b]) for b in range(B)])
+        td_loss = td_loss + torch.mean((qd - torch.tensor(td)) ** 2)
+        diffs = []
+        for b in range(B):
+            vals = []
+            for j in range(N):
+                vals.append(member_q(agent.qf, i, s[b], a_rand[b, j]) - A * math.log(0.5))
+            for j in range(N):
+                q = member_q(agent.qf, i, s[b], a_next[b, j])
+                vals.append((torch.maximum(q, mc[b]) if calibrate else q) - lp_next[b, j])
+            for j in range(N):
+                q = member_q(agent.qf, i, s[b], a_curr[b, j])
+                vals.append((torch.maximum(q, mc[b]) if calibrate else q) - lp_curr[b, j])
+            lse = torch.logsumexp(torch.stack(vals), 0)
+            diffs.append(torch.clamp(lse - qd[b], args.cql_clip_diff_min, args.cql_clip_diff_max))
+        cql_terms.append(torch.stack(diffs).mean())
+    if args.cql_lagrange:
+        ap = torch.clamp(agent.log_alpha_prime.exp(), 0, 1e6).item()
+        cql_loss = sum(ap * cql_alpha * (c - args.cql_target_action_gap) for c in cql_terms)
+    else:
+        cql_loss = sum(cql_alpha * c for c in cql_terms)
+    return td_loss, cql_loss, actor_loss, logp, cql_terms
+
+
+def random_batch(n=6, obs=4, act=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"observations": torch.randn(n, obs, generator=g), "actions": torch.rand(n, act, generator=g) * 2 - 1,
+            "rewards": torch.randn(n, generator=g), "next_observations": torch.randn(n, obs, generator=g),
+            "terminals": (torch.rand(n, generator=g) < 0.3).float(), "mc_returns": torch.randn(n, generator=g) * 3}
+
+
+@pytest.mark.parametrize("calibrate, lagrange, max_backup", [(True, True, True), (False, False, False),
+                                                             (True, False, True)])
+def test_calql_losses_match_slow_reference(calibrate, lagrange, max_backup):
+    args = make_args(hidden_dim=16, q_layers=2, cql_n_actions=3, cql_lagrange=lagrange,
+                     cql_max_target_backup=max_backup, backup_entropy=True)
+    torch.manual_seed(0)
+    agent = m.Agent(4, 2, args, 1.0)
+    batch = random_batch()
+    ref_agent = copy.deepcopy(agent)
+    torch.manual_seed(5)
+    out = m.calql_update(agent, m.make_optimizers(agent, args), batch, args, calibrate, cql_alpha=5.0)
+    torch.manual_seed(5)
+    td_loss, cql_loss, actor_loss, _, _ = reference_losses(ref_agent, batch, args, calibrate, 5.0)
+    assert out["losses/td_loss"].item() == pytest.approx(td_loss.item(), rel=1e-4)
+    assert out["losses/cql_loss"].item() == pytest.approx(cql_loss.item(), rel=1e-4, abs=1e-5)
+    assert out["losses/actor_loss"].item() == pytest.approx(actor_loss.item(), rel=1e-4)
+
+
+def test_fused_step_routes_gradients_like_four_optimizers():
+    """One fused step == CORL's four optimizers, each loss backpropagated into its own parameters only: the actor's
+    loss must not move the critics, the critic's loss must not move the actor, and so on."""
+    args = make_args(hidden_dim=16, q_layers=2, cql_n_actions=3, cql_lagrange=True)
+    torch.manual_seed(0)
+    agent = m.Agent(4, 2, args, 1.0)
+    ref = copy.deepcopy(agent)
+    batch = random_batch()
+    torch.manual_seed(7)
+    m.calql_update(agent, m.make_optimizers(agent, args), batch, args, True, 5.0)
+    torch.manual_seed(7)
+    td_loss, cql_loss, actor_loss, logp, cql_terms = reference_losses(ref, batch, args, True, 5.0)
+    alpha_loss = -(ref.log_alpha * (logp.detach() + ref.target_entropy)).mean()
+    alpha_prime = torch.clamp(ref.log_alpha_prime.exp(), 0, 1e6)
+    alpha_prime_loss = -0.5 * sum(alpha_prime * 5.0 * (c.detach() - args.cql_target_action_gap) for c in cql_terms)
+    for params, loss, lr in ((list(ref.actor.parameters()), actor_loss, args.actor_lr),
+                             ([ref.log_alpha], alpha_loss, args.actor_lr),
+                             (list(ref.qf.parameters()), td_loss + cql_loss, args.critic_lr),
+                             ([ref.log_alpha_prime], alpha_prime_loss, args.critic_lr)):
+        opt = torch.optim.Adam(params, lr=lr)
+        grads = torch.autograd.grad(loss, params, retain_graph=True)
+        for p_, g in zip(params, grads):
+            p_.grad = g
+        opt.step()
+    for (name, p1), p2 in zip(agent.named_parameters(), ref.parameters()):
+        if not name.startswith("q_target"):
+            torch.testing.assert_close(p1, p2, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_every_parameter_changes():
+    args = make_args(hidden_dim=16, q_layers=2, cql_n_actions=3, cql_lagrange=True)
+    agent = m.Agent(4, 2, args, 1.0)
+    before = {k: v.clone() for k, v in agent.state_dict().items()}
+    m.calql_update(agent, m.make_optimizers(agent, args), random_batch(), args, True, 5.0)
+    for k, v in agent.state_dict().items():
+        assert not torch.equal(before[k], v), f"{k} did not change"
+
+
+def test_online_calibration_hook_writes_mc_returns():
+    args = make_args(calibration_online=True)
+    buf = m.ReplayBuffer(2, 1, 10, torch.device("cpu"), extra=m.BUFFER_EXTRA)
+    for rew in (-5.0, -5.0, 5.0):
+        buf.add(np.zeros(2, np.float32), np.zeros(1, np.float32), rew, np.zeros(2, np.float32), 0.0)
+    assert torch.all(torch.isinf(buf.data["mc_returns"][:3]))  # unfinished episode: no bound
+    m.episode_done(buf, torch.arange(0, 3), args, {"reward_bias": -5.0})
+    np.testing.assert_allclose(buf.data["mc_returns"][:3].numpy(), slow_mc([-5.0, -5.0, 5.0], [0, 0, 1], 0.99),
+                               rtol=1e-6)
+    off = make_args()  # CORL's default: calibration off online, so nothing is written
+    buf2 = m.ReplayBuffer(2, 1, 10, torch.device("cpu"), extra=m.BUFFER_EXTRA)
+    buf2.add(np.zeros(2, np.float32), np.zeros(1, np.float32), -5.0, np.zeros(2, np.float32), 0.0)
+    m.episode_done(buf2, torch.arange(0, 1), off, {"reward_bias": -5.0})
+    assert torch.isinf(buf2.data["mc_returns"][0])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Script runs
+# ---------------------------------------------------------------------------------------------------------------
+CALQL_SMOKE = [*SMOKE, "--q-layers", "2", "--cql-n-actions", "4"]
+
+
+def test_smoke_run_reaches_every_stage(tiny_pointmaze, tmp_path):  # noqa: F811
+    out = tmp_path / "run"
+    p = run_script(["edis_calql.py", *CALQL_SMOKE, "--output-dir", str(out)], tiny_pointmaze, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["updates"] == 150 + 260 and summary["edis_retrains"] == 2
+    scalars = read_scalars(str(out))
+    for tag in ("losses/td_loss", "losses/cql_loss", "losses/alpha", "losses/alpha_prime",
+                "losses/calibration_bound_rate", "eval/normalized_score", "edis/diffusion_loss",
+                "edis/energy_loss_policy", "charts/synthetic_fraction"):
+        assert tag in scalars, tag
+    assert scalars["charts/synthetic_fraction"][-1] == pytest.approx(0.5)
+
+
+def test_no_edis_and_resume_extend(tiny_pointmaze, tmp_path):  # noqa: F811
+    out = tmp_path / "run"
+    p = run_script(["edis_calql.py", *CALQL_SMOKE, "--no-edis", "--online-steps", "100", "--output-dir", str(out)],
+                   tiny_pointmaze, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads((out / "summary.json").read_text())["updates"] == 250
+    p = run_script(["edis_calql.py", "--resume", str(out), "--online-steps", "160", "--calibration-online"],
+                   tiny_pointmaze, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"resumed {out} at step 250" in p.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["updates"] == 310 and summary["online_env_steps"] == 160

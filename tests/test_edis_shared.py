@@ -1,0 +1,42 @@
+"""The blocks edis_iql.py and edis_calql.py share on purpose (marked `# >>> shared:NAME` ... `# <<< shared:NAME`) must
+stay textually identical, so each file works alone and `diff edis_iql.py edis_calql.py` shows only the algorithm."""
+
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+EXPECTED = {"args_common", "presets_device", "buffers", "networks", "edis", "eval", "checkpoint", "main"}
+
+
+def shared_blocks(path: Path) -> dict:
+    text = path.read_text()
+    blocks, open_name, lines = {}, None, []
+    for line in text.splitlines():
+        m = re.fullmatch(r"# (>>>|<<<) shared:(\w+)", line.strip())
+        if m and m.group(1) == ">>>":
+            assert open_name is None, f"{path.name}: block {m.group(2)} opened inside {open_name}"
+            open_name, lines = m.group(2), []
+        elif m:
+            assert m.group(2) == open_name, f"{path.name}: block {m.group(2)} closed while {open_name} is open"
+            assert open_name not in blocks, f"{path.name}: block {open_name} defined twice"
+            blocks[open_name], open_name = "\n".join(lines), None
+        elif open_name is not None:
+            lines.append(line)
+    assert open_name is None, f"{path.name}: block {open_name} never closed"
+    return blocks
+
+
+def test_shared_blocks_identical():
+    iql, calql = shared_blocks(REPO / "edis_iql.py"), shared_blocks(REPO / "edis_calql.py")
+    assert set(iql) == EXPECTED and set(calql) == EXPECTED
+    for name in sorted(EXPECTED):
+        assert iql[name] == calql[name], f"shared block {name!r} differs between edis_iql.py and edis_calql.py"
+        assert len(iql[name].splitlines()) > 5
+
+
+def test_drift_is_detected(tmp_path):
+    """The checker itself: a one-character change inside a block is reported."""
+    src = (REPO / "edis_calql.py").read_text().replace("def rng_state() -> dict:", "def rng_state()  -> dict:")
+    changed = tmp_path / "edis_calql.py"
+    changed.write_text(src)
+    assert shared_blocks(REPO / "edis_iql.py")["checkpoint"] != shared_blocks(changed)["checkpoint"]
