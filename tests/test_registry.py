@@ -75,8 +75,8 @@ def test_antmaze_eval_env_ends_at_goal_with_reward_one():
         inner = env.unwrapped
         goals.add(tuple(np.round(inner.maze.cell_xy_to_rowcol(inner.goal))))
         start_cell = tuple(inner.maze.cell_xy_to_rowcol(obs[:2]))
-        assert start_cell == (1, 3)  # the fixed "r" cell of the eval map
-    assert goals == {(3, 3)}  # the fixed "g" cell
+        assert start_cell == (3, 1)  # the fixed "r" cell: one end of the U
+    assert goals == {(1, 1)}  # the fixed "g" cell: the other end
     # Teleport the ant onto the goal: one step must give reward 1, terminated, success.
     ant = inner.ant_env
     qpos, qvel = ant.data.qpos.copy(), ant.data.qvel.copy()
@@ -101,3 +101,18 @@ def test_pointmaze_eval_env_fixed_goal_does_not_terminate():
     obs, r, terminated, truncated, info = env.step(np.zeros(2, dtype=np.float32))
     assert r == 1.0 and info["success"] and not terminated  # reward accumulates, as in maze2d
     env.close()
+
+
+def test_eval_maps_keep_the_dataset_layouts():
+    """The eval maps only mark start/goal cells: walls are exactly those of the envs the data was collected in."""
+    import gymnasium as gym
+
+    from utils.offline_data import register_envs
+
+    register_envs()
+    for name in ("antmaze-umaze", "antmaze-medium-play", "antmaze-large-diverse", "pointmaze-umaze",
+                 "pointmaze-medium", "pointmaze-large"):
+        task = get_task(name)
+        default = gym.spec(task.env_id).kwargs["maze_map"]
+        walls = lambda mm: [[c == 1 for c in row] for row in mm]  # noqa: E731
+        assert walls(task.env_kwargs["maze_map"]) == walls(default), name

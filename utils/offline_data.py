@@ -41,74 +41,54 @@ from utils.common import UserError
 # ---------------------------------------------------------------------------------------------------------------
 R, G = "r", "g"  # gymnasium-robotics maze-map markers: reset cell, goal cell
 
-# AntMaze evaluation maps (row, col layout as in gymnasium-robotics): a fixed start "r" and goal "g", exactly the
-# maps Minari stores as each AntMaze dataset's `eval_env_spec` (Farama minari-dataset-generation-scripts,
-# scripts/antmaze/create_antmaze_dataset.py). Used with continuing_task=False so an episode ends at the goal and
-# the D4RL normalized score is 100 x success rate, as with D4RL's eval=True AntMaze envs.
-ANTMAZE_EVAL_MAPS = {
-    "umaze": [
-        [1, 1, 1, 1, 1],
-        [1, 0, 0, R, 1],
-        [1, 0, 1, 1, 1],
-        [1, 0, 0, G, 1],
-        [1, 1, 1, 1, 1],
-    ],
-    "medium": [
-        [1, 1, 1, 1, 1, 1, 1, 1],
-        [1, R, 0, 1, 1, 0, 0, 1],
-        [1, 0, 0, 1, 0, 0, 0, 1],
-        [1, 1, 0, 0, 0, 1, 1, 1],
-        [1, 0, 0, 1, 0, 0, 0, 1],
-        [1, 0, 1, 0, 0, 1, 0, 1],
-        [1, 0, 0, 0, 1, 0, G, 1],
-        [1, 1, 1, 1, 1, 1, 1, 1],
-    ],
-    "large": [
-        [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1],
-        [1, R, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1],
-        [1, 0, 1, 1, 0, 1, 0, 1, 0, 1, 0, 1],
-        [1, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1],
-        [1, 0, 1, 1, 1, 1, 0, 1, 1, 1, 0, 1],
-        [1, 0, 0, 1, 0, 1, 0, 0, 0, 0, 0, 1],
-        [1, 1, 0, 1, 0, 1, 0, 1, 0, 1, 1, 1],
-        [1, 0, 0, 1, 0, 0, 0, 1, 0, G, 0, 1],
-        [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1],
-    ],
+# The maze layouts of gymnasium-robotics (envs/maze/maps.py: U_MAZE, MEDIUM_MAZE, LARGE_MAZE; 1 = wall), which are
+# D4RL's, row by row.
+MAZES = {
+    "umaze": ["11111",
+              "10001",
+              "11101",
+              "10001",
+              "11111"],
+    "medium": ["11111111",
+               "10011001",
+               "10010001",
+               "11000111",
+               "10010001",
+               "10100101",
+               "10001001",
+               "11111111"],
+    "large": ["111111111111",
+              "100001000001",
+              "101101010101",
+              "100000010001",
+              "101111011101",
+              "100101000001",
+              "110101010111",
+              "100100010001",
+              "111111111111"],
 }
 
-# PointMaze evaluation maps: D4RL maze2d's protocol (fixed goal cell "g" as in d4rl/pointmaze/maze_model.py,
-# random start cell, the goal does not move and the episode does not end at the goal, so reward accumulates over
-# the 300/600/800-step horizon and the D4RL maze2d reference scores apply, approximately: see docs/data.md).
-POINTMAZE_EVAL_MAPS = {
-    "umaze": [
-        [1, 1, 1, 1, 1],
-        [1, G, 0, 0, 1],
-        [1, 1, 1, 0, 1],
-        [1, 0, 0, 0, 1],
-        [1, 1, 1, 1, 1],
-    ],
-    "medium": [
-        [1, 1, 1, 1, 1, 1, 1, 1],
-        [1, 0, 0, 1, 1, 0, 0, 1],
-        [1, 0, 0, 1, 0, 0, 0, 1],
-        [1, 1, 0, 0, 0, 1, 1, 1],
-        [1, 0, 0, 1, 0, 0, 0, 1],
-        [1, 0, 1, 0, 0, 1, 0, 1],
-        [1, 0, 0, 0, 1, 0, G, 1],
-        [1, 1, 1, 1, 1, 1, 1, 1],
-    ],
-    "large": [
-        [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1],
-        [1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1],
-        [1, 0, 1, 1, 0, 1, 0, 1, 0, 1, 0, 1],
-        [1, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1],
-        [1, 0, 1, 1, 1, 1, 0, 1, 1, 1, 0, 1],
-        [1, 0, 0, 1, 0, 1, 0, 0, 0, 0, 0, 1],
-        [1, 1, 0, 1, 0, 1, 0, 1, 0, 1, 1, 1],
-        [1, 0, 0, 1, 0, 0, 0, 1, 0, G, 0, 1],
-        [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1],
-    ],
-}
+
+def maze_map(maze: str, reset: Optional[tuple] = None, goal: Optional[tuple] = None) -> list:
+    """A gymnasium-robotics ``maze_map`` of ``maze`` with an optional fixed reset cell "r" and goal cell "g"."""
+    rows = [[int(c) for c in row] for row in MAZES[maze]]
+    for cell, mark in ((reset, R), (goal, G)):
+        if cell is not None:
+            assert rows[cell[0]][cell[1]] == 0, f"{maze}: cell {cell} is a wall"
+            rows[cell[0]][cell[1]] = mark
+    return rows
+
+
+# AntMaze evaluation: a fixed start "r" and goal "g" at the two ends of the maze, D4RL's antmaze tasks (umaze: around
+# the U, as Minari's umaze collection map; medium (1,1) -> (6,6) and large (1,1) -> (7,9), as Minari's
+# eval_env_spec), with continuing_task=False so an episode ends at the goal and the D4RL normalized score is
+# 100 x success rate, as with D4RL's eval=True AntMaze envs.
+ANTMAZE_EVAL_CELLS = {"umaze": ((3, 1), (1, 1)), "medium": ((1, 1), (6, 6)), "large": ((1, 1), (7, 9))}
+# PointMaze evaluation: D4RL maze2d's protocol, a fixed goal cell (d4rl/pointmaze/maze_model.py) and a random start
+# cell; the goal does not move and the episode does not end there, so reward accumulates over the 300/600/800-step
+# horizon and the D4RL maze2d reference scores apply, approximately (see docs/data.md).
+POINTMAZE_GOAL_CELLS = {"umaze": (1, 1), "medium": (6, 6), "large": (7, 9)}
+
 
 # D4RL reference returns, copied from d4rl/infos.py (REF_MIN_SCORE / REF_MAX_SCORE). Normalized score =
 # 100 * (R - min) / (max - min) with R the undiscounted return of one evaluation episode.
@@ -186,7 +166,8 @@ def _build_registry() -> dict:
             family="antmaze",
             minari_id=f"D4RL/antmaze/{ds}-v1",
             env_id=env_id,
-            env_kwargs=dict(maze_map=ANTMAZE_EVAL_MAPS[maze], continuing_task=False, reset_target=False),
+            env_kwargs=dict(maze_map=maze_map(maze, *ANTMAZE_EVAL_CELLS[maze]), continuing_task=False,
+                            reset_target=False),
             max_episode_steps=horizon,
             ref_min_score=D4RL_REF_SCORES["antmaze"][0],
             ref_max_score=D4RL_REF_SCORES["antmaze"][1],
@@ -235,7 +216,8 @@ def _build_registry() -> dict:
                 family="pointmaze",
                 minari_id=f"D4RL/pointmaze/{maze}{sfx}-v2",
                 env_id=f"PointMaze_{env_maze}{'Dense' if dense else ''}-v3",
-                env_kwargs=dict(maze_map=POINTMAZE_EVAL_MAPS[maze], continuing_task=True, reset_target=False),
+                env_kwargs=dict(maze_map=maze_map(maze, goal=POINTMAZE_GOAL_CELLS[maze]), continuing_task=True,
+                                reset_target=False),
                 max_episode_steps=horizon,
                 ref_min_score=D4RL_REF_SCORES[f"maze2d-{maze}{sfx}"][0],
                 ref_max_score=D4RL_REF_SCORES[f"maze2d-{maze}{sfx}"][1],
