@@ -38,7 +38,9 @@ def main() -> None:
 
     task = get_task("antmaze-large")
     dev = torch.device(a.device)
-    args = mod.apply_presets(mod.Args(env=task.name, offline_steps=10**6, online_steps=0), task, dev)
+    sizes = {"q_layers": 5, "cql_n_actions": 10} if a.algo == "calql" else {}  # AntMaze sizes, not the CPU preset's
+    args = mod.apply_presets(mod.Args(env=task.name, offline_steps=10**6, online_steps=0, bf16=a.bf16, **sizes), task,
+                             dev)
     obs_dim, act_dim, n = 29, 8, 100_000
     gen = torch.Generator(device=dev)
     gen.manual_seed(0)
