@@ -1,0 +1,133 @@
+"""utils/llm_task.py: verifier reward, built-in task, prompt datasets and the built-in model."""
+
+import json
+import re
+import time
+
+import pytest
+
+from utils.common import UserError
+from utils.llm_task import (
+    builtin_split,
+    build_builtin_model,
+    format_prompt,
+    last_boxed,
+    load_prompts,
+    math_reward,
+)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("so \\boxed{72}.", "72"),
+    ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),  # nested braces
+    ("\\boxed{\\sqrt{\\frac{a}{b}}} done", "\\sqrt{\\frac{a}{b}}"),
+    ("first \\boxed{2} then \\boxed{3}", "3"),  # several boxes: the last one
+    ("the answer is 72", None),  # no box
+    ("\\boxed{1} and then \\boxed{2", None),  # the last box is never closed: no answer
+    ("\\boxed{" + "9" * 10000 + "}", "9" * 10000),  # huge numbers
+    ("", None),
+])
+def test_last_boxed(text, expected):
+    assert last_boxed(text) == expected
+
+
+@pytest.mark.parametrize("completion, gold, reward", [
+    ("12+5=17. The answer is \\boxed{17}.", "17", 1.0),
+    ("\\boxed{16}", "17", 0.0),
+    ("\\boxed{0.5}", "\\frac{1}{2}", 1.0),
+    ("\\boxed{\\frac{1}{2}}", "0.5", 1.0),
+    ("\\boxed{1,234}", "1234", 1.0),
+    ("the answer is 72", "72", 0.0),  # math-verify alone would accept this unboxed answer; we require a box
+    ("\\boxed{2} then \\boxed{3}", "3", 1.0),
+    ("\\boxed{17", "17", 0.0),
+    ("\\boxed{}", "17", 0.0),
+    ("\\boxed{" + "9" * 5000 + "}", "1", 0.0),
+])
+def test_math_reward(completion, gold, reward):
+    t0 = time.time()
+    assert math_reward(completion, gold) == reward
+    assert time.time() - t0 < 3
+
+
+def test_math_reward_hard_time_limit(monkeypatch):
+    import math_verify
+
+    def hang(*a, **k):
+        time.sleep(30)
+
+    monkeypatch.setattr(math_verify, "verify", hang)
+    t0 = time.time()
+    assert math_reward("\\boxed{17}", "17", timeout=0.5) == 0.0
+    assert time.time() - t0 < 3
+
+
+def test_builtin_task_is_deterministic_correct_and_disjoint():
+    train, evals = builtin_split("train", 2000, 0), builtin_split("eval", 256, 0)
+    assert train == builtin_split("train", 2000, 0) and train != builtin_split("train", 2000, 1)
+    assert not {p["question"] for p in evals} & {p["question"] for p in train}
+    for p in train[:500]:  # the chain of thought computes the answer, step by step
+        steps = re.findall(r"(\d+)([+\-*])(\d+)=(\d+)\.", p["solution"])
+        assert steps and steps[-1][3] == p["answer"]
+        for a, op, b, c in steps:
+            assert {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op] == int(c)
+        assert 1 <= int(p["answer"]) <= 999
+
+
+def test_load_prompts_local_files(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps({"problem": f"q{i}", "solution": f"work #### {i}"}) for i in range(5)))
+    rows = load_prompts(str(path), "train", "problem", "solution")
+    assert rows[3] == {"question": "q3", "answer": "work #### 3"}
+    gsm = tmp_path / "gsm.jsonl"
+    gsm.write_text(json.dumps({"question": "q", "answer": "2+2=4 #### 1,234"}))
+    assert load_prompts(str(gsm), "train")[0]["answer"] == "1234"  # GSM8K's final-answer convention
+    with pytest.raises(UserError, match="no field"):
+        load_prompts(str(path), "train")
+    with pytest.raises(UserError, match=".jsonl"):
+        (tmp_path / "x.csv").write_text("a")
+        load_prompts(str(tmp_path / "x.csv"), "train")
+
+
+def test_hub_dataset_offline_fails_fast(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t0 = time.time()
+    with pytest.raises(UserError, match="openai/gsm8k"):
+        load_prompts("openai/gsm8k", "train", config="main")
+    assert time.time() - t0 < 10
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """The built-in model recipe at test size: xs Qwen2, 40 noisy SFT steps (seconds)."""
+    return build_builtin_model(str(tmp_path_factory.mktemp("llm") / "tiny"), size="xs", sft_steps=40,
+                               log=lambda s: None)
+
+
+def test_builtin_model_loads_with_plain_transformers(tiny_model_dir, tmp_path):
+    import torch
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert type(model).__name__ == "Qwen2ForCausalLM" and tok.padding_side == "left"
+    assert tok.pad_token_id != tok.eos_token_id
+    text = "héllo wörld 日本 \\frac{1}{2} 12345"
+    assert tok.decode(tok(text).input_ids) == text  # byte-level: any UTF-8 round-trips
+    assert [tok.decode([t]) for t in tok("12345").input_ids] == list("12345")  # one token per digit (Qwen2 regex)
+    again = build_builtin_model(str(tmp_path / "again"), size="xs", sft_steps=40, log=lambda s: None)
+    m2 = transformers.AutoModelForCausalLM.from_pretrained(again)
+    for (k, a), b in zip(model.state_dict().items(), m2.state_dict().values()):
+        assert torch.equal(a, b), k  # rebuilt deterministically from the seed
+
+
+def test_format_prompt_plain_and_chat(tiny_model_dir):
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert format_prompt(tok, "What is 1+1?", "plain") == "Question: What is 1+1?\nAnswer:"
+    assert format_prompt(tok, "Q", "r1").endswith("output the final answer within \\boxed{}.")
+    tok.chat_template = "{% for m in messages %}<{{m.role}}>{{m.content}}{% endfor %}<assistant>"
+    assert format_prompt(tok, "Q", "r1", system="S") == (
+        "<system>S<user>Q Let's think step by step and output the final answer within \\boxed{}.<assistant>")
+    with pytest.raises(UserError):
+        format_prompt(tok, "Q", "nope")

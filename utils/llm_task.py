@@ -1,0 +1,351 @@
+"""LLM task layer shared by ``grpo_llm.py`` and ``reval_llm.py``: prompt datasets and templates, the verifier
+reward, and the built-in offline task and base model used on CPU and in tests.
+
+Public API
+----------
+``load_prompts(name, split, ...)``  -> list of ``{"question", "answer"}`` (built-in task, local JSONL/parquet, Hub id)
+``format_prompt(tokenizer, q, template)`` -> the prompt string (chat template when the tokenizer has one)
+``last_boxed(text)``                -> the content of the last ``\\boxed{...}`` (nested braces), or None
+``math_reward(completion, gold)``   -> 1.0 / 0.0 with math-verify (gold first) under a hard time limit
+``ensure_builtin_model(...)``       -> path of the built-in tiny Qwen2 model (built once, cached, deterministic)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from typing import Callable, Optional
+
+from utils.common import UserError
+
+# ---------------------------------------------------------------------------------------------------------------
+# Built-in task: seeded GSM8K-style word problems with a short chain of thought and a \boxed{} answer
+# ---------------------------------------------------------------------------------------------------------------
+BUILTIN = "builtin"  # --dataset value of the built-in task
+NAMES = ["Leo", "Mia", "Sam", "Ava", "Noah", "Zoe", "Eli", "Ivy", "Max", "Lily", "Ben", "Ruby"]
+ITEMS = ["cookies", "apples", "marbles", "stickers", "books", "coins", "pencils", "cards", "shells", "stamps"]
+
+
+def make_problem(rng: random.Random, max_num: int = 50, max_steps: int = 3) -> dict:
+    """One problem: a start value, then 1..max_steps of +b, -b or *b (values stay in 1..999)."""
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    value = rng.randint(2, max_num)
+    sentences, cot = [f"{name} has {value} {item}."], []
+    for _ in range(rng.randint(1, max_steps)):
+        op = rng.choice(["+", "-", "*"])
+        if op == "*" and value * 4 <= 999:
+            b = rng.randint(2, 4)
+            sentences.append(f"{name}'s amount of {item} is multiplied by {b}.")
+            new = value * b
+        elif op == "-" and value > 2:
+            b = rng.randint(1, value - 1)
+            sentences.append(f"{name} gives away {b} {item}.")
+            new = value - b
+        else:
+            b = rng.randint(1, max_num)
+            if value + b > 999:
+                continue
+            sentences.append(f"{name} gets {b} more {item}.")
+            op, new = "+", value + b
+        cot.append(f"{value}{op}{b}={new}.")
+        value = new
+    question = " ".join(sentences) + f" How many {item} does {name} have now?"
+    return {"question": question, "answer": str(value), "solution": " ".join(cot)}
+
+
+def builtin_split(split: str, n: int, seed: int = 0) -> list:
+    """Deterministic train/eval splits; eval questions never appear in train (train skips them)."""
+    eval_rng = random.Random(f"eval-{seed}")
+    eval_set = [make_problem(eval_rng) for _ in range(512)]
+    if split != "train":
+        return eval_set[:n]
+    held_out = {p["question"] for p in eval_set}
+    rng, out = random.Random(f"train-{seed}"), []
+    while len(out) < n:
+        p = make_problem(rng)
+        if p["question"] not in held_out:
+            out.append(p)
+    return out
+
+
+def completion_text(solution: str, answer: str) -> str:
+    """The built-in model's answer format (after the prompt "Question: ...\\nAnswer:")."""
+    return f" {solution} The answer is \\boxed{{{answer}}}."
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prompt datasets and templates
+# ---------------------------------------------------------------------------------------------------------------
+TEMPLATES = {
+    # what the built-in model was warmed up on
+    "plain": "Question: {question}\nAnswer:",
+    # ReVal App. F, DeepSeek-R1-Distill user turn (also the user turn of the Qwen2.5-Math template)
+    "r1": "{question} Let's think step by step and output the final answer within \\boxed{{}}.",
+}
+QWEN_MATH_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+def format_prompt(tokenizer, question: str, template: str, system: Optional[str] = None) -> str:
+    """The prompt text; with a chat template (real instruct/distilled models) the user turn goes through it."""
+    if template not in TEMPLATES:
+        raise UserError(f"unknown --prompt-template {template!r}; choose one of {', '.join(TEMPLATES)}")
+    text = TEMPLATES[template].format(question=question)
+    if template != "plain" and getattr(tokenizer, "chat_template", None):
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return text
+
+
+def _read_local(path: str) -> list:
+    if path.endswith((".jsonl", ".json")):
+        with open(path) as f:
+            if path.endswith(".jsonl"):
+                return [json.loads(line) for line in f if line.strip()]
+            data = json.load(f)
+            return data if isinstance(data, list) else data.get("data", [])
+    if path.endswith(".parquet"):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise UserError("reading parquet needs pyarrow: pip install pyarrow") from None
+        return pq.read_table(path).to_pylist()
+    raise UserError(f"--dataset {path!r}: local files must be .jsonl, .json or .parquet")
+
+
+def _load_hub(name: str, split: str, config: Optional[str]) -> list:
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on") or os.environ.get(
+            "HF_DATASETS_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        cached_only = True
+    else:
+        from utils.offline_data import network_available
+
+        cached_only = not network_available("huggingface.co")
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(f"cannot load dataset {name!r}: Hugging Face dataset ids need `pip install datasets` "
+                        f"(or use --dataset builtin, or a local .jsonl file)") from None
+    if cached_only:  # fail in seconds, not after ~23 s of retries per file
+        os.environ["HF_DATASETS_OFFLINE"] = "1"
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        return list(datasets.load_dataset(name, config, split=split))
+    except Exception as e:  # noqa: BLE001 (datasets raises many types for a missing dataset or split)
+        where = "and there is no network (or HF_HUB_OFFLINE is set)" if cached_only else "from the Hub"
+        raise UserError(f"cannot load dataset {name!r} split {split!r} {where}: {type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}. Use --dataset builtin or a local .jsonl "
+                        f"file with question/answer fields.") from None
+
+
+def load_prompts(name: str, split: str, question_field: str = "question", answer_field: str = "answer",
+                 n: Optional[int] = None, config: Optional[str] = None, seed: int = 0) -> list:
+    """``[{"question": str, "answer": str}, ...]`` from the built-in task, a local file, or a Hub dataset id."""
+    if name == BUILTIN:
+        return [{"question": p["question"], "answer": p["answer"]}
+                for p in builtin_split(split, n or (20_000 if split == "train" else 256), seed)]
+    looks_local = name.startswith(("/", "./", "../", "~")) or name.endswith((".jsonl", ".json", ".parquet", ".csv"))
+    if looks_local and not os.path.exists(os.path.expanduser(name)):
+        raise UserError(f"cannot load dataset {name!r}: no such file")
+    rows = _read_local(os.path.expanduser(name)) if looks_local else _load_hub(name, split, config)
+    if not rows:
+        raise UserError(f"--dataset {name!r} ({split}) is empty")
+    missing = [f for f in (question_field, answer_field) if f not in rows[0]]
+    if missing:
+        raise UserError(f"--dataset {name!r} has no field(s) {missing}; it has {sorted(rows[0])}. Set "
+                        f"--question-field/--answer-field")
+    out = [{"question": str(r[question_field]), "answer": str(r[answer_field])} for r in rows]
+    if answer_field == "answer" and "####" in out[0]["answer"]:  # GSM8K: "<solution> #### 72"
+        for r in out:
+            r["answer"] = r["answer"].split("####")[-1].strip().replace(",", "")
+    return out[:n] if n else out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Verifier reward
+# ---------------------------------------------------------------------------------------------------------------
+def last_boxed(text: str) -> Optional[str]:
+    """Content of the last ``\\boxed{...}`` in ``text`` (braces nested to any depth); None when there is none or the
+    last one is never closed."""
+    start = text.rfind("\\boxed{")
+    while start != -1:
+        depth, i = 0, start + len("\\boxed")
+        for j in range(i, len(text)):
+            if text[j] == "{":
+                depth += 1
+            elif text[j] == "}":
+                depth -= 1
+                if depth == 0:
+                    return text[i + 1:j]
+        return None  # the last \boxed{ is unclosed: no answer
+    return None
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """Raise TimeoutError after ``seconds`` (SIGALRM; main thread only, elsewhere no limit can be imposed)."""
+    if seconds is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise TimeoutError
+
+    old = signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def math_reward(completion: str, gold: str, timeout: float = 2.0) -> float:
+    """1.0 if the last ``\\boxed{}`` of ``completion`` is mathematically equal to ``gold``, else 0.0.
+
+    No box, an unclosed box, a parse failure or a verification that takes longer than ``timeout`` seconds all give 0.
+    math-verify is called as ``verify(parse(gold), parse(pred))`` (gold first) on the extracted box only, so its
+    lenient unanchored extraction ("the answer is 72" without a box) does not apply; its own alarm-based timeouts are
+    disabled (they raise outside the main thread) and our hard limit wraps the whole call instead.
+    """
+    boxed = last_boxed(completion)
+    if boxed is None or not boxed.strip():
+        return 0.0
+    import logging
+
+    from math_verify import parse, verify
+
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # it warns on every call that its own timeouts are off
+
+    try:
+        with time_limit(timeout):
+            g = parse(gold if "\\boxed" in gold or "$" in gold else f"${gold}$", parsing_timeout=None)
+            p = parse(f"\\boxed{{{boxed}}}", parsing_timeout=None)
+            return 1.0 if (g and p and verify(g, p, timeout_seconds=None)) else 0.0
+    except (TimeoutError, Exception):  # noqa: BLE001 (any verifier failure is a wrong answer, never a crash)
+        return 0.0
+
+
+def has_format(completion: str) -> bool:
+    """Format check: the completion ends its reasoning with a closed ``\\boxed{}`` answer."""
+    return last_boxed(completion) is not None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Built-in base model: a tiny Qwen2 with a locally trained byte-level BPE tokenizer, warmed up by noisy SFT
+# ---------------------------------------------------------------------------------------------------------------
+# Qwen2's pre-tokenizer split pattern: every digit is its own token, as in Qwen.
+QWEN2_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                 r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+MODEL_SIZES = {  # hidden, layers, heads, kv heads, ffn (llm_offline.md section 3)
+    "xs": (64, 2, 4, 2, 256),  # 0.15 M parameters: tests
+    "s": (128, 4, 4, 2, 512),  # 1.04 M parameters: the default
+}
+BUILTIN_VERSION = 1
+
+
+def train_tokenizer(texts: list):
+    import transformers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_PATTERN), "isolated"),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>", "<|pad|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(texts, trainer)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", pad_token="<|pad|>",
+                                                padding_side="left")
+
+
+def noisy_completion(p: dict, rng: random.Random, noise: float) -> str:
+    """With probability ``noise`` the demo boxes a wrong answer (off by 1..10) after a correct chain of thought: a
+    behavioural error that a verifiable reward can remove (llm_offline.md section 4)."""
+    answer = int(p["answer"])
+    if rng.random() < noise:
+        answer = max(0, answer + rng.choice([-1, 1]) * rng.randint(1, 10))
+    return completion_text(p["solution"], str(answer))
+
+
+def build_builtin_model(out_dir: str, seed: int = 0, size: str = "s", sft_steps: int = 800, noise: float = 0.5,
+                        batch_size: int = 64, lr: float = 3e-3, log: Callable[[str], None] = print) -> str:
+    """Train the tokenizer, build the Qwen2 model and run the noisy SFT warm-up; save atomically to ``out_dir``."""
+    import torch
+    import transformers
+
+    t0 = time.time()
+    rng = random.Random(f"sft-{seed}")
+    problems = builtin_split("train", 20_000, seed)
+    texts = [TEMPLATES["plain"].format(question=p["question"]) + noisy_completion(p, rng, noise) for p in problems]
+    tok = train_tokenizer(texts[:4000])
+    h, layers, heads, kv, ffn = MODEL_SIZES[size]
+    cfg = transformers.Qwen2Config(
+        vocab_size=len(tok), hidden_size=h, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv, intermediate_size=ffn, max_position_embeddings=512, tie_word_embeddings=True,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.eos_token_id)
+    torch.manual_seed(seed)
+    model = transformers.Qwen2ForCausalLM(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    warmup = min(50, max(sft_steps // 10, 1))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * (
+        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s / max(sft_steps, 1), 1.0)))))
+    prompts = [TEMPLATES["plain"].format(question=p["question"]) for p in problems]
+    tok.padding_side = "right"
+    model.train()
+    for step in range(sft_steps):
+        idx = [rng.randrange(len(texts)) for _ in range(batch_size)]
+        enc = tok([texts[i] + tok.eos_token for i in idx], return_tensors="pt", padding=True)
+        labels = enc.input_ids.clone()
+        labels[enc.attention_mask == 0] = -100
+        for row, i in enumerate(idx):  # completion-only loss: mask the prompt tokens
+            labels[row, : len(tok(prompts[i]).input_ids)] = -100
+        loss = model(**enc, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if (step + 1) % 100 == 0:
+            log(f"built-in model SFT step {step + 1}/{sft_steps}: loss {loss.item():.3f} ({time.time() - t0:.0f}s)")
+    tok.padding_side = "left"
+    model.generation_config.pad_token_id = tok.pad_token_id
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".building-")
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        with open(os.path.join(tmp, "builtin.json"), "w") as f:
+            json.dump({"seed": seed, "size": size, "sft_steps": sft_steps, "noise": noise,
+                       "version": BUILTIN_VERSION}, f)
+        if os.path.exists(out_dir):  # built meanwhile by another process: keep that one
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"built-in model ready at {out_dir} ({time.time() - t0:.0f}s)")
+    return out_dir
+
+
+def cache_root() -> str:
+    return os.environ.get("REFERENCE_RL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "reference-rl")
+
+
+def ensure_builtin_model(seed: int = 0, size: str = "s", sft_steps: int = 800, log: Callable[[str], None] = print
+                         ) -> str:
+    """Path of the built-in model for these settings, building it once (about 4 minutes on 2 CPU cores)."""
+    out = os.path.join(cache_root(), f"tiny-qwen2-{size}-sft{sft_steps}-seed{seed}-v{BUILTIN_VERSION}")
+    if os.path.isfile(os.path.join(out, "builtin.json")):
+        return out
+    log(f"building the built-in base model (tokenizer, {size} Qwen2, {sft_steps} noisy SFT steps) into {out} ...")
+    return build_builtin_model(out, seed=seed, size=size, sft_steps=sft_steps, log=log)
