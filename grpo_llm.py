@@ -322,7 +322,9 @@ def loss_terms(model, mb: dict, args: Args, normalizer: torch.Tensor) -> tuple:
     with torch.no_grad():
         lp = log_probs.detach()
         entropy = -(lp.exp() * lp).sum(-1)
-        sums = torch.stack([(kl * mask).sum(), (clipped.float() * mask).sum(), (entropy * mask).sum(), mask.sum()])
+        tokens = mask.sum()
+        sums = torch.stack([(kl * mask).sum(), (clipped.float() * mask).sum(), (entropy * mask).sum(),
+                            tokens, tokens, tokens])  # values, then the count each is averaged over
     return loss, sums
 
 
@@ -336,7 +338,7 @@ def optimizer_step(model, opt, batch: dict, args: Args, world: int, amp) -> dict
     normalizer = all_reduce_sum(algo_normalizer(batch, args))
     opt.zero_grad(set_to_none=True)
     mbs = list(micro_batches(batch, args.micro_batch_size))
-    sums, total = None, 0.0
+    sums, total = None, torch.zeros((), device=normalizer.device)
     for i, mb in enumerate(mbs):
         sync = i == len(mbs) - 1 or not hasattr(model, "no_sync")
         ctx = model.no_sync() if not sync else _nullcontext()
@@ -344,13 +346,14 @@ def optimizer_step(model, opt, batch: dict, args: Args, world: int, amp) -> dict
             loss, s = loss_terms(model, mb, args, normalizer)
             (loss * world).backward()  # DDP averages gradients over ranks; the loss is already a global sum share
         sums = s if sums is None else sums + s
-        total += float(loss.detach())
+        total += loss.detach()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
     opt.step()
-    sums = all_reduce_sum(sums)
-    tokens = sums[-1].clamp(min=1)
-    out = {k: float(v / tokens) for k, v in zip(ALGO_METRICS, sums[:-1])}
-    out.update({"train/loss": total, "train/grad_norm": float(grad_norm)})
+    # metric i = (sum of its values) / (its count), summed over micro-batches and ranks; the loss over ranks too
+    sums = all_reduce_sum(torch.cat([sums, total.view(1)]))
+    n = len(ALGO_METRICS)
+    out = {k: float(sums[i] / sums[n + i].clamp(min=1)) for i, k in enumerate(ALGO_METRICS)}
+    out.update({"train/loss": float(sums[-1]), "train/grad_norm": float(grad_norm)})
     return out
 
 
@@ -384,6 +387,17 @@ def algo_state(args: Args) -> dict:
 
 def needs_reference(args: Args) -> bool:
     return args.beta > 0
+
+
+def algo_configure(args: Args, argv: Optional[list]) -> Args:
+    """Algorithm-specific flag checks before anything is loaded."""
+    if args.num_iterations < 1:
+        raise UserError(f"--num-iterations must be >= 1, got {args.num_iterations}")
+    return args
+
+
+def algo_resume(ref_model, state: dict) -> None:
+    """Restore algorithm state that lives outside the trainer state: nothing for GRPO (its reference never moves)."""
 
 
 # >>> shared:eval
@@ -481,7 +495,7 @@ class Logger:
 
 # >>> shared:main
 def main(argv: Optional[list] = None) -> None:
-    args = tyro.cli(Args, args=argv)
+    args = algo_configure(tyro.cli(Args, args=argv), argv)
     resume_dir = None
     if args.resume:  # the saved config, overridden by the flags given now
         resume_dir = find_checkpoint(args.resume)
@@ -492,7 +506,7 @@ def main(argv: Optional[list] = None) -> None:
     if args.prompts_per_round % world:
         raise UserError(f"--prompts-per-round {args.prompts_per_round} must be divisible by the {world} ranks")
     for name in ("total_rounds", "prompts_per_round", "group_size", "max_new_tokens", "micro_batch_size",
-                 "eval_every", "eval_prompts", "eval_batch_size", "checkpoint_every", "num_iterations"):
+                 "eval_every", "eval_prompts", "eval_batch_size", "checkpoint_every"):
         if getattr(args, name) < 1 and not (name == "total_rounds" and getattr(args, name) == 0):
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.bf16 is None:
@@ -543,6 +557,7 @@ def main(argv: Optional[list] = None) -> None:
         random.setstate(saved["rng"]["python"])
         np.random.set_state(saved["rng"]["numpy"])
         torch.set_rng_state(saved["rng"]["torch"])
+        algo_resume(ref_model, state)
         log(f"resumed {out_dir} at round {state['round']}")
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"

@@ -1,28 +1,747 @@
-"""reval_llm.py: ReVal: off-policy value-based RL for LLMs with a replay buffer (arXiv 2603.23355). Docs: docs/reval_llm.md.
-
-STATUS: not implemented yet (issue #6). Running it prints this and exits with status 3.
-"""
-
+# reval_llm.py: ReVal, off-policy value-based RL for LLMs with a replay buffer. Docs: docs/reval_llm.md
+#
+# ReVal: Wang et al. "Off-Policy Value-Based Reinforcement Learning for Large Language Models." arXiv 2603.23355.
+#   Logits are soft Q-values: Q_theta(s, a) = logits, V_theta(s) = logsumexp(logits), pi_theta = softmax(Q_theta).
+#   Loss (Eq. 2), per trajectory: ( V_theta(s_1) - V_ref(s_1) + log pi_theta(tau) - r / beta - log pi_ref(tau) )^2,
+#   the telescoped sum of per-token soft-Bellman residuals whose target mixes the reference model's stepwise signal
+#   Q_ref(s_h, a_h) - V_ref(s_{h+1}) with the verifier's outcome reward r / beta (Sec. 4.2).
+#   A FIFO replay buffer of M trajectories is reused: K updates per generation round (Algorithm 1, Eq. 3).
+#
+# Layout (identical in grpo_llm.py, so `diff grpo_llm.py reval_llm.py` shows only the algorithm):
+#   Args -> model/data setup -> rollouts -> rewards -> ALGO LOGIC: loss -> evaluation -> checkpoints -> main loop.
+# Blocks between `# >>> shared:NAME` and `# <<< shared:NAME` must stay textually identical in both LLM scripts.
+#
+# Scale beyond one device:  torchrun --nproc_per_node 8 reval_llm.py --model <hub id> ...
+# (each rank generates its share of the prompts, gradients are all-reduced, rank 0 logs and saves).
 from __future__ import annotations
 
 import dataclasses
-import sys
+import json
+import os
+import random
+import shutil
+import time
+from typing import Literal, Optional
 
+import numpy as np
+import torch
+import torch.distributed as dist
 import tyro
 
-from utils.common import run_cli
+from utils.common import UserError, atomic_write_bytes, run_cli, seed_everything
+from utils.llm_task import BUILTIN, QWEN_MATH_SYSTEM, ensure_builtin_model, format_prompt, has_format, load_prompts
+from utils.llm_task import math_reward
 
 
+# >>> shared:args_common
 @dataclasses.dataclass
 class Args:
+    # --- run -----------------------------------------------------------------------------------------------------
+    model: str = BUILTIN
+    """a Hugging Face model id or local directory (e.g. deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B); 'builtin' = the
+    built-in 1M-parameter Qwen2 warmed up on the built-in task (built once, about 4 minutes on 2 CPU cores, cached)"""
+    dataset: str = BUILTIN
+    """'builtin' (synthetic GSM8K-style word problems), a local .jsonl/.json/.parquet file, or a Hub dataset id
+    (e.g. openai/gsm8k with --dataset-config main)"""
+    dataset_config: Optional[str] = None
+    """Hub dataset configuration name"""
+    train_split: str = "train"
+    """split used for training prompts"""
+    eval_dataset: Optional[str] = None
+    """dataset for evaluation (default: --dataset)"""
+    eval_split: str = "test"
+    """split used for evaluation"""
+    question_field: str = "question"
+    """field holding the problem text"""
+    answer_field: str = "answer"
+    """field holding the gold answer (GSM8K's '#### 72' suffix is recognised)"""
+    prompt_template: Literal["auto", "plain", "r1"] = "auto"
+    """plain: 'Question: ...\\nAnswer:' (the built-in model's format); r1: ReVal App. F, '<question> Let's think step
+    by step and output the final answer within \\boxed{}.' through the tokenizer's chat template; auto: plain for the
+    built-in model, r1 otherwise"""
+    qwen_math_system: bool = False
+    """add the Qwen2.5-Math system prompt (ReVal App. F) before the r1 user turn"""
     seed: int = 1
-    """seed of the run"""
+    """seed of python, numpy, torch and the prompt order"""
+    device: str = "auto"
+    """auto (cuda when available, else cpu), cpu, cuda; under torchrun each rank takes cuda:<local rank>"""
+    bf16: Optional[bool] = None
+    """bfloat16 weights for generation and autocast for training (default: on for CUDA GPUs with bf16 support)"""
+    output_dir: Optional[str] = None
+    """TensorBoard logs, config.json, checkpoint/ and summary.json (default runs/<model>__<exp>__<seed>__<time>)"""
+    resume: Optional[str] = None
+    """the output dir of a stopped run: continue it (flags given now override the saved ones, e.g. --total-rounds)"""
+    track: bool = False
+    """also log to Weights & Biases (imported only then)"""
+    wandb_project_name: str = "reference-rl"
+    """W&B project (with --track)"""
+    wandb_entity: Optional[str] = None
+    """W&B entity (with --track)"""
+    # --- rollouts ------------------------------------------------------------------------------------------------
+    total_rounds: int = 200
+    """generation rounds (each: sample, score, update)"""
+    prompts_per_round: int = 16
+    """prompts per round, over all ranks (ReVal paper: 128)"""
+    group_size: int = 8
+    """completions sampled per prompt, N or G (ReVal paper: 8)"""
+    max_new_tokens: int = 48
+    """completion length limit (ReVal paper: 7168 for DeepSeek-R1-Distill-1.5B)"""
+    max_prompt_tokens: int = 1024
+    """prompts longer than this are truncated from the left"""
+    temperature: float = 1.0
+    """sampling temperature (top_k=0, top_p=1: the samples come from the policy itself)"""
+    reward_timeout: float = 2.0
+    """hard time limit in seconds of one math-verify check (a timeout scores 0)"""
+    # --- optimisation --------------------------------------------------------------------------------------------
+    learning_rate: Optional[float] = None
+    """AdamW learning rate (default: 5e-5 for the built-in model, 1e-6 otherwise as the ReVal paper)"""
+    weight_decay: float = 0.01
+    """AdamW weight decay (verl default)"""
+    max_grad_norm: float = 1.0
+    """gradient clipping"""
+    micro_batch_size: int = 32
+    """sequences per forward/backward (gradient accumulation inside one update)"""
+    # --- evaluation, logging, checkpoints ------------------------------------------------------------------------
+    eval_every: int = 25
+    """evaluate every this many rounds (and at the start and the end)"""
+    eval_prompts: int = 256
+    """held-out prompts per evaluation"""
+    eval_samples: int = 4
+    """k of mean@k sampled accuracy (0: greedy only)"""
+    eval_batch_size: int = 128
+    """prompts per generate call during evaluation"""
+    checkpoint_every: int = 50
+    """save checkpoint/ every this many rounds (atomically), and at the end"""
+# <<< shared:args_common
+    # --- ReVal -------------------------------------------------------------------------------------------------
+    preset: Literal["none", "paper-1.5b", "paper-7b"] = "none"
+    """the paper's settings (ReVal Sec. 5.1, App. A): model, DeepScaleR data, 128 prompts x 8, lr 1e-6, lengths, beta,
+    M, K, reward design and resets; flags given on the command line still override them"""
+    beta: Optional[float] = None
+    """reward scale: the verifier reward enters as r / beta (Eq. 2). Paper: 0.002 for DeepSeek-R1-Distill-1.5B (~5K-
+    token answers), 0.02 for Qwen2.5-Math-7B (~600); default 0.1 for the built-in model's ~30-token answers"""
+    updates_per_round: int = 2
+    """K: one update on the fresh rollouts, then K - 1 on uniform samples of the same size from the replay buffer"""
+    buffer_size: Optional[int] = None
+    """M: FIFO replay capacity in trajectories over all ranks (paper 5120; default 5 rounds of rollouts)"""
+    reward_mode: Literal["binary", "pm1", "group_mean"] = "group_mean"
+    """binary: r in {0, 1}; pm1: 2r - 1; group_mean: r - mean of its prompt's group (paper's best, Sec. 5.5.4; with one
+    rollout per prompt the raw reward is kept)"""
+    v1_grad: bool = True
+    """let the gradient flow through V_theta(s_1) (Eq. 2 taken literally; Eq. 4 omits that term): see the docs"""
+    ref_reset_every: int = 0
+    """every this many rounds set pi_ref <- pi_theta (paper: 200 best for Qwen2.5-Math-7B); 0 = never"""
+    ref_reset_mode: Literal["recompute", "flush"] = "recompute"
+    """after a reset: recompute the buffer's cached log pi_ref(tau) and V_ref(s_1), or empty the buffer"""
 
 
-def main() -> None:
-    tyro.cli(Args)
-    print("reval_llm.py is not implemented yet (issue #6)", file=sys.stderr)
-    sys.exit(3)
+# >>> shared:setup
+# ---------------------------------------------------------------------------------------------------------------
+# BOILERPLATE: distributed setup, model and data
+# ---------------------------------------------------------------------------------------------------------------
+def setup_distributed(device_flag: str) -> tuple:
+    """(rank, world_size, device). Under torchrun: one process per device, gloo on CPU, nccl on GPUs."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device_flag == "auto":
+        device_flag = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_flag.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device_flag} asked for, but torch sees no CUDA GPU (use --device cpu)")
+    device = torch.device(f"cuda:{local_rank}" if device_flag == "cuda" and world > 1 else device_flag)
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+    return rank, world, device
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def load_model(name: str, device: torch.device, bf16: bool, log) -> tuple:
+    """Tokenizer (left padding) and causal LM; missing Hub models fail in seconds with one line when offline."""
+    import transformers
+
+    from utils.offline_data import network_available
+
+    path = ensure_builtin_model(log=log) if name == BUILTIN else name
+    local = os.path.isdir(path)
+    if not local and (os.environ.get("HF_HUB_OFFLINE", "0") in ("1", "true") or not network_available(
+            "huggingface.co")):
+        os.environ["HF_HUB_OFFLINE"] = "1"  # only the local cache: fail at once instead of ~23 s of retries
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(path)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.bfloat16 if bf16 else torch.float32)
+    except Exception as e:  # noqa: BLE001 (OSError, HFValidationError, ValueError: all mean "no such model here")
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"cannot load model {name!r}: {first} (offline? set --model to a local directory, or "
+                        f"'builtin')") from None
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok, model.to(device)
+
+
+def default_split(name: str, split: str) -> str:
+    return "eval" if name == BUILTIN and split == "test" else split
+# <<< shared:setup
+
+
+# >>> shared:rollout
+# ---------------------------------------------------------------------------------------------------------------
+# Rollouts: sampling, training-layout log-probs
+# ---------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def generate(model, tok, prompts: list, n: int, args: Args, greedy: bool = False) -> dict:
+    """n completions per prompt with HF generate (KV cache, left padding). Sampling passes top_k=0 and top_p=1.0
+    explicitly: transformers 5 otherwise applies top_k=50, and the samples would not come from the policy."""
+    enc = tok(prompts, return_tensors="pt", padding=True, truncation=True, max_length=args.max_prompt_tokens,
+              add_special_tokens=False).to(model.device)
+    ids, mask = enc.input_ids.repeat_interleave(n, 0), enc.attention_mask.repeat_interleave(n, 0)
+    kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0)
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.max_new_tokens,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **kw)
+    completion = out[:, ids.shape[1]:]
+    # completion mask: every token up to and including the first EOS (later positions are padding)
+    is_eos = completion == tok.eos_token_id
+    after_eos = (is_eos.cumsum(1) - is_eos.long()) > 0
+    cmask = (~after_eos).long()
+    if completion.shape[1] == 0:
+        cmask = torch.zeros_like(completion)
+    texts = tok.batch_decode(completion.masked_fill(cmask == 0, tok.pad_token_id), skip_special_tokens=True)
+    return {"prompt_ids": ids, "prompt_mask": mask, "completion_ids": completion, "completion_mask": cmask,
+            "texts": texts, "truncated": ~is_eos.any(1)}
+
+
+def sequence_logits(model, batch: dict) -> torch.Tensor:
+    """Logits that predict each completion token, in training layout: prompt + completion, explicit position_ids
+    so left padding does not shift positions. Returns [B, T, V]; position t predicts completion token t."""
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+    mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+    P = batch["prompt_ids"].shape[1]
+    return logits[:, P - 1:-1].float()  # fp32 for the log-softmax and the loss
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log pi(token | prefix) of the sampling distribution softmax(logits / temperature): [B, T]."""
+    return torch.log_softmax(logits / temperature, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def micro_batches(batch: dict, size: int):
+    n = batch["completion_ids"].shape[0]
+    for s in range(0, n, size):
+        yield {k: v[s:s + size] if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def score(texts: list, golds: list, args: Args) -> tuple:
+    """0/1 verifier rewards and the format rate."""
+    rewards = [math_reward(t, g, args.reward_timeout) for t, g in zip(texts, golds)]
+    return rewards, float(np.mean([has_format(t) for t in texts])) if texts else 0.0
+# <<< shared:rollout
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ALGO LOGIC: ReVal (arXiv 2603.23355, Eq. 2, Algorithm 1)
+# ---------------------------------------------------------------------------------------------------------------
+PRESETS = {
+    "paper-1.5b": dict(model="deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B",
+                       dataset="agentica-org/DeepScaleR-Preview-Dataset",
+                       question_field="problem", answer_field="answer", eval_dataset="HuggingFaceH4/MATH-500",
+                       eval_split="test", prompt_template="r1", prompts_per_round=128, group_size=8,
+                       max_new_tokens=7168, max_prompt_tokens=1024, learning_rate=1e-6, beta=0.002, buffer_size=5120,
+                       updates_per_round=2, total_rounds=650, eval_every=10, eval_samples=16, eval_prompts=100,
+                       reward_mode="binary", ref_reset_every=0, micro_batch_size=1),
+    "paper-7b": dict(model="Qwen/Qwen2.5-Math-7B", dataset="agentica-org/DeepScaleR-Preview-Dataset",
+                     question_field="problem", answer_field="answer", eval_dataset="HuggingFaceH4/MATH-500",
+                     eval_split="test", prompt_template="r1", qwen_math_system=True, prompts_per_round=128,
+                     group_size=8, max_new_tokens=3072, max_prompt_tokens=1024, learning_rate=1e-6, beta=0.02,
+                     buffer_size=5120, updates_per_round=2, total_rounds=650, eval_every=10, eval_samples=16,
+                     eval_prompts=100, reward_mode="group_mean", ref_reset_every=200, micro_batch_size=2),
+}
+
+
+def shaped_rewards(rewards: torch.Tensor, group_size: int, mode: str) -> torch.Tensor:
+    """The reward r that enters Eq. 2 as r / beta (Sec. 5.5.4): 0/1, +-1, or centred on its prompt group's mean
+    (no std division, as Dr. GRPO). A singleton group keeps its raw reward (its own mean would make it 0)."""
+    if mode == "pm1":
+        return 2.0 * rewards - 1.0
+    if mode == "group_mean" and group_size > 1:
+        g = rewards.view(-1, group_size)
+        return (g - g.mean(1, keepdim=True)).view(-1)
+    return rewards
+
+
+def reval_residual(v_theta, v_ref, logp_theta, logp_ref, reward, beta: float) -> torch.Tensor:
+    """Eq. 2, inside the square: V_theta(s_1) - V_ref(s_1) + log pi_theta(tau) - r / beta - log pi_ref(tau).
+    Zero for all trajectories iff pi_theta(tau) = pi_ref(tau) exp(r / beta) / Z and V_theta - V_ref = log Z."""
+    return (v_theta - v_ref) + (logp_theta - logp_ref) - reward / beta
+
+
+def trajectory_terms(model, mb: dict) -> tuple:
+    """Logit-as-Q terms of a micro-batch: V(s_1) = logsumexp of the logits at the last prompt position (the position
+    that predicts the first response token), log pi(tau) = sum over response tokens (EOS included, padding masked)
+    of log softmax(Q)(a_h), and the full log-softmax (for the entropy). Softmax temperature 1 (Sec. 4.1)."""
+    logits = sequence_logits(model, mb)  # [B, T, V] fp32 raw logits = Q(s_h, .)
+    v1 = torch.logsumexp(logits[:, 0], -1)
+    log_probs = torch.log_softmax(logits, -1)
+    tok = log_probs.gather(-1, mb["completion_ids"].unsqueeze(-1)).squeeze(-1)
+    return v1, (tok * mb["completion_mask"]).sum(1), log_probs
+
+
+@torch.no_grad()
+def reference_terms(ref_model, batch: dict, args: Args) -> tuple:
+    """Cached per trajectory: V_ref(s_1) and log pi_ref(tau), valid until the next reference reset."""
+    v, lp = [], []
+    for mb in micro_batches(batch, args.micro_batch_size):
+        v1, logp, _ = trajectory_terms(ref_model, mb)
+        v.append(v1)
+        lp.append(logp)
+    return torch.cat(v), torch.cat(lp)
+
+
+def loss_terms(model, mb: dict, args: Args, normalizer: torch.Tensor) -> tuple:
+    """The micro-batch's share of Eq. 2, mean over trajectories: sum of squared residuals / all trajectories."""
+    v1, logp, log_probs = trajectory_terms(model, mb)
+    if not args.v1_grad:
+        v1 = v1.detach()
+    delta = reval_residual(v1, mb["ref_v1"], logp, mb["ref_logp"], mb["reward"], args.beta)  # fp32
+    loss = delta.pow(2).sum() / normalizer
+    with torch.no_grad():
+        mask = mb["completion_mask"].float()
+        lp = log_probs.detach()
+        entropy = (-(lp.exp() * lp).sum(-1) * mask).sum()
+        n = torch.tensor(float(delta.shape[0]), device=delta.device)
+        sums = torch.stack([delta.abs().sum(), (logp - mb["ref_logp"]).detach().sum(), entropy, n, n, mask.sum()])
+    return loss, sums
+
+
+# train/kl: mean over the batch's trajectories of log pi_theta(tau) / pi_ref(tau) (an on-policy estimate of the
+# sequence KL for fresh rollouts); train/residual_abs: mean |residual of Eq. 2|
+ALGO_METRICS = ("train/residual_abs", "train/kl", "train/entropy")
+
+
+# --- the FIFO replay buffer (Sec. 4.3): plain dicts and lists, so it goes into trainer_state.pt as it is ----------
+def new_buffer(capacity: int) -> dict:
+    return {"items": [], "capacity": int(capacity), "added": 0, "evicted_uses": []}
+
+
+def buffer_add(buf: dict, items: list, round_idx: int) -> None:
+    """Append trajectories; evict the oldest beyond capacity (first in, first out), recording each one's uses."""
+    for it in items:
+        buf["items"].append(dict(it, round=round_idx, uses=1))  # the on-policy update is its first use
+        buf["added"] += 1
+    while len(buf["items"]) > buf["capacity"]:
+        buf["evicted_uses"].append(buf["items"].pop(0)["uses"])
+
+
+def buffer_sample(buf: dict, n: int, rng: random.Random) -> list:
+    """n trajectories uniformly, without replacement within one draw (no priorities, no importance weights)."""
+    picked = rng.sample(range(len(buf["items"])), min(n, len(buf["items"])))
+    for i in picked:
+        buf["items"][i]["uses"] += 1
+    return [buf["items"][i] for i in picked]
+
+
+def split_items(batch: dict) -> list:
+    """One CPU dict per trajectory: unpadded prompt and response tokens, reward and cached reference terms."""
+    items = []
+    for i in range(batch["completion_ids"].shape[0]):
+        pm, cm = batch["prompt_mask"][i].bool(), batch["completion_mask"][i].bool()
+        items.append({"prompt": batch["prompt_ids"][i][pm].cpu(), "completion": batch["completion_ids"][i][cm].cpu(),
+                      "reward": float(batch["reward"][i]), "ref_v1": float(batch["ref_v1"][i]),
+                      "ref_logp": float(batch["ref_logp"][i])})
+    return items
+
+
+def collate(items: list, pad_id: int, device: torch.device) -> dict:
+    """Re-pad trajectories: prompts on the left, responses on the right (as generate lays them out)."""
+    P = max(len(it["prompt"]) for it in items)
+    T = max(max(len(it["completion"]) for it in items), 1)
+    B = len(items)
+    out = {"prompt_ids": torch.full((B, P), pad_id, dtype=torch.long),
+           "prompt_mask": torch.zeros(B, P, dtype=torch.long),
+           "completion_ids": torch.full((B, T), pad_id, dtype=torch.long),
+           "completion_mask": torch.zeros(B, T, dtype=torch.long)}
+    for i, it in enumerate(items):
+        p, c = it["prompt"], it["completion"]
+        out["prompt_ids"][i, P - len(p):], out["prompt_mask"][i, P - len(p):] = p, 1
+        out["completion_ids"][i, :len(c)], out["completion_mask"][i, :len(c)] = c, 1
+    out = {k: v.to(device) for k, v in out.items()}
+    for k in ("reward", "ref_v1", "ref_logp"):
+        out[k] = torch.tensor([it[k] for it in items], dtype=torch.float32, device=device)
+    return out
+
+
+# >>> shared:train
+def optimizer_step(model, opt, batch: dict, args: Args, world: int, amp) -> dict:
+    """One update on the round's batch: gradient accumulation over micro-batches, DDP all-reduce on the last one,
+    loss normalised over the whole (all-rank) batch, gradient clipping, AdamW step."""
+    normalizer = all_reduce_sum(algo_normalizer(batch, args))
+    opt.zero_grad(set_to_none=True)
+    mbs = list(micro_batches(batch, args.micro_batch_size))
+    sums, total = None, torch.zeros((), device=normalizer.device)
+    for i, mb in enumerate(mbs):
+        sync = i == len(mbs) - 1 or not hasattr(model, "no_sync")
+        ctx = model.no_sync() if not sync else _nullcontext()
+        with ctx, amp():
+            loss, s = loss_terms(model, mb, args, normalizer)
+            (loss * world).backward()  # DDP averages gradients over ranks; the loss is already a global sum share
+        sums = s if sums is None else sums + s
+        total += loss.detach()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+    opt.step()
+    # metric i = (sum of its values) / (its count), summed over micro-batches and ranks; the loss over ranks too
+    sums = all_reduce_sum(torch.cat([sums, total.view(1)]))
+    n = len(ALGO_METRICS)
+    out = {k: float(sums[i] / sums[n + i].clamp(min=1)) for i, k in enumerate(ALGO_METRICS)}
+    out.update({"train/loss": float(sums[-1]), "train/grad_norm": float(grad_norm)})
+    return out
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+# <<< shared:train
+
+
+def algo_normalizer(batch: dict, args: Args) -> torch.Tensor:
+    """Eq. 2 is a mean over trajectories: the denominator is the number of trajectories in the update batch."""
+    return torch.tensor(float(batch["completion_ids"].shape[0]), device=batch["completion_ids"].device)
+
+
+def reset_reference(model, ref_model, tok, state: dict, args: Args) -> None:
+    """pi_ref <- pi_theta (Sec. 5.5.3); the buffer's cached reference terms are recomputed or the buffer flushed."""
+    policy = model.module if hasattr(model, "module") else model
+    state["ref_weights"] = {k: v.detach().cpu().clone() for k, v in policy.state_dict().items()}
+    ref_model.load_state_dict(state["ref_weights"])
+    state["ref_resets"] += 1
+    buf = state["buffer"]
+    if args.ref_reset_mode == "flush":
+        buf["items"].clear()
+        return
+    for s in range(0, len(buf["items"]), args.micro_batch_size):
+        chunk = buf["items"][s:s + args.micro_batch_size]
+        v1, lp = reference_terms(ref_model, collate(chunk, tok.pad_token_id, policy.device), args)
+        for it, a, b in zip(chunk, v1.tolist(), lp.tolist()):
+            it["ref_v1"], it["ref_logp"] = a, b
+
+
+def algo_round(model, ref_model, tok, opt, batch: dict, rewards: torch.Tensor, state: dict, args: Args, world: int,
+               amp) -> dict:
+    """Algorithm 1: cache the reference terms of the fresh rollouts, push them to the FIFO buffer, then K updates:
+    one on the fresh batch (on-policy), K - 1 on uniform buffer samples of the same size (off-policy)."""
+    batch["reward"] = shaped_rewards(rewards, args.group_size, args.reward_mode)
+    batch["ref_v1"], batch["ref_logp"] = reference_terms(ref_model, batch, args)
+    n_local = batch["completion_ids"].shape[0]
+    buffer_add(state["buffer"], split_items(batch), state["algo_rounds"])
+    metrics = optimizer_step(model, opt, batch, args, world, amp)
+    state["updates"] += 1
+    rng = random.Random(f"{args.seed}-replay-{state['algo_rounds']}-{int(os.environ.get('RANK', '0'))}")
+    ages = []
+    for _ in range(args.updates_per_round - 1):
+        items = buffer_sample(state["buffer"], n_local, rng)
+        ages += [state["algo_rounds"] - it["round"] for it in items]
+        policy = model.module if hasattr(model, "module") else model
+        metrics = optimizer_step(model, opt, collate(items, tok.pad_token_id, policy.device), args, world, amp)
+        state["updates"] += 1
+        state["replay_updates"] += 1
+    state["algo_rounds"] += 1
+    if args.ref_reset_every and state["algo_rounds"] % args.ref_reset_every == 0:
+        reset_reference(model, ref_model, tok, state, args)
+    uses = state["buffer"]["evicted_uses"]
+    metrics.update({"replay/size": len(state["buffer"]["items"]), "replay/ref_resets": state["ref_resets"],
+                    "replay/mean_age_rounds": float(np.mean(ages)) if ages else 0.0,
+                    "replay/uses_per_evicted_trajectory": float(np.mean(uses)) if uses else 0.0})
+    return metrics
+
+
+def algo_state(args: Args) -> dict:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return {"updates": 0, "replay_updates": 0, "algo_rounds": 0, "ref_resets": 0, "ref_weights": None,
+            "buffer": new_buffer(max(args.buffer_size // world, 1))}
+
+
+def needs_reference(args: Args) -> bool:
+    return True  # log pi_ref and V_ref are part of every residual
+
+
+def algo_configure(args: Args, argv: Optional[list]) -> Args:
+    """Presets (flags given on the command line win), ReVal's defaults, and its one requirement on sampling."""
+    if args.preset != "none":
+        args = tyro.cli(Args, args=argv, default=dataclasses.replace(Args(), **PRESETS[args.preset],
+                                                                      preset=args.preset))
+    if args.beta is None:
+        args.beta = 0.1
+    if args.buffer_size is None:
+        args.buffer_size = 5 * args.prompts_per_round * args.group_size
+    if args.temperature != 1.0:
+        raise UserError("ReVal's behaviour policy is softmax(Q) itself: --temperature must be 1.0")
+    if args.beta <= 0 or args.updates_per_round < 1 or args.buffer_size < 1:
+        raise UserError("--beta must be > 0, --updates-per-round and --buffer-size >= 1")
+    return args
+
+
+def algo_resume(ref_model, state: dict) -> None:
+    """After a reference reset the reference is no longer the initial model: restore its saved weights."""
+    if state.get("ref_weights") is not None:
+        ref_model.load_state_dict(state["ref_weights"])
+
+
+# >>> shared:eval
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation: greedy accuracy and mean@k sampled accuracy on held-out prompts (split over ranks)
+# ---------------------------------------------------------------------------------------------------------------
+def evaluate(model, tok, prompts: list, golds: list, args: Args, rank: int, world: int) -> dict:
+    model.eval()
+    mine = list(range(rank, len(prompts), world))
+    sums = torch.zeros(3, device=model.device)  # greedy correct, sampled correct, sampled count
+    for s in range(0, len(mine), args.eval_batch_size):
+        idx = mine[s:s + args.eval_batch_size]
+        p, g = [prompts[i] for i in idx], [golds[i] for i in idx]
+        out = generate(model, tok, p, 1, args, greedy=True)
+        sums[0] += sum(score(out["texts"], g, args)[0])
+        if args.eval_samples > 0:
+            out = generate(model, tok, p, args.eval_samples, args)
+            r, _ = score(out["texts"], [x for x in g for _ in range(args.eval_samples)], args)
+            sums[1] += sum(r)
+            sums[2] += len(r)
+    sums = all_reduce_sum(sums)
+    model.train()
+    res = {"eval/accuracy": float(sums[0] / max(len(prompts), 1))}
+    if args.eval_samples > 0:
+        res["eval/accuracy_sampled"] = float(sums[1] / sums[2].clamp(min=1))
+    return res
+# <<< shared:eval
+
+
+# >>> shared:checkpoint
+# ---------------------------------------------------------------------------------------------------------------
+# BOILERPLATE: checkpoints (save_pretrained + trainer state, swapped in atomically), logging
+# ---------------------------------------------------------------------------------------------------------------
+def save_checkpoint(out_dir: str, model, tok, opt, state: dict, args: Args) -> None:
+    """checkpoint/ holds a plain save_pretrained model + tokenizer (loadable by transformers and vLLM) and
+    trainer_state.pt (optimizer, RNG, round, counters). Written to a temporary folder, then swapped in."""
+    import tempfile
+
+    from utils.common import atomic_torch_save
+
+    final = os.path.join(out_dir, "checkpoint")
+    tmp = tempfile.mkdtemp(dir=out_dir, prefix=".checkpoint-")
+    unwrapped = model.module if hasattr(model, "module") else model
+    unwrapped.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    atomic_torch_save({"optimizer": opt.state_dict(), "state": state, "args": dataclasses.asdict(args),
+                       "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
+                               "torch": torch.get_rng_state(),
+                               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
+                      os.path.join(tmp, "trainer_state.pt"))
+    old = final + ".old"
+    if os.path.exists(final):
+        os.replace(final, old)
+    os.replace(tmp, final)  # a crash before this line leaves the previous checkpoint (or checkpoint.old)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(resume: str) -> str:
+    for d in (os.path.join(resume, "checkpoint"), os.path.join(resume, "checkpoint.old"), resume):
+        if os.path.isfile(os.path.join(d, "trainer_state.pt")):
+            return d
+    raise UserError(f"--resume {resume!r}: no checkpoint/ with trainer_state.pt there")
+
+
+class Logger:
+    """TensorBoard (rank 0) always; W&B only with --track, imported lazily."""
+
+    def __init__(self, out_dir: str, args: Args, run_name: str, enabled: bool):
+        self.enabled = enabled
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(out_dir)
+        if args.track:
+            try:
+                import wandb
+            except ImportError:
+                raise UserError("--track needs wandb: pip install wandb") from None
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                       config=dataclasses.asdict(args), name=run_name, save_code=True)
+        table = "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items())
+        self.writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+
+    def scalars(self, metrics: dict, step: int) -> None:
+        if self.enabled:
+            for k, v in metrics.items():
+                self.writer.add_scalar(k, float(v), step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.writer.close()
+# <<< shared:checkpoint
+
+
+# >>> shared:main
+def main(argv: Optional[list] = None) -> None:
+    args = algo_configure(tyro.cli(Args, args=argv), argv)
+    resume_dir = None
+    if args.resume:  # the saved config, overridden by the flags given now
+        resume_dir = find_checkpoint(args.resume)
+        saved = torch.load(os.path.join(resume_dir, "trainer_state.pt"), map_location="cpu", weights_only=False)
+        args = tyro.cli(Args, args=argv, default=Args(**saved["args"]))
+        args.output_dir = os.path.dirname(os.path.abspath(resume_dir))
+    rank, world, device = setup_distributed(args.device)
+    if args.prompts_per_round % world:
+        raise UserError(f"--prompts-per-round {args.prompts_per_round} must be divisible by the {world} ranks")
+    for name in ("total_rounds", "prompts_per_round", "group_size", "max_new_tokens", "micro_batch_size",
+                 "eval_every", "eval_prompts", "eval_batch_size", "checkpoint_every"):
+        if getattr(args, name) < 1 and not (name == "total_rounds" and getattr(args, name) == 0):
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.bf16 is None:
+        args.bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if args.learning_rate is None:
+        args.learning_rate = 5e-5 if args.model == BUILTIN else 1e-6
+    if args.prompt_template == "auto":
+        args.prompt_template = "plain" if args.model == BUILTIN else "r1"
+    log = print if rank == 0 else (lambda *a, **k: None)
+    exp_name = os.path.basename(__file__)[: -len(".py")]
+    run_name = f"{os.path.basename(args.model.rstrip('/'))}__{exp_name}__{args.seed}__{int(time.time())}"
+    out_dir = args.output_dir or os.path.join("runs", run_name)
+    if rank == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        if resume_dir is None:
+            atomic_write_bytes(os.path.join(out_dir, "config.json"),
+                               json.dumps(dataclasses.asdict(args), indent=2).encode())
+
+    # TRY NOT TO MODIFY: seeding (same init on every rank; data and sampling streams differ per rank)
+    seed_everything(args.seed)
+    if device.type == "cpu" and world > 1:  # ranks share the cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+
+    # BOILERPLATE: data, model, optimizer
+    train = load_prompts(args.dataset, default_split(args.dataset, args.train_split), args.question_field,
+                         args.answer_field, config=args.dataset_config)
+    eval_name = args.eval_dataset or args.dataset
+    evalset = load_prompts(eval_name, default_split(eval_name, args.eval_split), args.question_field,
+                           args.answer_field, n=args.eval_prompts, config=args.dataset_config)
+    if rank == 0 and args.model == BUILTIN:
+        ensure_builtin_model(log=log)  # rank 0 builds it once; the others then load the cached copy
+    if dist.is_initialized():
+        dist.barrier()
+    tok, model = load_model(resume_dir or args.model, device, args.bf16, log)
+    system = QWEN_MATH_SYSTEM if args.qwen_math_system else None
+    to_prompt = lambda q: format_prompt(tok, q, args.prompt_template, system)  # noqa: E731
+    eval_prompts, eval_golds = [to_prompt(r["question"]) for r in evalset], [r["answer"] for r in evalset]
+    ref_model = None
+    if needs_reference(args):
+        _, ref_model = load_model(args.model, device, args.bf16, log)
+        ref_model.eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(0.9, 0.99),
+                            weight_decay=args.weight_decay)
+    state = {"round": 0, "generated": 0, "initial_eval": None, "evals": [], "wall_time_s": 0.0, **algo_state(args)}
+    if resume_dir is not None:
+        opt.load_state_dict(saved["optimizer"])
+        state.update(saved["state"])
+        random.setstate(saved["rng"]["python"])
+        np.random.set_state(saved["rng"]["numpy"])
+        torch.set_rng_state(saved["rng"]["torch"])
+        algo_resume(ref_model, state)
+        log(f"resumed {out_dir} at round {state['round']}")
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                          else None)
+    policy = model.module if world > 1 else model
+    amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)  # noqa: E731
+    logger = Logger(out_dir, args, run_name, enabled=rank == 0)
+    per_rank = args.prompts_per_round // world
+    t_start = time.time() - state["wall_time_s"]
+
+    if state["initial_eval"] is None:
+        res = evaluate(policy, tok, eval_prompts, eval_golds, args, rank, world)
+        state["initial_eval"] = res["eval/accuracy"]
+        state["evals"].append({"round": 0, **res})
+        logger.scalars(res, 0)
+        log(f"round 0: eval accuracy {res['eval/accuracy']:.3f}"
+            + (f", sampled mean@{args.eval_samples} {res['eval/accuracy_sampled']:.3f}" if args.eval_samples else ""))
+    from tqdm import tqdm
+
+    bar = tqdm(total=args.total_rounds, initial=state["round"], desc=exp_name, unit="round", disable=rank != 0,
+               dynamic_ncols=True)
+    for rnd in range(state["round"], args.total_rounds):
+        t0 = time.time()
+        rng = random.Random(f"{args.seed}-{rnd}")  # the round's prompts: the same on every rank (each takes a slice)
+        # and independent of where a run was resumed
+        chosen = rng.sample(range(len(train)), args.prompts_per_round)[rank * per_rank:(rank + 1) * per_rank]
+        prompts, golds = [to_prompt(train[i]["question"]) for i in chosen], [train[i]["answer"] for i in chosen]
+        # 1. rollouts: group_size samples per prompt from the current policy
+        policy.eval()
+        batch = generate(policy, tok, prompts, args.group_size, args)
+        policy.train()
+        t_gen = time.time()
+        # 2. verifier rewards
+        rewards_list, fmt = score(batch["texts"], [g for g in golds for _ in range(args.group_size)], args)
+        rewards = torch.tensor(rewards_list, dtype=torch.float32, device=device)
+        t_rew = time.time()
+        # 3. the algorithm's update(s)
+        updates_before = state["updates"]
+        metrics = algo_round(model, ref_model, tok, opt, batch, rewards, state, args, world, amp)
+        t_upd = time.time()
+        state["round"], state["generated"] = rnd + 1, state["generated"] + args.prompts_per_round * args.group_size
+        lengths = batch["completion_mask"].sum(1).float()
+        stats = all_reduce_sum(torch.stack([rewards.sum(), torch.tensor(float(len(rewards_list)), device=device),
+                                            lengths.sum(), batch["truncated"].float().sum(),
+                                            torch.tensor(fmt * len(rewards_list), device=device),
+                                            batch["prompt_mask"].sum().float()]))
+        n = stats[1].clamp(min=1)
+        gen_tokens = float(stats[2])
+        metrics.update({
+            "train/reward": float(stats[0] / n), "train/format_rate": float(stats[4] / n),
+            "completions/mean_length": float(stats[2] / n), "completions/clipped_ratio": float(stats[3] / n),
+            "time/generation_s": t_gen - t0, "time/reward_s": t_rew - t_gen, "time/update_s": t_upd - t_rew,
+            "time/round_s": t_upd - t0, "time/generation_tokens_per_s": gen_tokens / max(t_gen - t0, 1e-9),
+            # tokens through forward + backward in the update phase (old/ref log-prob passes not counted)
+            "time/train_tokens_per_s": (gen_tokens + float(stats[5])) * (state["updates"] - updates_before)
+            / max(t_upd - t_rew, 1e-9),
+        })
+        logger.scalars(metrics, rnd + 1)
+        bar.update(1)
+        bar.set_postfix(reward=f"{metrics['train/reward']:.2f}")
+        if (rnd + 1) % args.eval_every == 0 or rnd + 1 == args.total_rounds:
+            res = evaluate(policy, tok, eval_prompts, eval_golds, args, rank, world)
+            state["evals"].append({"round": rnd + 1, **res})
+            logger.scalars(res, rnd + 1)
+            bar.write(f"round {rnd + 1}: eval accuracy {res['eval/accuracy']:.3f}" + (
+                f", sampled mean@{args.eval_samples} {res['eval/accuracy_sampled']:.3f}" if args.eval_samples else ""))
+        state["wall_time_s"] = time.time() - t_start
+        if rank == 0 and ((rnd + 1) % args.checkpoint_every == 0 or rnd + 1 == args.total_rounds):
+            save_checkpoint(out_dir, model, tok, opt, state, args)
+    bar.close()
+    if rank == 0:
+        last = state["evals"][-1]
+        summary = {"model": args.model, "dataset": args.dataset, "seed": args.seed,
+                   "initial_eval_accuracy": state["initial_eval"], "final_eval_accuracy": last["eval/accuracy"],
+                   "final_eval_accuracy_sampled": last.get("eval/accuracy_sampled"), "rounds": state["round"],
+                   "generated_trajectories": state["generated"], "wall_time_s": time.time() - t_start,
+                   "world_size": world, "output_dir": out_dir,
+                   **{k: v for k, v in state.items() if k in SUMMARY_KEYS}}
+        atomic_write_bytes(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2).encode())
+        log(f"eval accuracy {summary['initial_eval_accuracy']:.3f} -> {summary['final_eval_accuracy']:.3f} after "
+            f"{summary['rounds']} rounds; {out_dir}/summary.json")
+    logger.close()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+# <<< shared:main
+
+
+SUMMARY_KEYS = ("updates", "replay_updates", "ref_resets")
 
 
 if __name__ == "__main__":

@@ -19,8 +19,8 @@ def main(path: str = "benchmarks/results/throughput.jsonl") -> None:
     for (algo, edis, bf16), v in groups.items():
         med = statistics.median(v)
         runs = ", ".join(f"{x:.1f}" for x in v)
-        print(f"| {algo} | {'synthetic + online (EDIS)' if edis else 'offline'} | {'bf16 autocast' if bf16 else 'fp32'} "
-              f"| {med:.1f} ({runs}) | {med / REFERENCE[algo]:.2f}x |")
+        batch, dtype = "synthetic + online (EDIS)" if edis else "offline", "bf16 autocast" if bf16 else "fp32"
+        print(f"| {algo} | {batch} | {dtype} | {med:.1f} ({runs}) | {med / REFERENCE[algo]:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The blocks edis_iql.py and edis_calql.py share on purpose (marked `# >>> shared:NAME` ... `# <<< shared:NAME`) must
+"""The blocks edis_iql.py and edis_calql.py (and grpo_llm.py and reval_llm.py) share on purpose (marked
+`# >>> shared:NAME` ... `# <<< shared:NAME`) must
 stay textually identical, so each file works alone and `diff edis_iql.py edis_calql.py` shows only the algorithm."""
 
 import re
@@ -32,6 +33,16 @@ def test_shared_blocks_identical():
     for name in sorted(EXPECTED):
         assert iql[name] == calql[name], f"shared block {name!r} differs between edis_iql.py and edis_calql.py"
         assert len(iql[name].splitlines()) > 5
+
+
+LLM_EXPECTED = {"args_common", "setup", "rollout", "train", "eval", "checkpoint", "main"}
+
+
+def test_llm_shared_blocks_identical():
+    grpo, reval = shared_blocks(REPO / "grpo_llm.py"), shared_blocks(REPO / "reval_llm.py")
+    assert set(grpo) == LLM_EXPECTED and set(reval) == LLM_EXPECTED
+    for name in sorted(LLM_EXPECTED):
+        assert grpo[name] == reval[name], f"shared block {name!r} differs between grpo_llm.py and reval_llm.py"
 
 
 def test_drift_is_detected(tmp_path):
