@@ -39,7 +39,7 @@ class Args:
     # --- run -----------------------------------------------------------------------------------------------------
     model: str = BUILTIN
     """a Hugging Face model id or local directory (e.g. deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B); 'builtin' = the
-    built-in 1M-parameter Qwen2 warmed up on the built-in task (built once, about 4 minutes on 2 CPU cores, cached)"""
+    built-in 1M-parameter Qwen2 warmed up on the built-in task (built once, about 6 minutes on 2 CPU cores, cached)"""
     dataset: str = BUILTIN
     """'builtin' (synthetic GSM8K-style word problems), a local .jsonl/.json/.parquet file, or a Hub dataset id
     (e.g. openai/gsm8k with --dataset-config main)"""
