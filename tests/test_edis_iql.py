@@ -314,7 +314,8 @@ def test_no_edis_ablation_runs(tiny_pointmaze, tmp_path):
 
 def test_kill_and_resume(tiny_pointmaze, tmp_path):
     out = tmp_path / "run"
-    args = [*SMOKE, "--edis-retrain-every", "100", "--offline-steps", "3000", "--online-steps", "200",
+    offline = 8000  # long enough that the poll below catches the run alive after its second checkpoint
+    args = [*SMOKE, "--edis-retrain-every", "100", "--offline-steps", str(offline), "--online-steps", "200",
             "--eval-every", "10000", "--output-dir", str(out)]
     env = dict(os.environ, **tiny_pointmaze)
     proc = subprocess.Popen([sys.executable, "edis_iql.py", *args], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
@@ -329,18 +330,18 @@ def test_kill_and_resume(tiny_pointmaze, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     step_at_kill = torch.load(ckpt, weights_only=False)["step"]
-    assert 200 <= step_at_kill < 3200 and not (out / "summary.json").exists()
+    assert 200 <= step_at_kill < offline + 200 and not (out / "summary.json").exists()
     p = run_script(["edis_iql.py", "--resume", str(out)], tiny_pointmaze, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"resumed {out} at step {step_at_kill}" in p.stdout
     summary = json.loads((out / "summary.json").read_text())
     # one retrain at online step 100 (none at step 200: it is the last step, no update would use the samples)
-    assert summary["updates"] == 3000 + 200 and summary["online_env_steps"] == 200 and summary["edis_retrains"] == 1
+    assert summary["updates"] == offline + 200 and summary["online_env_steps"] == 200 and summary["edis_retrains"] == 1
     # and a finished run can be extended: the flags given with --resume override the saved ones
     p = run_script(["edis_iql.py", "--resume", str(out), "--online-steps", "300"], tiny_pointmaze, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["updates"] == 3300 and summary["online_env_steps"] == 300 and summary["edis_retrains"] == 2
+    assert summary["updates"] == offline + 300 and summary["online_env_steps"] == 300 and summary["edis_retrains"] == 2
 
 
 @pytest.mark.parametrize("flags, text", [
