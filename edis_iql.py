@@ -1070,8 +1070,13 @@ def main(argv: Optional[list] = None) -> None:
     ckpt = None
     if args.resume:  # continue a killed run: its saved config, overridden by the flags given now (e.g. a longer budget)
         ckpt_path = find_checkpoint(args.resume)
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        args = tyro.cli(Args, args=argv, default=Args(**ckpt["args"]))
+        try:
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+            saved_args = Args(**ckpt["args"])
+        except Exception as e:  # noqa: BLE001 (a truncated file, or a checkpoint of another script)
+            raise UserError(f"--resume {args.resume!r}: {ckpt_path} is not a checkpoint of this script "
+                            f"({type(e).__name__}: {e})") from None
+        args = tyro.cli(Args, args=argv, default=saved_args)
         args.output_dir = os.path.dirname(os.path.abspath(ckpt_path))
     task = get_task(args.env)
     device = resolve_device(args.device)

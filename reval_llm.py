@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 import tyro
 
-from utils.common import UserError, atomic_write_bytes, run_cli, seed_everything
+from utils.common import UserError, atomic_write_bytes, hub_offline, run_cli, seed_everything
 from utils.llm_task import BUILTIN, QWEN_MATH_SYSTEM, ensure_builtin_model, format_prompt, has_format, load_prompts
 from utils.llm_task import math_reward
 
@@ -165,12 +165,8 @@ def load_model(name: str, device: torch.device, bf16: bool, log) -> tuple:
     """Tokenizer (left padding) and causal LM; missing Hub models fail in seconds with one line when offline."""
     import transformers
 
-    from utils.offline_data import network_available
-
     path = ensure_builtin_model(log=log) if name == BUILTIN else name
-    local = os.path.isdir(path)
-    if not local and (os.environ.get("HF_HUB_OFFLINE", "0") in ("1", "true") or not network_available(
-            "huggingface.co")):
+    if not os.path.isdir(path) and hub_offline():
         os.environ["HF_HUB_OFFLINE"] = "1"  # only the local cache: fail at once instead of ~23 s of retries
     try:
         tok = transformers.AutoTokenizer.from_pretrained(path)
@@ -595,8 +591,13 @@ def main(argv: Optional[list] = None) -> None:
     resume_dir = None
     if args.resume:  # the saved config, overridden by the flags given now
         resume_dir = find_checkpoint(args.resume)
-        saved = torch.load(os.path.join(resume_dir, "trainer_state.pt"), map_location="cpu", weights_only=False)
-        args = tyro.cli(Args, args=argv, default=Args(**saved["args"]))
+        try:
+            saved = torch.load(os.path.join(resume_dir, "trainer_state.pt"), map_location="cpu", weights_only=False)
+            saved_args = Args(**saved["args"])
+        except Exception as e:  # noqa: BLE001 (a truncated file, or a checkpoint of another script)
+            raise UserError(f"--resume {args.resume!r}: {resume_dir} is not a checkpoint of this script "
+                            f"({type(e).__name__}: {e})") from None
+        args = tyro.cli(Args, args=argv, default=saved_args)
         args.output_dir = os.path.dirname(os.path.abspath(resume_dir))
     rank, world, device = setup_distributed(args.device)
     if args.prompts_per_round % world:

@@ -27,3 +27,32 @@ def run_script(args, env_extra=None, timeout=120):
     env.update(env_extra or {})
     return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def read_scalars(run_dir):
+    """All TensorBoard scalars of a run: {tag: [values]}."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(run_dir)
+    acc.Reload()
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+@pytest.fixture(scope="session")
+def tiny_pointmaze(tmp_path_factory):
+    """Environment variables pointing at a private Minari cache with a 3,000-step PointMaze dataset collected by
+    `python -m utils.collect` (the same code path a user's first offline run takes)."""
+    root = tmp_path_factory.mktemp("minari")
+    env = {"MINARI_DATASETS_PATH": str(root), "HF_HUB_OFFLINE": "1"}
+    p = run_script(["-m", "utils.collect", "pointmaze-umaze", "--num-steps", "3000"], env)
+    assert p.returncode == 0, p.stderr
+    return env
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """The built-in model recipe at test size: xs Qwen2, 40 noisy SFT steps (seconds)."""
+    from utils.llm_task import build_builtin_model
+
+    return build_builtin_model(str(tmp_path_factory.mktemp("llm") / "tiny"), size="xs", sft_steps=40,
+                               log=lambda s: None)

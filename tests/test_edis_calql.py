@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import edis_calql as m
-from tests.conftest import run_script
-from tests.test_edis_iql import SMOKE, read_scalars, tiny_pointmaze  # noqa: F401  (fixture reuse)
+from tests.conftest import read_scalars, run_script
+from tests.test_edis_iql import SMOKE
 from utils.offline_data import get_task
 
 
@@ -237,7 +237,7 @@ def test_online_calibration_hook_writes_mc_returns():
 CALQL_SMOKE = [*SMOKE, "--q-layers", "2", "--cql-n-actions", "4"]
 
 
-def test_smoke_run_reaches_every_stage(tiny_pointmaze, tmp_path):  # noqa: F811
+def test_smoke_run_reaches_every_stage(tiny_pointmaze, tmp_path):
     out = tmp_path / "run"
     p = run_script(["edis_calql.py", *CALQL_SMOKE, "--output-dir", str(out)], tiny_pointmaze, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -251,7 +251,7 @@ def test_smoke_run_reaches_every_stage(tiny_pointmaze, tmp_path):  # noqa: F811
     assert scalars["charts/synthetic_fraction"][-1] == pytest.approx(0.5)
 
 
-def test_no_edis_and_resume_extend(tiny_pointmaze, tmp_path):  # noqa: F811
+def test_no_edis_and_resume_extend(tiny_pointmaze, tmp_path):
     out = tmp_path / "run"
     p = run_script(["edis_calql.py", *CALQL_SMOKE, "--no-edis", "--online-steps", "100", "--output-dir", str(out)],
                    tiny_pointmaze, timeout=600)
@@ -263,3 +263,6 @@ def test_no_edis_and_resume_extend(tiny_pointmaze, tmp_path):  # noqa: F811
     assert f"resumed {out} at step 250" in p.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["updates"] == 310 and summary["online_env_steps"] == 160
+    # an edis_calql.py checkpoint handed to edis_iql.py: one line, no traceback
+    p = run_script(["edis_iql.py", "--resume", str(out)], tiny_pointmaze)
+    assert p.returncode == 2 and "not a checkpoint of this script" in p.stderr and "Traceback" not in p.stderr

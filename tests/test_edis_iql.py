@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import edis_iql as m
-from tests.conftest import REPO, run_script
+from tests.conftest import REPO, read_scalars, run_script
 from utils.offline_data import get_task
 
 
@@ -264,23 +264,6 @@ SMOKE = ["--env", "pointmaze-umaze", "--offline-steps", "150", "--online-steps",
          "--edis-num-samples", "400", "--edis-width", "32", "--edis-depth", "2", "--edis-sample-steps", "6",
          "--energy-pool", "16", "--energy-negatives", "4", "--energy-steps", "5", "--log-every", "50",
          "--checkpoint-every", "100", "--hidden-dim", "32", "--batch-size", "32", "--device", "cpu"]
-
-
-@pytest.fixture(scope="module")
-def tiny_pointmaze(tmp_path_factory):
-    root = tmp_path_factory.mktemp("minari")
-    env = {"MINARI_DATASETS_PATH": str(root), "HF_HUB_OFFLINE": "1"}
-    p = run_script(["-m", "utils.collect", "pointmaze-umaze", "--num-steps", "3000"], env)
-    assert p.returncode == 0, p.stderr
-    return env
-
-
-def read_scalars(run_dir):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(run_dir)
-    acc.Reload()
-    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 def test_smoke_run_reaches_every_stage(tiny_pointmaze, tmp_path):

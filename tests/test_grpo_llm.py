@@ -3,14 +3,12 @@ generation scores; parameter updates; smoke, resume and 2-process torchrun runs 
 
 import json
 import math
-import os
 
 import pytest
 import torch
 
 import grpo_llm as g
-from tests.conftest import run_script
-from tests.test_llm_task import tiny_model_dir  # noqa: F401  (session fixture)
+from tests.conftest import read_scalars, run_script
 
 
 def args_for(**kw):
@@ -117,7 +115,7 @@ def load(tiny):
     return g.load_model(tiny, torch.device("cpu"), False, lambda *a: None)
 
 
-def test_training_logprobs_match_generation_scores(tiny_model_dir):  # noqa: F811
+def test_training_logprobs_match_generation_scores(tiny_model_dir):
     tok, model = load(tiny_model_dir)
     model.eval()
     prompts = ["Question: Leo has 3 apples. How many apples does Leo have now?\nAnswer:", "Question: short\nAnswer:"]
@@ -140,7 +138,7 @@ def test_training_logprobs_match_generation_scores(tiny_model_dir):  # noqa: F81
     assert diff < 1e-4
 
 
-def test_every_trainable_parameter_changes_after_one_update(tiny_model_dir):  # noqa: F811
+def test_every_trainable_parameter_changes_after_one_update(tiny_model_dir):
     tok, model = load(tiny_model_dir)
     args = args_for(learning_rate=1e-3)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -165,15 +163,7 @@ SMOKE = ["--total-rounds", "3", "--prompts-per-round", "4", "--group-size", "4",
 OFFLINE = {"HF_HUB_OFFLINE": "1"}
 
 
-def read_scalars(run_dir):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(run_dir)
-    acc.Reload()
-    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
-
-
-def test_smoke_and_resume(tiny_model_dir, tmp_path):  # noqa: F811
+def test_smoke_and_resume(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     p = run_script(["grpo_llm.py", "--model", tiny_model_dir, *SMOKE, "--output-dir", str(out)], OFFLINE)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -193,7 +183,7 @@ def test_smoke_and_resume(tiny_model_dir, tmp_path):  # noqa: F811
     assert s["rounds"] == 5 and s["updates"] == 5 and s["generated_trajectories"] == 5 * 16
 
 
-def test_torchrun_two_processes(tiny_model_dir, tmp_path):  # noqa: F811
+def test_torchrun_two_processes(tiny_model_dir, tmp_path):
     out = tmp_path / "ddp"
     p = run_script(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
                     "grpo_llm.py", "--model", tiny_model_dir, *SMOKE, "--output-dir", str(out)], OFFLINE, timeout=300)

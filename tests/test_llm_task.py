@@ -96,13 +96,6 @@ def test_hub_dataset_offline_fails_fast(monkeypatch):
     assert time.time() - t0 < 10
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    """The built-in model recipe at test size: xs Qwen2, 40 noisy SFT steps (seconds)."""
-    return build_builtin_model(str(tmp_path_factory.mktemp("llm") / "tiny"), size="xs", sft_steps=40,
-                               log=lambda s: None)
-
-
 def test_builtin_model_loads_with_plain_transformers(tiny_model_dir, tmp_path):
     import torch
     import transformers

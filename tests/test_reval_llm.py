@@ -9,9 +9,8 @@ import pytest
 import torch
 
 import reval_llm as rv
-from tests.conftest import run_script
-from tests.test_grpo_llm import OFFLINE, SMOKE, read_scalars
-from tests.test_llm_task import tiny_model_dir  # noqa: F401  (session fixture)
+from tests.conftest import read_scalars, run_script
+from tests.test_grpo_llm import OFFLINE, SMOKE
 
 
 def load(path):
@@ -25,7 +24,7 @@ def rollout_batch(model, tok, n=4):
                        args)
 
 
-def test_proposition2_zero_loss_and_gradient_at_reference(tiny_model_dir):  # noqa: F811
+def test_proposition2_zero_loss_and_gradient_at_reference(tiny_model_dir):
     """Prop. 2: with r = 0 and theta = reference, Eq. 2's loss is 0 and so is its gradient."""
     tok, model = load(tiny_model_dir)
     ref = copy.deepcopy(model)
@@ -39,7 +38,7 @@ def test_proposition2_zero_loss_and_gradient_at_reference(tiny_model_dir):  # no
     assert max(p.grad.abs().max().item() for p in model.parameters() if p.grad is not None) < 1e-8
 
 
-def test_eq2_equals_square_of_summed_per_token_residuals(tiny_model_dir):  # noqa: F811
+def test_eq2_equals_square_of_summed_per_token_residuals(tiny_model_dir):
     """Eq. 2's closed form == (sum_h delta_h)^2 with delta_h = Q(s_h,a_h) - r_h/beta - Q_ref(s_h,a_h)
     + V_ref(s_{h+1}) - V(s_{h+1}), V(s_{H+1}) = 0 after EOS, r_h = r at the last token (a slow loop)."""
     tok, model = load(tiny_model_dir)
@@ -110,7 +109,7 @@ def test_fifo_eviction_order_and_reuse_is_k():
     assert sum(uses) / len(uses) == pytest.approx(K, rel=0.03)
 
 
-def test_collate_roundtrip(tiny_model_dir):  # noqa: F811
+def test_collate_roundtrip(tiny_model_dir):
     tok, model = load(tiny_model_dir)
     batch = rollout_batch(model, tok)
     batch["reward"] = torch.arange(8.0)
@@ -122,7 +121,7 @@ def test_collate_roundtrip(tiny_model_dir):  # noqa: F811
     torch.testing.assert_close(a[1], b[1], rtol=1e-5, atol=1e-4)
 
 
-def test_smoke_resume_and_replay(tiny_model_dir, tmp_path):  # noqa: F811
+def test_smoke_resume_and_replay(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     p = run_script(["reval_llm.py", "--model", tiny_model_dir, *SMOKE, "--ref-reset-every", "2", "--output-dir",
                     str(out)], OFFLINE)
@@ -136,9 +135,12 @@ def test_smoke_resume_and_replay(tiny_model_dir, tmp_path):  # noqa: F811
     assert p.returncode == 0, p.stderr[-3000:]
     s = json.loads((out / "summary.json").read_text())
     assert s["rounds"] == 4 and s["updates"] == 8 and s["replay_updates"] == 4 and s["ref_resets"] == 2
+    # a reval_llm.py checkpoint handed to grpo_llm.py: one line, no traceback
+    p = run_script(["grpo_llm.py", "--resume", str(out)], OFFLINE)
+    assert p.returncode == 2 and "not a checkpoint of this script" in p.stderr and "Traceback" not in p.stderr
 
 
-def test_torchrun_two_processes(tiny_model_dir, tmp_path):  # noqa: F811
+def test_torchrun_two_processes(tiny_model_dir, tmp_path):
     out = tmp_path / "ddp"
     p = run_script(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
                     "reval_llm.py", "--model", tiny_model_dir, *SMOKE, "--output-dir", str(out)], OFFLINE, timeout=300)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 import sys
 import tempfile
 from typing import Any, Callable
@@ -32,6 +33,25 @@ def run_cli(main: Callable[[], Any]) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def env_flag(name: str) -> bool:
+    """An environment variable set to a true value (1, true, yes, on), as huggingface_hub reads its flags."""
+    return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def network_available(host: str, timeout: float = 3.0) -> bool:
+    """One quick TCP connect; offline machines fail here in milliseconds (DNS) instead of after minutes of retries."""
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def hub_offline() -> bool:
+    """True when the Hugging Face Hub cannot be reached: HF_HUB_OFFLINE is set, or huggingface.co does not answer."""
+    return env_flag("HF_HUB_OFFLINE") or not network_available("huggingface.co")
 
 
 def seed_everything(seed: int, torch_deterministic: bool = True) -> None:

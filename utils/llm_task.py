@@ -24,7 +24,7 @@ import threading
 import time
 from typing import Callable, Optional
 
-from utils.common import UserError
+from utils.common import UserError, env_flag, hub_offline
 
 # ---------------------------------------------------------------------------------------------------------------
 # Built-in task: seeded GSM8K-style word problems with a short chain of thought and a \boxed{} answer
@@ -121,13 +121,7 @@ def _read_local(path: str) -> list:
 
 
 def _load_hub(name: str, split: str, config: Optional[str]) -> list:
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on") or os.environ.get(
-            "HF_DATASETS_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
-        cached_only = True
-    else:
-        from utils.offline_data import network_available
-
-        cached_only = not network_available("huggingface.co")
+    cached_only = env_flag("HF_DATASETS_OFFLINE") or hub_offline()
     try:
         import datasets
     except ImportError:

@@ -27,14 +27,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import socket
 import warnings
 from typing import Callable, Optional
 
 import gymnasium as gym
 import numpy as np
 
-from utils.common import UserError
+from utils.common import UserError, env_flag, network_available
 
 # ---------------------------------------------------------------------------------------------------------------
 # Task registry
@@ -476,15 +475,6 @@ def _remote_host() -> str:
     return "storage.googleapis.com" if remote.startswith("gcp://") else "huggingface.co"
 
 
-def network_available(host: str, timeout: float = 3.0) -> bool:
-    """One quick TCP connect; offline machines fail here in milliseconds (DNS) instead of after retries."""
-    try:
-        with socket.create_connection((host, 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 def why_no_download() -> Optional[str]:
     """None when a Minari download can be attempted, else the reason it cannot (shown to the user)."""
     if _remote_host() == "huggingface.co":
@@ -492,7 +482,7 @@ def why_no_download() -> Optional[str]:
             import huggingface_hub  # noqa: F401  (minari's hf remote needs it: the `minari[hf]` extra)
         except ImportError:
             return 'downloads need the optional extra: pip install "minari[hf]"'
-        if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        if env_flag("HF_HUB_OFFLINE"):
             return "HF_HUB_OFFLINE is set"
     if not network_available(_remote_host()):
         return f"no network connection to {_remote_host()}"
