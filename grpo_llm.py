@@ -241,9 +241,11 @@ def score(texts: list, golds: list, args: Args) -> tuple:
 # ---------------------------------------------------------------------------------------------------------------
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str) -> torch.Tensor:
     """A_i = r_i - mean(group), divided by the group's std (+1e-4, TRL), the whole batch's std, or nothing (Dr. GRPO).
-    rewards: [num_prompts * group_size], grouped consecutively. The same advantage goes to every token of o_i."""
+    rewards: [num_prompts * group_size], grouped consecutively. The same advantage goes to every token of o_i.
+    A singleton group (--group-size 1, ReVal Sec. 5.4) gets mean 0 and std 1 as in verl, so A_i = r_i (REINFORCE on
+    the raw reward) instead of an all-zero advantage."""
     g = rewards.view(-1, group_size)
-    adv = (g - g.mean(1, keepdim=True)).view(-1)
+    adv = (g - g.mean(1, keepdim=True)).view(-1) if group_size > 1 else rewards.clone()
     if scale == "group":
         std = g.std(1, keepdim=True) if group_size > 1 else torch.ones_like(g[:, :1])
         adv = adv / (std.expand_as(g).reshape(-1) + 1e-4)

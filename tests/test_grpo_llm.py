@@ -41,6 +41,14 @@ def test_group_advantages(scale):
     assert got[4:8].abs().max() == 0  # an all-correct group carries no signal
 
 
+@pytest.mark.parametrize("scale", ["group", "none"])
+def test_singleton_groups_keep_raw_reward(scale):
+    """verl's rule for one rollout per prompt: mean 0, std 1, so GRPO becomes REINFORCE on the raw 0/1 reward."""
+    rewards = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0])
+    got = g.group_advantages(rewards, 1, scale)
+    assert got.tolist() == pytest.approx([r / (1 + 1e-4) if scale == "group" else r for r in rewards.tolist()])
+
+
 def fixed_batch(seed=0, B=6, T=5):
     gen = torch.Generator().manual_seed(seed)
     logp = -torch.rand(B, T, generator=gen) * 3

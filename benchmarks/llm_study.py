@@ -1,0 +1,78 @@
+"""Study 1 of docs/results.md: ReVal vs GRPO on the built-in task and model, seeds as arguments.
+
+    python benchmarks/llm_study.py --seeds 1 2 3                 # both settings, about 20 min per seed on 1 core
+    python benchmarks/llm_study.py --seeds 4 --settings n1       # only the 1-rollout-per-prompt setting
+
+Settings (every run: same prompts per round, same learning rate, same evaluation; only the algorithm differs):
+
+* ``main``: 16 prompts x 8 rollouts per round (the scripts' defaults). GRPO (DAPO loss, clip-higher, group std) and
+  ReVal with K = 1, 2 (the paper's default) and 4 updates per generation round.
+* ``n1``: 32 prompts x 1 rollout per round (ReVal Sec. 5.4). GRPO then has singleton groups (verl's rule: the raw
+  reward is the advantage, i.e. REINFORCE); ReVal uses K = 8 updates per round, the setting of the paper's Fig. 6.
+
+Each run is a plain call of ``grpo_llm.py`` / ``reval_llm.py`` (the command is stored in the study's manifest) writing
+to ``<out>/<setting>/<method>/seed<k>``. Finished runs (summary.json present) are skipped, so an interrupted study is
+continued by running the same command again. Extract and plot with ``benchmarks/make_results.py``.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from study_common import machine_info, run_logged  # noqa: E402
+
+SETTINGS = {
+    "main": {"flags": ["--prompts-per-round", "16", "--group-size", "8"],
+             "methods": {"grpo": ("grpo_llm.py", []),
+                         "reval_k1": ("reval_llm.py", ["--updates-per-round", "1"]),
+                         "reval_k2": ("reval_llm.py", ["--updates-per-round", "2"]),
+                         "reval_k4": ("reval_llm.py", ["--updates-per-round", "4"])}},
+    "n1": {"flags": ["--prompts-per-round", "32", "--group-size", "1"],
+           "methods": {"grpo": ("grpo_llm.py", []),
+                       "reval_k8": ("reval_llm.py", ["--updates-per-round", "8"])}},
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
+    p.add_argument("--rounds", type=int, default=60, help="generation rounds per run")
+    p.add_argument("--eval-every", type=int, default=10)
+    p.add_argument("--eval-prompts", type=int, default=128, help="held-out prompts per evaluation")
+    p.add_argument("--eval-samples", type=int, default=4, help="k of the sampled mean@k accuracy")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run (OMP_NUM_THREADS)")
+    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "runs", "llm"))
+    a = p.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads), HF_HUB_OFFLINE="1")
+    common = ["--total-rounds", str(a.rounds), "--eval-every", str(a.eval_every), "--eval-prompts",
+              str(a.eval_prompts), "--eval-samples", str(a.eval_samples), "--checkpoint-every", str(a.rounds)]
+    manifest_path = os.path.join(a.out, "manifest.json")
+    manifest = json.load(open(manifest_path)) if os.path.exists(manifest_path) else {"runs": {}}
+    manifest.update(machine_info(), study_command=" ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]))
+    for seed in a.seeds:  # seed-major: a study cut short still has every method for the seeds it finished
+        for setting in a.settings:
+            for method, (script, flags) in SETTINGS[setting]["methods"].items():
+                run_dir = os.path.join(a.out, setting, method, f"seed{seed}")
+                cmd = [sys.executable, script, "--seed", str(seed), "--output-dir", run_dir, *common,
+                       *SETTINGS[setting]["flags"], *flags]
+                key = f"{setting}/{method}/seed{seed}"
+                if os.path.exists(os.path.join(run_dir, "summary.json")):
+                    print(f"{key}: done, skipped")
+                    continue
+                t0 = time.time()
+                run_logged(cmd, run_dir + ".log", env, cwd=ROOT)
+                manifest["runs"][key] = {"command": " ".join(["python"] + cmd[1:]).replace(ROOT + "/", ""),
+                                         "threads": a.threads, "wall_s": round(time.time() - t0, 1)}
+                json.dump(manifest, open(manifest_path, "w"), indent=2)
+                print(f"{key}: {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

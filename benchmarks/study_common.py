@@ -1,0 +1,35 @@
+"""Helpers shared by the benchmark study drivers: what machine and commit a study ran on, and running one command
+with its output kept in a log file."""
+
+import datetime
+import os
+import platform
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def machine_info() -> dict:
+    """CPU model, core count, torch version and the git commit (with a flag for uncommitted changes)."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa: E731
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+            "commit": git("rev-parse", "HEAD"), "uncommitted_changes": bool(git("status", "--porcelain", "--", "*.py")),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def run_logged(cmd: list, log_path: str, env: dict, cwd: str = ROOT) -> None:
+    """Run cmd with stdout and stderr going to log_path; exit with a one-line message if it fails."""
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    with open(log_path, "w") as log:
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd).returncode
+    if rc != 0:
+        sys.exit(f"error: {' '.join(cmd)} failed with exit code {rc}; see {log_path}")
