@@ -1,0 +1,81 @@
+"""Study 2 of docs/results.md: EDIS vs plain fine-tuning after the same offline phase, for IQL and Cal-QL on
+PointMaze (locally collected data), seeds as arguments.
+
+    python benchmarks/edis_study.py --algos iql calql --seeds 1 2 3     # about 11 (IQL) + 16 (Cal-QL) min per seed
+
+Per algorithm and seed the offline phase runs once (``--online-steps 0``); its output folder is copied twice and both
+copies are continued with ``--resume`` for the same number of online steps, one with EDIS and one with ``--no-edis``.
+The two arms therefore start from the same agent, and their online phases see the same env reset seeds and batch
+seeds: the only difference is EDIS. Runs go to ``<out>/<algo>/seed<k>/{offline,edis,noedis}``; finished ones are
+skipped and an interrupted one is resumed, so rerunning the same command continues a study. Budgets are reduced from
+the scripts' CPU presets (see BUDGETS) so that 3 seeds of both algorithms fit in about 1.5 h on one core.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from study_common import machine_info, run_logged  # noqa: E402
+
+# offline updates, online env steps, evaluation and EDIS retrain intervals (online steps), per algorithm
+BUDGETS = {
+    "iql": dict(offline=10_000, online=10_000, eval_every=2_000, retrain_every=2_500),
+    "calql": dict(offline=4_000, online=4_000, eval_every=1_000, retrain_every=1_500),
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--algos", nargs="+", choices=list(BUDGETS), default=list(BUDGETS))
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--env", default="pointmaze-umaze")
+    p.add_argument("--eval-episodes", type=int, default=10)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run (OMP_NUM_THREADS)")
+    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "runs", "edis"))
+    a = p.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
+    manifest_path = os.path.join(a.out, "manifest.json")
+    manifest = json.load(open(manifest_path)) if os.path.exists(manifest_path) else {"runs": {}}
+    manifest.update(machine_info(), study_command=" ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
+                    budgets=BUDGETS)
+    rel = lambda cmd: " ".join(["python"] + cmd[1:]).replace(ROOT + "/", "")  # noqa: E731
+
+    def run(key: str, cmd: list, log: str) -> None:
+        t0 = time.time()
+        run_logged(cmd, log, env, cwd=ROOT)
+        manifest["runs"][key] = {"command": rel(cmd), "threads": a.threads, "wall_s": round(time.time() - t0, 1)}
+        json.dump(manifest, open(manifest_path, "w"), indent=2)
+        print(f"{key}: {time.time() - t0:.0f} s", flush=True)
+
+    for seed in a.seeds:
+        for algo in a.algos:
+            b, base = BUDGETS[algo], os.path.join(a.out, algo, f"seed{seed}")
+            script = f"edis_{algo}.py"
+            offline_dir = os.path.join(base, "offline")
+            if not os.path.exists(os.path.join(offline_dir, "summary.json")):
+                resume = ["--resume", offline_dir] if os.path.exists(os.path.join(offline_dir, "checkpoint.pt")) else []
+                run(f"{algo}/seed{seed}/offline", [
+                    sys.executable, script, "--env", a.env, "--seed", str(seed), "--output-dir", offline_dir,
+                    "--offline-steps", str(b["offline"]), "--online-steps", "0", "--eval-every", str(b["eval_every"]),
+                    "--eval-episodes", str(a.eval_episodes), "--edis-retrain-every", str(b["retrain_every"]),
+                    "--checkpoint-every", str(b["offline"]), *resume], offline_dir + ".log")
+            for arm, flag in (("edis", "--edis"), ("noedis", "--no-edis")):
+                arm_dir = os.path.join(base, arm)
+                if os.path.exists(os.path.join(arm_dir, "summary.json")):
+                    print(f"{algo}/seed{seed}/{arm}: done, skipped")
+                    continue
+                if not os.path.exists(arm_dir):  # a fresh copy of the offline phase's folder, then continue it
+                    shutil.copytree(offline_dir, arm_dir)
+                    os.remove(os.path.join(arm_dir, "summary.json"))
+                run(f"{algo}/seed{seed}/{arm}", [sys.executable, script, "--resume", arm_dir, "--online-steps",
+                                                 str(b["online"]), flag], arm_dir + ".log")
+
+
+if __name__ == "__main__":
+    main()
