@@ -14,6 +14,7 @@ the scripts' CPU presets (see BUDGETS) so that 3 seeds of both algorithms fit in
 import argparse
 import json
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -24,8 +25,8 @@ from study_common import machine_info, run_logged  # noqa: E402
 
 # offline updates, online env steps, evaluation and EDIS retrain intervals (online steps), per algorithm
 BUDGETS = {
-    "iql": dict(offline=10_000, online=10_000, eval_every=2_000, retrain_every=2_500),
-    "calql": dict(offline=4_000, online=4_000, eval_every=1_000, retrain_every=1_500),
+    "iql": dict(offline_steps=10_000, online_steps=10_000, eval_every=2_000, retrain_every=2_500),
+    "calql": dict(offline_steps=4_000, online_steps=4_000, eval_every=1_000, retrain_every=1_500),
 }
 
 
@@ -37,13 +38,16 @@ def main() -> None:
     p.add_argument("--eval-episodes", type=int, default=10)
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (OMP_NUM_THREADS)")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "runs", "edis"))
+    for k in BUDGETS["iql"]:
+        p.add_argument(f"--{k.replace('_', '-')}", type=int, help=f"override BUDGETS[algo][{k!r}] for every algorithm")
+    p.add_argument("--extra", default="", help="more flags for the offline phase (the arms inherit its config), "
+                   "e.g. '--hidden-dim 64'")
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
     manifest_path = os.path.join(a.out, "manifest.json")
     manifest = json.load(open(manifest_path)) if os.path.exists(manifest_path) else {"runs": {}}
-    manifest.update(machine_info(), study_command=" ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
-                    budgets=BUDGETS)
+    manifest.update(machine_info(), study_command=" ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]))
     rel = lambda cmd: " ".join(["python"] + cmd[1:]).replace(ROOT + "/", "")  # noqa: E731
 
     def run(key: str, cmd: list, log: str) -> None:
@@ -55,16 +59,19 @@ def main() -> None:
 
     for seed in a.seeds:
         for algo in a.algos:
-            b, base = BUDGETS[algo], os.path.join(a.out, algo, f"seed{seed}")
+            b = {k: getattr(a, k) if getattr(a, k) is not None else v for k, v in BUDGETS[algo].items()}
+            manifest.setdefault("budgets", {})[algo] = b
+            base = os.path.join(a.out, algo, f"seed{seed}")
             script = f"edis_{algo}.py"
             offline_dir = os.path.join(base, "offline")
             if not os.path.exists(os.path.join(offline_dir, "summary.json")):
                 resume = ["--resume", offline_dir] if os.path.exists(os.path.join(offline_dir, "checkpoint.pt")) else []
                 run(f"{algo}/seed{seed}/offline", [
                     sys.executable, script, "--env", a.env, "--seed", str(seed), "--output-dir", offline_dir,
-                    "--offline-steps", str(b["offline"]), "--online-steps", "0", "--eval-every", str(b["eval_every"]),
-                    "--eval-episodes", str(a.eval_episodes), "--edis-retrain-every", str(b["retrain_every"]),
-                    "--checkpoint-every", str(b["offline"]), *resume], offline_dir + ".log")
+                    "--offline-steps", str(b["offline_steps"]), "--online-steps", "0",
+                    "--eval-every", str(b["eval_every"]), "--eval-episodes", str(a.eval_episodes),
+                    "--edis-retrain-every", str(b["retrain_every"]), "--checkpoint-every", str(b["offline_steps"]),
+                    *shlex.split(a.extra), *resume], offline_dir + ".log")
             for arm, flag in (("edis", "--edis"), ("noedis", "--no-edis")):
                 arm_dir = os.path.join(base, arm)
                 if os.path.exists(os.path.join(arm_dir, "summary.json")):
@@ -74,7 +81,7 @@ def main() -> None:
                     shutil.copytree(offline_dir, arm_dir)
                     os.remove(os.path.join(arm_dir, "summary.json"))
                 run(f"{algo}/seed{seed}/{arm}", [sys.executable, script, "--resume", arm_dir, "--online-steps",
-                                                 str(b["online"]), flag], arm_dir + ".log")
+                                                 str(b["online_steps"]), flag], arm_dir + ".log")
 
 
 if __name__ == "__main__":

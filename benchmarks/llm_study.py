@@ -18,7 +18,7 @@ continued by running the same command again. Extract and plot with ``benchmarks/
 import argparse
 import json
 import os
-import subprocess
+import shlex
 import sys
 import time
 
@@ -48,11 +48,13 @@ def main() -> None:
     p.add_argument("--eval-samples", type=int, default=4, help="k of the sampled mean@k accuracy")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (OMP_NUM_THREADS)")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "runs", "llm"))
+    p.add_argument("--extra", default="", help="more flags for every run, e.g. '--model path/to/model'")
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads), HF_HUB_OFFLINE="1")
     common = ["--total-rounds", str(a.rounds), "--eval-every", str(a.eval_every), "--eval-prompts",
-              str(a.eval_prompts), "--eval-samples", str(a.eval_samples), "--checkpoint-every", str(a.rounds)]
+              str(a.eval_prompts), "--eval-samples", str(a.eval_samples), "--checkpoint-every", str(a.rounds),
+              *shlex.split(a.extra)]
     manifest_path = os.path.join(a.out, "manifest.json")
     manifest = json.load(open(manifest_path)) if os.path.exists(manifest_path) else {"runs": {}}
     manifest.update(machine_info(), study_command=" ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]))

@@ -8,5 +8,6 @@ for rep in 1 2 3; do
   python benchmarks/update_throughput.py --algo iql --updates 3000 --warmup 300 --edis-batch
   python benchmarks/update_throughput.py --algo iql --updates 3000 --warmup 300 --bf16
   python benchmarks/update_throughput.py --algo calql --updates 40 --warmup 3
+  python benchmarks/update_throughput.py --algo calql --updates 40 --warmup 3 --edis-batch
   python benchmarks/update_throughput.py --algo calql --updates 40 --warmup 3 --bf16
 done

@@ -1,0 +1,348 @@
+"""Tables and plots of docs/results.md, from the studies' own logs.
+
+    python benchmarks/make_results.py extract   # runs' TensorBoard logs / JSON -> benchmarks/results/*.json (committed)
+    python benchmarks/make_results.py report    # those JSON files -> docs/img/*.png and the tables in docs/results.md
+    python benchmarks/make_results.py           # both (--runs, --results, --doc, --img move the folders)
+
+``extract`` reads ``benchmarks/runs/`` (written by llm_study.py, edis_study.py, fidelity_study.py; not committed) and
+keeps, per run, the evaluation curves and timings. ``report`` needs only the committed JSON files, so the figures and
+tables can be regenerated on any machine. Tables go between ``<!-- table:NAME -->`` and ``<!-- /table:NAME -->``
+markers in docs/results.md, so the numbers in the text cannot drift from the data. Spreads are sample standard
+deviations (n - 1) over seeds.
+"""
+
+import glob
+import json
+import os
+import re
+import statistics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUNS = os.path.join(ROOT, "benchmarks", "runs")
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+IMG = os.path.join(ROOT, "docs", "img")
+DOC = os.path.join(ROOT, "docs", "results.md")
+LLM_LABELS = {"grpo": "GRPO", "reval_k1": "ReVal K=1", "reval_k2": "ReVal K=2", "reval_k4": "ReVal K=4",
+              "reval_k8": "ReVal K=8"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# extract: run logs -> compact JSON
+# ---------------------------------------------------------------------------------------------------------------
+def scalars(run_dir: str) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(run_dir, size_guidance={"scalars": 0})
+    acc.Reload()
+    out = {}
+    for tag in acc.Tags()["scalars"]:
+        by_step = {e.step: e.value for e in acc.Scalars(tag)}  # a resumed run may log a step twice: keep the last
+        out[tag] = sorted(by_step.items())
+    return out
+
+
+def extract_llm() -> None:
+    root = os.path.join(RUNS, "llm")
+    runs = []
+    for summ in sorted(glob.glob(os.path.join(root, "*", "*", "seed*", "summary.json"))):
+        run_dir = os.path.dirname(summ)
+        setting, method, seed = os.path.relpath(run_dir, root).split(os.sep)
+        s = scalars(run_dir)
+        round_s = dict(s["time/round_s"])
+        evals, cum, t = [], 0.0, 0
+        for step, acc in s["eval/accuracy"]:
+            while t < step:  # training time (generation + reward + update) up to this evaluation, evaluation excluded
+                t += 1
+                cum += round_s.get(t, 0.0)
+            evals.append({"round": step, "train_time_s": round(cum, 2), "accuracy": acc,
+                          "accuracy_sampled": dict(s.get("eval/accuracy_sampled", [])).get(step)})
+        med = lambda tag: statistics.median(v for _, v in s[tag])  # noqa: E731
+        runs.append({"setting": setting, "method": method, "seed": int(seed[4:]), "evals": evals,
+                     "median_round_s": med("time/round_s"), "median_generation_s": med("time/generation_s"),
+                     "median_update_s": med("time/update_s"),
+                     "generation_tokens_per_s": med("time/generation_tokens_per_s"),
+                     "train_tokens_per_s": med("time/train_tokens_per_s"),
+                     "wall_time_s": json.load(open(summ))["wall_time_s"]})
+    manifest = json.load(open(os.path.join(root, "manifest.json")))
+    write_json("llm_study.json", {"manifest": manifest, "runs": runs})
+
+
+def extract_edis() -> None:
+    root = os.path.join(RUNS, "edis")
+    runs = []
+    for summ in sorted(glob.glob(os.path.join(root, "*", "seed*", "*", "summary.json"))):
+        run_dir = os.path.dirname(summ)
+        algo, seed, arm = os.path.relpath(run_dir, root).split(os.sep)
+        if arm == "offline":
+            continue
+        s, summary = scalars(run_dir), json.load(open(summ))
+        cfg = json.load(open(os.path.join(run_dir, "config.json")))["args"]
+        runs.append({"algo": algo, "seed": int(seed[4:]), "arm": arm, "offline_steps": cfg["offline_steps"],
+                     "evals": [{"step": st, "score": v} for st, v in s["eval/normalized_score"]],
+                     "success": [{"step": st, "rate": v} for st, v in s["eval/success_rate"]],
+                     "offline_score": summary["offline_normalized_score"],
+                     "final_score": summary["final_normalized_score"], "regret": summary["regret"],
+                     "retrain_time_s": [v for _, v in s.get("edis/retrain_time_s", [])],
+                     "online_wall_s": summary["wall_time_s"]})
+    manifest = json.load(open(os.path.join(root, "manifest.json")))
+    write_json("edis_study.json", {"manifest": manifest, "runs": runs})
+
+
+def extract_fidelity() -> None:
+    files = sorted(glob.glob(os.path.join(RUNS, "fidelity", "*_seed*.json")))
+    write_json("fidelity_study.json", {"seeds": [json.load(open(f)) for f in files]})
+
+
+def write_json(name: str, obj: dict) -> None:
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, name), "w") as f:
+        json.dump(obj, f, indent=1)
+    print(f"wrote {os.path.join(RESULTS, name)}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# report: JSON -> tables + figures
+# ---------------------------------------------------------------------------------------------------------------
+def ms(values: list, fmt: str = "{:.3f}") -> str:
+    """'mean ± std (n)' over seeds; std is the sample std (n - 1)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    sd = statistics.stdev(values) if len(values) > 1 else float("nan")
+    return f"{fmt.format(statistics.mean(values))} ± {fmt.format(sd)}"
+
+
+def rounds_to_reach(run: dict, target: float, key: str):
+    """(first evaluated round, its training time) with accuracy >= target; None if never."""
+    for e in run["evals"][1:]:
+        if e[key] is not None and e[key] >= target:
+            return e["round"], e["train_time_s"]
+    return None
+
+
+def llm_tables(data: dict) -> dict:
+    tables = {}
+    runs = data["runs"]
+    for setting in ("main", "n1"):
+        rs = [r for r in runs if r["setting"] == setting]
+        if not rs:
+            continue
+        methods = [m for m in LLM_LABELS if any(r["method"] == m for r in rs)]
+        grpo = {r["seed"]: r for r in rs if r["method"] == "grpo"}
+        lines = ["| method | seeds | sampled mean@4: start | sampled mean@4: final | greedy: final | rounds to GRPO's "
+                 "final sampled acc. (reached) | training time to it, s | training s / round |",
+                 "|---|---|---|---|---|---|---|---|"]
+        for m in methods:
+            mr = sorted((r for r in rs if r["method"] == m), key=lambda r: r["seed"])
+            reach = [rounds_to_reach(r, grpo[r["seed"]]["evals"][-1]["accuracy_sampled"], "accuracy_sampled")
+                     for r in mr if r["seed"] in grpo]
+            got = [x for x in reach if x is not None]
+            lines.append(
+                f"| {LLM_LABELS[m]} | {len(mr)} | {ms([r['evals'][0]['accuracy_sampled'] for r in mr])} | "
+                f"{ms([r['evals'][-1]['accuracy_sampled'] for r in mr])} | "
+                f"{ms([r['evals'][-1]['accuracy'] for r in mr])}"
+                f" | {ms([x[0] for x in got], '{:.0f}')} ({len(got)}/{len(reach)}) | "
+                f"{ms([x[1] for x in got], '{:.0f}')} | {ms([r['median_round_s'] for r in mr], '{:.2f}')} |")
+        tables[f"llm_{setting}"] = "\n".join(lines)
+    lines = ["| setting | method | generation, s / round | update(s), s / round | generated tokens / s | "
+             "train tokens / s |", "|---|---|---|---|---|---|"]
+    for r_set in ("main", "n1"):
+        for m in LLM_LABELS:
+            mr = [r for r in runs if r["setting"] == r_set and r["method"] == m]
+            if mr:
+                lines.append(f"| {r_set} | {LLM_LABELS[m]} | {ms([r['median_generation_s'] for r in mr], '{:.2f}')} | "
+                             f"{ms([r['median_update_s'] for r in mr], '{:.2f}')} | "
+                             f"{ms([r['generation_tokens_per_s'] for r in mr], '{:.0f}')} | "
+                             f"{ms([r['train_tokens_per_s'] for r in mr], '{:.0f}')} |")
+    tables["llm_speed"] = "\n".join(lines)
+    return tables
+
+
+def llm_figures(data: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for setting in ("main", "n1"):
+        rs = [r for r in data["runs"] if r["setting"] == setting]
+        if not rs:
+            continue
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+        for m, label in LLM_LABELS.items():
+            mr = [r for r in rs if r["method"] == m]
+            if not mr:
+                continue
+            n = min(len(r["evals"]) for r in mr)
+            rounds = [e["round"] for e in mr[0]["evals"][:n]]
+            for ax, key, xkey in ((axes[0], "accuracy_sampled", "round"), (axes[1], "accuracy_sampled", "time"),
+                                  (axes[2], "accuracy", "round")):
+                ys = [[r["evals"][i][key] for r in mr] for i in range(n)]
+                mean = [statistics.mean(y) for y in ys]
+                sd = [statistics.stdev(y) if len(y) > 1 else 0.0 for y in ys]
+                xs = rounds if xkey == "round" else [statistics.mean(r["evals"][i]["train_time_s"] for r in mr)
+                                                     for i in range(n)]
+                ax.plot(xs, mean, marker="o", ms=3, label=f"{label} ({len(mr)} seeds)")
+                ax.fill_between(xs, [a - b for a, b in zip(mean, sd)], [a + b for a, b in zip(mean, sd)], alpha=0.2)
+        axes[0].set(xlabel="generation rounds", ylabel="sampled accuracy (mean@4)")
+        axes[1].set(xlabel="training wall-clock, s (evaluation excluded; 1 CPU core)",
+                    ylabel="sampled accuracy (mean@4)")
+        axes[2].set(xlabel="generation rounds", ylabel="greedy accuracy")
+        for ax in axes:
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=8)
+        title = {"main": "16 prompts x 8 rollouts per round", "n1": "32 prompts x 1 rollout per round"}[setting]
+        fig.suptitle(f"ReVal vs GRPO, built-in task and model, {title} (mean ± std over seeds)")
+        fig.tight_layout()
+        save(fig, f"llm_{setting}.png")
+
+
+def edis_tables(data: dict) -> dict:
+    runs = data["runs"]
+    lines = ["| algorithm | arm | seeds | score after offline | final score | mean score over online evals | "
+             "training success rate (1 − regret) | EDIS − no-EDIS, final (paired) |", "|---" * 8 + "|"]
+    for algo in ("iql", "calql"):
+        by_arm = {arm: sorted((r for r in runs if r["algo"] == algo and r["arm"] == arm), key=lambda r: r["seed"])
+                  for arm in ("noedis", "edis")}
+        for arm, rs in by_arm.items():
+            if not rs:
+                continue
+            online_mean = [statistics.mean(e["score"] for e in r["evals"] if e["step"] > r["offline_steps"])
+                           for r in rs]
+            diff = ""
+            if arm == "edis":
+                base = {r["seed"]: r["final_score"] for r in by_arm["noedis"]}
+                diff = ms([r["final_score"] - base[r["seed"]] for r in rs if r["seed"] in base], "{:.1f}")
+            lines.append(f"| {'IQL' if algo == 'iql' else 'Cal-QL'} | {'EDIS' if arm == 'edis' else 'no EDIS'} | "
+                         f"{len(rs)} | {ms([r['offline_score'] for r in rs], '{:.1f}')} | "
+                         f"{ms([r['final_score'] for r in rs], '{:.1f}')} | {ms(online_mean, '{:.1f}')} | "
+                         f"{ms([1 - r['regret'] for r in rs if r['regret'] is not None], '{:.2f}')} | {diff} |")
+    lines.append("")
+    lines.append("| algorithm | arm | online phase wall-clock, s (1 core) | EDIS retrain, s each |")
+    lines.append("|---|---|---|---|")
+    for algo in ("iql", "calql"):
+        for arm in ("noedis", "edis"):
+            rs = [r for r in runs if r["algo"] == algo and r["arm"] == arm]
+            if rs:
+                rt = [t for r in rs for t in r["retrain_time_s"]]
+                lines.append(f"| {'IQL' if algo == 'iql' else 'Cal-QL'} | {'EDIS' if arm == 'edis' else 'no EDIS'} | "
+                             f"{ms([r['online_wall_s'] for r in rs], '{:.0f}')} | "
+                             f"{ms(rt, '{:.1f}') if rt else '–'} |")
+    return {"edis": "\n".join(lines)}
+
+
+def edis_figures(data: dict) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for ax, algo in zip(axes, ("iql", "calql")):
+        for arm, label in (("noedis", "no EDIS"), ("edis", "EDIS")):
+            rs = [r for r in data["runs"] if r["algo"] == algo and r["arm"] == arm]
+            if not rs:
+                continue
+            n = min(len(r["evals"]) for r in rs)
+            xs = [e["step"] for e in rs[0]["evals"][:n]]
+            ys = [[r["evals"][i]["score"] for r in rs] for i in range(n)]
+            mean = [statistics.mean(y) for y in ys]
+            sd = [statistics.stdev(y) if len(y) > 1 else 0.0 for y in ys]
+            ax.plot(xs, mean, marker="o", ms=3, label=f"{label} ({len(rs)} seeds)")
+            ax.fill_between(xs, [a - b for a, b in zip(mean, sd)], [a + b for a, b in zip(mean, sd)], alpha=0.2)
+            ax.axvline(rs[0]["offline_steps"], color="gray", ls="--", lw=1)
+        ax.set(title=f"{'IQL' if algo == 'iql' else 'Cal-QL'} on pointmaze-umaze (offline | online)",
+               xlabel="offline updates, then online env steps", ylabel="D4RL normalized score")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    save(fig, "edis_curves.png")
+
+
+FID_COLS = [("dynamics_error_mean", "dynamics error ‖s'−sim(s,a)‖", "{:.3f}"),
+            ("position_error_mean", "position error", "{:.3f}"),
+            ("step_size_mean", "‖s'−s‖ (scale)", "{:.3f}"),
+            ("reward_error_mean", "reward error", "{:.3f}"),
+            ("goal_change_mean", "goal change", "{:.3f}"),
+            ("states_in_walls", "states in walls", "{:.3f}"),
+            ("mmd2_to_online", "MMD² to online states", "{:.4f}"),
+            ("nn_dist_to_online", "NN distance to online states", "{:.3f}")]
+
+
+def fidelity_tables(data: dict) -> dict:
+    seeds = data["seeds"]
+    if not seeds:
+        return {}
+    names = [r["set"] for r in seeds[0]["rows"]]
+    lines = ["| transitions | " + " | ".join(c[1] for c in FID_COLS) + " |", "|---" * (len(FID_COLS) + 1) + "|"]
+    for i, name in enumerate(names):
+        lines.append(f"| {name} | " + " | ".join(ms([s["rows"][i][k] for s in seeds], f) for k, _, f in FID_COLS)
+                     + " |")
+    lines.append("")
+    lines.append(f"Seeds: {len(seeds)} ({', '.join(str(s['seed']) for s in seeds)}), {seeds[0]['samples']} transitions "
+                 f"per set, {seeds[0]['sample_steps']} Heun steps. Generation speed (1 core): unguided "
+                 f"{ms([s['samples_per_s']['unguided'] for s in seeds], '{:.0f}')} transitions/s, EDIS guided "
+                 f"{ms([s['samples_per_s']['edis'] for s in seeds], '{:.0f}')} transitions/s. Energy InfoNCE accuracy "
+                 "at the last step (chance = 1/(1+K)): " + ", ".join(
+                     f"{k.split('_')[-1]} {ms([s['energy_acc'][k] for s in seeds], '{:.2f}')}"
+                     for k in seeds[0]["energy_acc"]) + ".")
+    return {"fidelity": "\n".join(lines)}
+
+
+def save(fig, name: str) -> None:
+    os.makedirs(IMG, exist_ok=True)
+    fig.savefig(os.path.join(IMG, name), dpi=110)
+    print(f"wrote {os.path.join(IMG, name)}")
+
+
+def report() -> None:
+    tables = {}
+    loaders = {"llm_study.json": (llm_tables, llm_figures), "edis_study.json": (edis_tables, edis_figures),
+               "fidelity_study.json": (fidelity_tables, None)}
+    for name, (tab, figs) in loaders.items():
+        path = os.path.join(RESULTS, name)
+        if not os.path.exists(path):
+            print(f"skipped {name}: not extracted")
+            continue
+        data = json.load(open(path))
+        tables.update(tab(data))
+        if figs is not None:
+            figs(data)
+    text = open(DOC).read()
+    for name, body in tables.items():
+        pat = re.compile(rf"(<!-- table:{name} -->\n)(?:.*?\n)?(<!-- /table:{name} -->)", re.S)
+        if not pat.search(text):
+            print(f"{DOC} has no markers for table {name}; not inserted")
+            continue
+        text = pat.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
+    with open(DOC, "w") as f:
+        f.write(text)
+    print(f"updated {DOC}")
+
+
+def extract() -> None:
+    for fn, folder in ((extract_llm, "llm"), (extract_edis, "edis"), (extract_fidelity, "fidelity")):
+        if os.path.isdir(os.path.join(RUNS, folder)):
+            fn()
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    global RUNS, RESULTS, IMG, DOC
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("steps", nargs="*", help="extract and/or report (default: both)")
+    p.add_argument("--runs", default=RUNS, help="the studies' output folders")
+    p.add_argument("--results", default=RESULTS, help="where the extracted JSON goes (committed)")
+    p.add_argument("--doc", default=DOC, help="the markdown file whose table markers are filled")
+    p.add_argument("--img", default=IMG, help="where the figures go")
+    a = p.parse_args(argv)
+    RUNS, RESULTS, IMG, DOC = a.runs, a.results, a.img, a.doc
+    steps = a.steps or ["extract", "report"]
+    if any(s not in ("extract", "report") for s in steps):
+        p.error(f"unknown step(s) {steps}: use extract and/or report")
+    if "extract" in steps:
+        extract()
+    if "report" in steps:
+        report()
+
+
+if __name__ == "__main__":
+    main()

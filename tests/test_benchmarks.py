@@ -1,0 +1,126 @@
+"""The benchmark studies (docs/results.md): their measurements against hand-computed references, and each study's
+whole pipeline (driver -> runs -> extract -> tables and figures) at toy size."""
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, run_script
+
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+import fidelity_study  # noqa: E402
+import make_results  # noqa: E402
+
+DOC = """# results
+<!-- table:llm_main -->
+old
+<!-- /table:llm_main -->
+<!-- table:llm_n1 -->
+<!-- /table:llm_n1 -->
+<!-- table:llm_speed -->
+<!-- /table:llm_speed -->
+<!-- table:edis -->
+<!-- /table:edis -->
+<!-- table:fidelity -->
+<!-- /table:fidelity -->
+"""
+
+
+def test_mmd2_matches_a_loop():
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(7, 3, generator=gen), torch.randn(5, 3, generator=gen) + 0.5
+    k = lambda a, b: float(np.exp(-float(((a - b) ** 2).sum()) / (2 * 0.8 ** 2)))  # noqa: E731
+    xx = sum(k(x[i], x[j]) for i in range(7) for j in range(7) if i != j) / (7 * 6)
+    yy = sum(k(y[i], y[j]) for i in range(5) for j in range(5) if i != j) / (5 * 4)
+    xy = sum(k(x[i], y[j]) for i in range(7) for j in range(5)) / 35
+    assert fidelity_study.mmd2(x, y, 0.8) == pytest.approx(xx + yy - 2 * xy, abs=1e-6)
+
+
+def test_rounds_to_reach_and_mean_std():
+    run = {"evals": [{"round": 0, "train_time_s": 0.0, "acc": 0.9},  # the start never counts
+                     {"round": 10, "train_time_s": 5.0, "acc": 0.3}, {"round": 20, "train_time_s": 11.0, "acc": 0.6},
+                     {"round": 30, "train_time_s": 16.0, "acc": 0.5}]}
+    assert make_results.rounds_to_reach(run, 0.55, "acc") == (20, 11.0)
+    assert make_results.rounds_to_reach(run, 0.95, "acc") is None
+    assert make_results.ms([1.0, 2.0, 3.0], "{:.1f}") == "2.0 ± 1.0"  # sample std (n - 1)
+
+
+def test_simulator_reproduces_real_transitions_and_finds_walls(tiny_pointmaze, monkeypatch):
+    """The fidelity measurement itself: real transitions, replayed from their states, give ~0 dynamics error."""
+    for k, v in tiny_pointmaze.items():
+        monkeypatch.setenv(k, v)
+    from utils.offline_data import get_task, load_offline_data, make_env
+
+    task = get_task("pointmaze-umaze")
+    env, data = make_env(task, seed=0), load_offline_data(task)
+    idx = np.random.default_rng(0).integers(0, len(data), 200)
+    sim = fidelity_study.simulate(env, data.observations[idx], data.actions[idx])
+    assert np.abs(data.next_observations[idx, :4] - sim).max() < 1e-5
+    assert not np.allclose(data.observations[idx, :4], sim)  # and the states did move
+    maze = env.unwrapped.maze
+    free = [maze.cell_rowcol_to_xy(np.array([r, c])) for r, row in enumerate(maze.maze_map)
+            for c, v in enumerate(row) if v != 1]
+    walls = [maze.cell_rowcol_to_xy(np.array([r, c])) for r, row in enumerate(maze.maze_map)
+             for c, v in enumerate(row) if v == 1]
+    assert fidelity_study.wall_fraction(env, np.array(free)) == 0.0
+    assert fidelity_study.wall_fraction(env, np.array(walls)) == 1.0
+    assert fidelity_study.wall_fraction(env, np.array([[100.0, 0.0]])) == 1.0  # outside the maze counts as wall
+
+
+def fill_doc(tmp_path, runs):
+    doc = tmp_path / "results.md"
+    doc.write_text(DOC)
+    make_results.main(["--runs", str(runs), "--results", str(tmp_path / "res"), "--doc", str(doc),
+                       "--img", str(tmp_path / "img")])
+    return doc.read_text()
+
+
+def test_edis_and_fidelity_pipeline(tiny_pointmaze, tmp_path):
+    runs = tmp_path / "runs"
+    extra = ("--eval-episodes 1 --edis-diffusion-steps 40 --edis-num-samples 200 --edis-width 32 --edis-depth 2 "
+             "--edis-sample-steps 4 --energy-pool 16 --energy-negatives 4 --energy-steps 3 --hidden-dim 32 "
+             "--batch-size 32 --log-every 50 --device cpu")
+    p = run_script(["benchmarks/edis_study.py", "--algos", "iql", "--seeds", "1", "--out", str(runs / "edis"),
+                    "--offline-steps", "100", "--online-steps", "160", "--eval-every", "80", "--retrain-every", "70",
+                    "--eval-episodes", "1", "--extra", extra], tiny_pointmaze, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    base = runs / "edis" / "iql" / "seed1"
+    edis, noedis = (json.loads((base / arm / "summary.json").read_text()) for arm in ("edis", "noedis"))
+    assert edis["edis_retrains"] == 2 and noedis["edis_retrains"] == 0  # retrains at online steps 70 and 140
+    assert edis["online_env_steps"] == noedis["online_env_steps"] == 160
+    assert edis["offline_normalized_score"] == noedis["offline_normalized_score"]  # one shared offline phase
+    assert edis["updates"] == noedis["updates"] == 100 + 160
+    p = run_script(["benchmarks/edis_study.py", "--algos", "iql", "--seeds", "1", "--out", str(runs / "edis")],
+                   tiny_pointmaze)
+    assert p.returncode == 0 and p.stdout.count("done, skipped") == 2  # a finished study is not rerun
+    p = run_script(["benchmarks/fidelity_study.py", "--algo", "iql", "--seeds", "1", "--runs", str(runs / "edis"),
+                    "--samples", "64", "--out", str(runs / "fidelity")], tiny_pointmaze, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    rows = {r["set"]: r for r in json.loads((runs / "fidelity" / "iql_seed1.json").read_text())["rows"]}
+    assert rows["offline (real)"]["dynamics_error_mean"] < 1e-5 and rows["online (real, held out)"][
+        "dynamics_error_mean"] < 1e-5
+    assert rows["unguided diffusion"]["dynamics_error_mean"] > 1e-3  # a 40-step toy denoiser is far from exact
+    text = fill_doc(tmp_path, runs)
+    assert "| IQL | EDIS | 1 |" in text and "| EDIS guided |" in text
+    assert (tmp_path / "img" / "edis_curves.png").stat().st_size > 1000
+    assert (tmp_path / "res" / "edis_study.json").exists()
+
+
+def test_llm_pipeline(tiny_model_dir, tmp_path):
+    runs = tmp_path / "runs"
+    p = run_script(["benchmarks/llm_study.py", "--seeds", "1", "--rounds", "2", "--eval-every", "1",
+                    "--eval-prompts", "4", "--eval-samples", "2", "--out", str(runs / "llm"),
+                    "--extra", f"--model {tiny_model_dir} --max-new-tokens 10 --device cpu"], timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    manifest = json.loads((runs / "llm" / "manifest.json").read_text())
+    assert set(manifest["runs"]) == {"main/grpo/seed1", "main/reval_k1/seed1", "main/reval_k2/seed1",
+                                     "main/reval_k4/seed1", "n1/grpo/seed1", "n1/reval_k8/seed1"}
+    s = json.loads((runs / "llm" / "main" / "reval_k4" / "seed1" / "summary.json").read_text())
+    assert s["rounds"] == 2 and s["updates"] == 2 * 4 and s["replay_updates"] == 2 * 3  # K = 4: 1 fresh + 3 replayed
+    text = fill_doc(tmp_path, runs)
+    assert "| GRPO | 1 |" in text and "| ReVal K=8 | 1 |" in text and "old" not in text
+    assert (tmp_path / "img" / "llm_main.png").exists() and (tmp_path / "img" / "llm_n1.png").exists()
