@@ -12,7 +12,6 @@ the scripts' CPU presets (see BUDGETS) so that 3 seeds of both algorithms fit in
 """
 
 import argparse
-import json
 import os
 import shlex
 import shutil
@@ -21,7 +20,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-from study_common import machine_info, run_logged  # noqa: E402
+from study_common import record_run, run_logged  # noqa: E402
 
 # offline updates, online env steps, evaluation and EDIS retrain intervals (online steps), per algorithm
 BUDGETS = {
@@ -45,22 +44,21 @@ def main() -> None:
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
-    manifest_path = os.path.join(a.out, "manifest.json")
-    manifest = json.load(open(manifest_path)) if os.path.exists(manifest_path) else {"runs": {}}
-    manifest.update(machine_info(), study_command=" ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]))
+    study_command = " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
+    budgets = {}
     rel = lambda cmd: " ".join(["python"] + cmd[1:]).replace(ROOT + "/", "")  # noqa: E731
 
     def run(key: str, cmd: list, log: str) -> None:
         t0 = time.time()
         run_logged(cmd, log, env, cwd=ROOT)
-        manifest["runs"][key] = {"command": rel(cmd), "threads": a.threads, "wall_s": round(time.time() - t0, 1)}
-        json.dump(manifest, open(manifest_path, "w"), indent=2)
+        record_run(a.out, key, {"command": rel(cmd), "threads": a.threads, "wall_s": round(time.time() - t0, 1),
+                                "budgets": budgets[key.split("/")[0]]}, study_command)
         print(f"{key}: {time.time() - t0:.0f} s", flush=True)
 
     for seed in a.seeds:
         for algo in a.algos:
             b = {k: getattr(a, k) if getattr(a, k) is not None else v for k, v in BUDGETS[algo].items()}
-            manifest.setdefault("budgets", {})[algo] = b
+            budgets[algo] = b
             base = os.path.join(a.out, algo, f"seed{seed}")
             script = f"edis_{algo}.py"
             offline_dir = os.path.join(base, "offline")

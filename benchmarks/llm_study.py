@@ -16,7 +16,6 @@ continued by running the same command again. Extract and plot with ``benchmarks/
 """
 
 import argparse
-import json
 import os
 import shlex
 import sys
@@ -24,7 +23,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-from study_common import machine_info, run_logged  # noqa: E402
+from study_common import record_run, run_logged  # noqa: E402
 
 SETTINGS = {
     "main": {"flags": ["--prompts-per-round", "16", "--group-size", "8"],
@@ -55,9 +54,7 @@ def main() -> None:
     common = ["--total-rounds", str(a.rounds), "--eval-every", str(a.eval_every), "--eval-prompts",
               str(a.eval_prompts), "--eval-samples", str(a.eval_samples), "--checkpoint-every", str(a.rounds),
               *shlex.split(a.extra)]
-    manifest_path = os.path.join(a.out, "manifest.json")
-    manifest = json.load(open(manifest_path)) if os.path.exists(manifest_path) else {"runs": {}}
-    manifest.update(machine_info(), study_command=" ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]))
+    study_command = " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
     for seed in a.seeds:  # seed-major: a study cut short still has every method for the seeds it finished
         for setting in a.settings:
             for method, (script, flags) in SETTINGS[setting]["methods"].items():
@@ -70,9 +67,8 @@ def main() -> None:
                     continue
                 t0 = time.time()
                 run_logged(cmd, run_dir + ".log", env, cwd=ROOT)
-                manifest["runs"][key] = {"command": " ".join(["python"] + cmd[1:]).replace(ROOT + "/", ""),
-                                         "threads": a.threads, "wall_s": round(time.time() - t0, 1)}
-                json.dump(manifest, open(manifest_path, "w"), indent=2)
+                record_run(a.out, key, {"command": " ".join(["python"] + cmd[1:]).replace(ROOT + "/", ""),
+                                         "threads": a.threads, "wall_s": round(time.time() - t0, 1)}, study_command)
                 print(f"{key}: {time.time() - t0:.0f} s")
 
 

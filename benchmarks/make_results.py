@@ -293,6 +293,21 @@ def fidelity_tables(data: dict) -> dict:
     return {"fidelity": "\n".join(lines)}
 
 
+def round_time_table() -> dict:
+    """benchmarks/results/llm_round_time.jsonl (from benchmarks/llm_round_time.sh): one row per script."""
+    path = os.path.join(RESULTS, "llm_round_time.jsonl")
+    if not os.path.exists(path):
+        return {}
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    lines = ["| script | threads | s / round | generation s | reward s | update s | generated tokens / s | "
+             "train tokens / s |", "|---" * 8 + "|"]
+    for r in rows:
+        lines.append(f"| {r['script']} | {r['threads']} | {r['round_s']:.2f} | {r['generation_s']:.2f} | "
+                     f"{r['reward_s']:.2f} | {r['update_s']:.2f} | {r['generation_tokens_per_s']:.0f} | "
+                     f"{r['train_tokens_per_s']:.0f} |")
+    return {"llm_round_time": "\n".join(lines)}
+
+
 def save(fig, name: str) -> None:
     os.makedirs(IMG, exist_ok=True)
     fig.savefig(os.path.join(IMG, name), dpi=110)
@@ -312,6 +327,7 @@ def report() -> None:
         tables.update(tab(data))
         if figs is not None:
             figs(data)
+    tables.update(round_time_table())
     text = open(DOC).read()
     for name, body in tables.items():
         pat = re.compile(rf"(<!-- table:{name} -->\n)(?:.*?\n)?(<!-- /table:{name} -->)", re.S)

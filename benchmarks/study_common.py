@@ -2,6 +2,7 @@
 with its output kept in a log file."""
 
 import datetime
+import json
 import os
 import platform
 import subprocess
@@ -33,3 +34,19 @@ def run_logged(cmd: list, log_path: str, env: dict, cwd: str = ROOT) -> None:
         rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd).returncode
     if rc != 0:
         sys.exit(f"error: {' '.join(cmd)} failed with exit code {rc}; see {log_path}")
+
+
+def record_run(out_dir: str, key: str, entry: dict, study_command: str, **extra) -> None:
+    """Add one finished run to <out_dir>/manifest.json: its command, timing and commit, plus the machine and the study
+    commands. Read-modify-write with an atomic rename, so studies started side by side on one folder keep every run."""
+    path = os.path.join(out_dir, "manifest.json")
+    manifest = json.load(open(path)) if os.path.exists(path) else {"runs": {}, "study_commands": []}
+    info = machine_info()
+    manifest.update({k: v for k, v in info.items() if k != "commit"}, **extra)
+    if study_command not in manifest.setdefault("study_commands", []):
+        manifest["study_commands"].append(study_command)
+    manifest["runs"][key] = dict(entry, commit=info["commit"] + ("+changes" if info["uncommitted_changes"] else ""))
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=2)
+    os.replace(tmp, path)
