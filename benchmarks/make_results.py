@@ -105,12 +105,13 @@ def write_json(name: str, obj: dict) -> None:
 # report: JSON -> tables + figures
 # ---------------------------------------------------------------------------------------------------------------
 def ms(values: list, fmt: str = "{:.3f}") -> str:
-    """'mean ± std (n)' over seeds; std is the sample std (n - 1)."""
+    """'mean ± std' over seeds (sample std, n - 1); the bare value for one seed; '–' for none."""
     values = [v for v in values if v is not None]
     if not values:
         return "–"
-    sd = statistics.stdev(values) if len(values) > 1 else float("nan")
-    return f"{fmt.format(statistics.mean(values))} ± {fmt.format(sd)}"
+    if len(values) == 1:
+        return fmt.format(values[0])  # one seed: no spread to give
+    return f"{fmt.format(statistics.mean(values))} ± {fmt.format(statistics.stdev(values))}"
 
 
 def rounds_to_reach(run: dict, target: float, key: str):
