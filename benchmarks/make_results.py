@@ -13,6 +13,7 @@ deviations (n - 1) over seeds.
 
 import glob
 import json
+import math
 import os
 import re
 import statistics
@@ -67,7 +68,7 @@ def extract_llm() -> None:
                      "generation_tokens_per_s": med("time/generation_tokens_per_s"),
                      "train_tokens_per_s": med("time/train_tokens_per_s"),
                      "wall_time_s": summary["wall_time_s"]})
-    manifest = json.load(open(os.path.join(RUNS, "llm", "manifest.json")))
+    manifest = read_manifest("llm")
     write_json("llm_study.json", {"manifest": manifest, "runs": runs})
 
 
@@ -84,14 +85,21 @@ def extract_edis() -> None:
                      "offline_score": summary["offline_normalized_score"],
                      "final_score": summary["final_normalized_score"], "regret": summary["regret"],
                      "retrain_time_s": [v for _, v in s.get("edis/retrain_time_s", [])],
+                     "offline_updates_per_s": statistics.median(
+                         v for st, v in s["charts/SPS"] if st <= cfg["offline_steps"]),
                      "online_wall_s": summary["wall_time_s"]})
-    manifest = json.load(open(os.path.join(RUNS, "edis", "manifest.json")))
+    manifest = read_manifest("edis")
     write_json("edis_study.json", {"manifest": manifest, "runs": runs})
 
 
 def extract_fidelity() -> None:
     files = sorted(glob.glob(os.path.join(RUNS, "fidelity", "*_seed*.json")))
     write_json("fidelity_study.json", {"seeds": [json.load(open(f)) for f in files]})
+
+
+def read_manifest(study: str) -> dict:
+    path = os.path.join(RUNS, study, "manifest.json")
+    return json.load(open(path)) if os.path.exists(path) else {}
 
 
 def write_json(name: str, obj: dict) -> None:
@@ -114,6 +122,24 @@ def ms(values: list, fmt: str = "{:.3f}") -> str:
     return f"{fmt.format(statistics.mean(values))} ± {fmt.format(statistics.stdev(values))}"
 
 
+def t_test_p(t: float, df: int, n: int = 4000) -> float:
+    """Two-sided p-value of Student's t: 1 - 2 * integral_0^|t| of the t density (Simpson's rule; no scipy needed)."""
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+    pdf = lambda x: c * (1 + x * x / df) ** (-(df + 1) / 2)  # noqa: E731
+    h = abs(t) / n
+    area = h / 3 * (pdf(0) + pdf(abs(t)) + sum((4 if i % 2 else 2) * pdf(i * h) for i in range(1, n)))
+    return max(0.0, 1 - 2 * area)
+
+
+def paired(diffs: list) -> str:
+    """'k/n better, t = ..., p = ...' for paired differences (one-sample t-test of their mean against 0)."""
+    n, better = len(diffs), sum(d > 0 for d in diffs)
+    if n < 2 or statistics.stdev(diffs) == 0:
+        return f"{better}/{n} better"
+    t = statistics.mean(diffs) / (statistics.stdev(diffs) / math.sqrt(n))
+    return f"{better}/{n} better, t = {t:.2f}, p = {t_test_p(t, n - 1):.2f}"
+
+
 def rounds_to_reach(run: dict, target: float, key: str):
     """(first evaluated round, its training time) with accuracy >= target; None if never."""
     for e in run["evals"][1:]:
@@ -132,7 +158,8 @@ def llm_tables(data: dict) -> dict:
         methods = [m for m in LLM_LABELS if any(r["method"] == m for r in rs)]
         grpo = {r["seed"]: r for r in rs if r["method"] == "grpo"}
         lines = ["| method | seeds | sampled: start | sampled: 1st eval | sampled: final | greedy: final | rounds to "
-                 "3/4 of GRPO's gain (reached) | training s to it | rounds to GRPO's final (reached) | training s to it "
+                 "3/4 of GRPO's gain (reached) | training s to it | rounds to GRPO's final (reached) | "
+                 "training s to it "
                  "| training s / round |", "|---" * 11 + "|"]
         for m in methods:
             mr = sorted((r for r in rs if r["method"] == m and r["seed"] in grpo), key=lambda r: r["seed"])
@@ -207,7 +234,9 @@ def llm_figures(data: dict) -> None:
 def edis_tables(data: dict) -> dict:
     runs = data["runs"]
     lines = ["| algorithm | arm | seeds | score after offline | final score | mean score over online evals | "
-             "training success rate (1 − regret) | EDIS − no-EDIS, final (paired) |", "|---" * 8 + "|"]
+             "training success rate (1 − regret) | EDIS − no-EDIS, final (paired) | "
+             "paired test of the final score |",
+             "|---" * 9 + "|"]
     for algo in ("iql", "calql"):
         by_arm = {arm: sorted((r for r in runs if r["algo"] == algo and r["arm"] == arm), key=lambda r: r["seed"])
                   for arm in ("noedis", "edis")}
@@ -216,23 +245,27 @@ def edis_tables(data: dict) -> dict:
                 continue
             online_mean = [statistics.mean(e["score"] for e in r["evals"] if e["step"] > r["offline_steps"])
                            for r in rs]
-            diff = ""
+            diff = test = ""
             if arm == "edis":
                 base = {r["seed"]: r["final_score"] for r in by_arm["noedis"]}
-                diff = ms([r["final_score"] - base[r["seed"]] for r in rs if r["seed"] in base], "{:.1f}")
+                diffs = [r["final_score"] - base[r["seed"]] for r in rs if r["seed"] in base]
+                diff, test = ms(diffs, "{:.1f}"), paired(diffs)
             lines.append(f"| {'IQL' if algo == 'iql' else 'Cal-QL'} | {'EDIS' if arm == 'edis' else 'no EDIS'} | "
                          f"{len(rs)} | {ms([r['offline_score'] for r in rs], '{:.1f}')} | "
                          f"{ms([r['final_score'] for r in rs], '{:.1f}')} | {ms(online_mean, '{:.1f}')} | "
-                         f"{ms([1 - r['regret'] for r in rs if r['regret'] is not None], '{:.2f}')} | {diff} |")
+                         f"{ms([1 - r['regret'] for r in rs if r['regret'] is not None], '{:.2f}')} | "
+                         f"{diff} | {test} |")
     lines.append("")
-    lines.append("| algorithm | arm | online phase wall-clock, s (1 core) | EDIS retrain, s each |")
-    lines.append("|---|---|---|---|")
+    lines.append("| algorithm | arm | offline updates / s (1 core) | online phase wall-clock, s (1 core) | "
+                 "EDIS retrain, s each |")
+    lines.append("|---|---|---|---|---|")
     for algo in ("iql", "calql"):
         for arm in ("noedis", "edis"):
             rs = [r for r in runs if r["algo"] == algo and r["arm"] == arm]
             if rs:
                 rt = [t for r in rs for t in r["retrain_time_s"]]
                 lines.append(f"| {'IQL' if algo == 'iql' else 'Cal-QL'} | {'EDIS' if arm == 'edis' else 'no EDIS'} | "
+                             f"{ms([r['offline_updates_per_s'] for r in rs], '{:.1f}')} | "
                              f"{ms([r['online_wall_s'] for r in rs], '{:.0f}')} | "
                              f"{ms(rt, '{:.1f}') if rt else '–'} |")
     return {"edis": "\n".join(lines)}
@@ -316,6 +349,8 @@ def save(fig, name: str) -> None:
 
 
 def report() -> None:
+    if not os.path.exists(DOC):
+        raise SystemExit(f"error: {DOC} does not exist (it holds the <!-- table:NAME --> markers to fill)")
     tables = {}
     loaders = {"llm_study.json": (llm_tables, llm_figures), "edis_study.json": (edis_tables, edis_figures),
                "fidelity_study.json": (fidelity_tables, None)}

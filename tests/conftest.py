@@ -29,6 +29,17 @@ def run_script(args, env_extra=None, timeout=120):
                           timeout=timeout)
 
 
+def run_torchrun(script, args, env_extra, port, nproc=2):
+    """``python -m torch.distributed.run --nproc_per_node nproc <script> <args>``; asserts success and returns the
+    run's summary.json (args must contain --output-dir)."""
+    import json
+
+    p = run_script(["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port), script,
+                    *args], env_extra, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(open(os.path.join(args[args.index("--output-dir") + 1], "summary.json")).read())
+
+
 def read_scalars(run_dir):
     """All TensorBoard scalars of a run: {tag: [values]}."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -2,6 +2,7 @@
 whole pipeline (driver -> runs -> extract -> tables and figures) at toy size."""
 
 import json
+import math
 import os
 import sys
 
@@ -47,6 +48,17 @@ def test_rounds_to_reach_and_mean_std():
     assert make_results.rounds_to_reach(run, 0.55, "acc") == (20, 11.0)
     assert make_results.rounds_to_reach(run, 0.95, "acc") is None
     assert make_results.ms([1.0, 2.0, 3.0], "{:.1f}") == "2.0 ± 1.0"  # sample std (n - 1)
+
+
+def test_t_test_against_textbook_critical_values():
+    """Two-sided 5 % and 1 % critical values of Student's t from printed tables (df = 6: 2.447, 3.707; df = 2: 4.303)."""
+    assert make_results.t_test_p(2.447, 6) == pytest.approx(0.05, abs=2e-4)
+    assert make_results.t_test_p(3.707, 6) == pytest.approx(0.01, abs=2e-4)
+    assert make_results.t_test_p(4.303, 2) == pytest.approx(0.05, abs=2e-4)
+    assert make_results.t_test_p(0.0, 5) == pytest.approx(1.0)
+    diffs = [3.0, -1.0, 2.0, 4.0]  # mean 2, sample std sqrt(14/3), t = 2 / (sqrt(14/3) / 2)
+    t = 2 / (math.sqrt(14 / 3) / 2)
+    assert make_results.paired(diffs) == f"3/4 better, t = {t:.2f}, p = {make_results.t_test_p(t, 3):.2f}"
 
 
 def test_simulator_reproduces_real_transitions_and_finds_walls(tiny_pointmaze, monkeypatch):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import reval_llm as rv
-from tests.conftest import read_scalars, run_script
+from tests.conftest import read_scalars, run_script, run_torchrun
 from tests.test_grpo_llm import OFFLINE, SMOKE
 
 
@@ -141,11 +141,8 @@ def test_smoke_resume_and_replay(tiny_model_dir, tmp_path):
 
 
 def test_torchrun_two_processes(tiny_model_dir, tmp_path):
-    out = tmp_path / "ddp"
-    p = run_script(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-                    "reval_llm.py", "--model", tiny_model_dir, *SMOKE, "--output-dir", str(out)], OFFLINE, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    s = json.loads((out / "summary.json").read_text())
+    s = run_torchrun("reval_llm.py", ["--model", tiny_model_dir, *SMOKE, "--output-dir", str(tmp_path / "ddp")],
+                     OFFLINE, port=29533)
     assert s["world_size"] == 2 and s["updates"] == 6 and s["replay_updates"] == 3
 
 
