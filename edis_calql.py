@@ -18,7 +18,6 @@ import dataclasses
 import json
 import math
 import os
-import random
 import time
 from typing import Callable, Optional
 
@@ -28,7 +27,23 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 
-from utils.common import UserError, atomic_torch_save, atomic_write_bytes, run_cli, seed_everything
+from utils.common import (
+    SEED_RANGE,
+    Diverged,
+    UserError,
+    atomic_torch_save,
+    atomic_write_bytes,
+    check_finite,
+    check_flags,
+    check_output_dir,
+    check_resume_flags,
+    get_rng_state,
+    remove_stale_temp_files,
+    run_cli,
+    safe_torch_load,
+    seed_everything,
+    set_rng_state,
+)
 from utils.offline_data import OfflineData, TaskSpec, get_task, load_offline_data, make_env, normalized_score
 
 
@@ -53,6 +68,9 @@ class Args:
     resume: Optional[str] = None
     """an output dir (or its checkpoint.pt) of a killed run: continue it with its saved config; flags given together
     with --resume override the saved values (e.g. a larger --online-steps to train longer)"""
+    overwrite: bool = False
+    """start afresh in an --output-dir that holds an earlier run (its files are deleted); without it such a folder is
+    refused"""
     dataset_path: Optional[str] = None
     """a D4RL-layout hdf5 file or a Minari dataset folder to use instead of the task's Minari dataset"""
     track: bool = False
@@ -227,6 +245,11 @@ TASK_PRESETS = {  # EDIS Cal-QL gins: synthetic ratio per task
 # 2 x 256 critics keep `--env pointmaze-umaze` within ~15 minutes on 2 cores (GPU runs keep the presets above).
 ALGO_CPU_PRESETS = dict(offline_steps=6_000, online_steps=6_000, eval_every=3_000, edis_retrain_every=2_000,
                         q_layers=2, cql_n_actions=4)
+ALGO_RANGES = {"critic_lr": "(0, inf)", "actor_lr": "(0, inf)", "cql_alpha": "[0, inf)", "cql_alpha_online": "[0, inf)",
+               "cql_n_actions": "[1, inf)", "cql_temp": "(0, inf)", "mixing_ratio": "[0, 1]", "q_layers": "[1, inf)",
+               "policy_layers": "[1, inf)"}  # allowed values (checked before anything loads)
+INFINITE_OK = ("cql_clip_diff_min", "cql_clip_diff_max")  # float flags that may be +-inf (no clipping)
+ALGO_RESUME_MAY_CHANGE = {"calibration_online", "cql_alpha_online", "mixing_ratio"}  # online-phase choices
 # >>> shared:presets_device
 # Budgets and model sizes by device. GPU: the paper's scale (1024x6 denoiser, 128 Heun steps, 100k samples per retrain
 # every 10k steps). CPU: small enough that `--env pointmaze-umaze` finishes in minutes on 2 cores.
@@ -268,18 +291,20 @@ def apply_presets(args: Args, task: TaskSpec, device: torch.device) -> Args:
         args.edis_min_online = args.edis_retrain_every
     if args.bf16 is None:
         args.bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    for name in ("offline_steps", "online_steps"):
-        if getattr(args, name) < 0:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    for name in ("eval_every", "eval_episodes", "checkpoint_every", "log_every", "batch_size", "utd",
-                 "edis_retrain_every", "edis_num_samples", "edis_diffusion_steps", "edis_diffusion_batch",
-                 "edis_sample_steps", "edis_sample_batch", "energy_negatives", "energy_pool", "energy_steps",
-                 "energy_batch"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if not 0.0 <= args.edis_ratio < 1.0:
-        raise UserError(f"--edis-ratio must be in [0, 1), got {args.edis_ratio}")
+    check_flags(args, {**COMMON_RANGES, **ALGO_RANGES}, INFINITE_OK)
     return args
+
+
+COMMON_RANGES = {  # allowed values of the shared flags, as intervals
+    "seed": SEED_RANGE, "gamma": "[0, 1]", "tau": "[0, 1]", "edis_ratio": "[0, 1)", "edis_ema": "[0, 1)",
+    "edis_diffusion_lr": "(0, inf)", "energy_lr": "(0, inf)", "edis_churn": "[0, inf)", "edis_min_online": "[0, inf)",
+    "offline_steps": "[0, inf)", "online_steps": "[0, inf)",
+    **{name: "[1, inf)" for name in (
+        "eval_every", "eval_episodes", "checkpoint_every", "log_every", "batch_size", "utd", "hidden_dim",
+        "edis_retrain_every", "edis_num_samples", "edis_diffusion_steps", "edis_diffusion_batch", "edis_width",
+        "edis_depth", "edis_sample_steps", "edis_sample_batch", "energy_negatives", "energy_pool", "energy_steps",
+        "energy_batch", "energy_hidden")},
+}
 # <<< shared:presets_device
 
 
@@ -1104,19 +1129,6 @@ def evaluate(task: TaskSpec, policy: Callable, episodes: int, seed: int, env=Non
 CHECKPOINT = "checkpoint.pt"
 
 
-def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def find_checkpoint(resume: str) -> str:
     path = resume if resume.endswith(".pt") else os.path.join(resume, CHECKPOINT)
     if not os.path.isfile(path):
@@ -1141,19 +1153,28 @@ class Logger:
         table = "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items())
         self.writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
         self.pending: dict = {}
+        self.pending_steps: list = []
 
-    def accumulate(self, metrics: dict) -> None:
+    def accumulate(self, metrics: dict, step: int) -> None:
+        """Keep the update's metric tensors (no device sync) until the next flush; ``step`` = the update's number."""
         for k, v in metrics.items():
             self.pending.setdefault(k, []).append(v)
+        self.pending_steps.append(step)
 
     def flush_pending(self, step: int) -> dict:
-        """Average accumulated tensors with one device sync, write them, return the floats."""
+        """Average accumulated tensors with one device sync, write them, return the floats. A non-finite value stops
+        the run (Diverged), naming the first update and metric where it appeared."""
         if not self.pending:
             return {}
         keys = list(self.pending)
-        means = torch.stack([torch.stack(self.pending[k]).float().mean() for k in keys]).tolist()
-        self.pending = {}
-        out = dict(zip(keys, means))
+        values = torch.stack([torch.stack(self.pending[k]).float() for k in keys])  # [metrics, updates]
+        bad = ~torch.isfinite(values)
+        if bad.any():
+            first = int(bad.any(0).nonzero()[0])
+            raise Diverged(f"non-finite {keys[int(bad[:, first].nonzero()[0])]} at step {self.pending_steps[first]}; "
+                           "the run stops (lower the learning rates or check the data); its last checkpoint is kept")
+        self.pending, self.pending_steps = {}, []
+        out = dict(zip(keys, values.mean(1).tolist()))
         self.scalars(out, step)
         return out
 
@@ -1167,8 +1188,22 @@ class Logger:
 
 
 # >>> shared:main
+# Flags that may change when a run is resumed: budgets, logging, hardware, learning rates (applied to the restored
+# optimizers). Any other flag given with --resume must equal the checkpoint's: the networks, the data and the algorithm
+# were built from it.
+RESUME_MAY_CHANGE = {"resume", "output_dir", "overwrite", "device", "torch_deterministic", "track",
+                     "wandb_project_name", "wandb_entity", "compile", "bf16", "online_steps", "eval_every",
+                     "eval_episodes", "checkpoint_every", "log_every", "edis_retrain_every", "edis_num_samples",
+                     "edis_diffusion_steps", "edis_sample_batch", "energy_steps", "edis_diffusion_lr", "energy_lr",
+                     "critic_lr", "actor_lr"} | ALGO_RESUME_MAY_CHANGE
+
+
 def save_checkpoint(path: str, args: Args, step: int, agent: Agent, opts: dict, online: ReplayBuffer,
-                    edis: EDISState, norm: dict, progress: dict) -> None:
+                    edis: EDISState, norm: dict, progress: dict, gen: torch.Generator) -> None:
+    """Everything a resumed run needs to continue exactly: weights, optimizers, buffers, normalisation, RNG states.
+    Tensors and plain Python values only, so loading it can never execute code (torch.load(weights_only=True))."""
+    if not all(torch.isfinite(p).all() for p in agent.parameters()):
+        raise Diverged(f"non-finite network parameters at step {step}; the run stops, its last checkpoint is kept")
     atomic_torch_save({
         "args": dataclasses.asdict(args), "step": step, "agent": agent.state_dict(),
         "optimizers": {k: o.state_dict() for k, o in opts.items()}, "online_buffer": online.state_dict(),
@@ -1176,8 +1211,43 @@ def save_checkpoint(path: str, args: Args, step: int, agent: Agent, opts: dict, 
                  "energy_opt": edis.energy_opt.state_dict(), "retrains": edis.retrains,
                  "last_retrain_step": edis.last_retrain_step,
                  "synthetic": edis.synthetic.state_dict() if edis.synthetic is not None else None},
-        "normalization": norm, "progress": progress, "rng": rng_state(),
+        "normalization": {k: torch.as_tensor(v) for k, v in norm.items()}, "progress": progress,
+        "rng": get_rng_state(), "batch_generator": gen.get_state(),
     }, path)
+
+
+def load_checkpoint(args: Args, argv: Optional[list]) -> tuple:
+    """``--resume``: the checkpoint (loaded without executing anything) and the run's config, i.e. the saved flags
+    overridden by the ones given now, which must be among RESUME_MAY_CHANGE."""
+    path = find_checkpoint(args.resume)
+    ckpt = safe_torch_load(path, f"--resume {args.resume}")
+    try:
+        saved_args = Args(**ckpt["args"])
+    except (KeyError, TypeError):
+        raise UserError(f"--resume {args.resume!r}: {path} is not a checkpoint of this script") from None
+    args = tyro.cli(Args, args=argv, default=saved_args)
+    check_resume_flags(ckpt["args"], dataclasses.asdict(args), RESUME_MAY_CHANGE)
+    folder = os.path.dirname(os.path.abspath(path))
+    if args.output_dir is None or os.path.abspath(args.output_dir) == os.path.abspath(saved_args.output_dir or folder):
+        args.output_dir = folder  # continue in place, unless a new --output-dir was given (a branch of the run)
+    newer = os.path.join(folder, CHECKPOINT)
+    if args.output_dir == folder and os.path.abspath(path) != newer and os.path.isfile(newer):
+        raise UserError(f"--resume {path}: {folder} holds a newer {CHECKPOINT} that continuing here would "
+                        f"overwrite; pass --output-dir NEW_FOLDER to continue from {os.path.basename(path)} there")
+    return ckpt, args
+
+
+def restore_optimizer(opt: torch.optim.Optimizer, state: dict) -> None:
+    """Load a saved optimizer state, keeping the learning rates of the current flags (a --resume may change them)."""
+    lrs = [g["lr"] for g in opt.param_groups]
+    opt.load_state_dict(state)
+    for g, lr in zip(opt.param_groups, lrs):
+        g["lr"] = lr
+
+
+def reset_seed(args: Args, episode: int) -> int:
+    """Online episode k starts from env.reset(seed=f(k)): a resumed run restarts exactly where the killed one was."""
+    return (args.seed * 1_000_003 + 7_919 * (episode + 1)) % 2**32
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1187,29 +1257,20 @@ def main(argv: Optional[list] = None) -> None:
     args = tyro.cli(Args, args=argv)
     ckpt = None
     if args.resume:  # continue a killed run: its saved config, overridden by the flags given now (e.g. a longer budget)
-        ckpt_path = find_checkpoint(args.resume)
-        try:
-            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-            saved_args = Args(**ckpt["args"])
-        except Exception as e:  # noqa: BLE001 (a truncated file, or a checkpoint of another script)
-            raise UserError(f"--resume {args.resume!r}: {ckpt_path} is not a checkpoint of this script "
-                            f"({type(e).__name__}: {e})") from None
-        args = tyro.cli(Args, args=argv, default=saved_args)
-        args.output_dir = os.path.dirname(os.path.abspath(ckpt_path))
+        ckpt, args = load_checkpoint(args, argv)
     task = get_task(args.env)
     device = resolve_device(args.device)
-    args = apply_presets(args, task, device)
+    args = apply_presets(args, task, device)  # also checks every flag's range
     exp_name = os.path.basename(__file__)[: -len(".py")]
     run_name = f"{task.name}__{exp_name}__{args.seed}__{int(time.time())}"
     out_dir = args.output_dir or os.path.join("runs", run_name)
-    os.makedirs(out_dir, exist_ok=True)
-    if ckpt is None:
-        atomic_write_bytes(os.path.join(out_dir, "config.json"), json.dumps(
-            {"args": dataclasses.asdict(args), "task": dataclasses.asdict(task)}, indent=2, default=str).encode())
+    resuming_in_place = ckpt is not None and os.path.abspath(out_dir) == os.path.abspath(
+        os.path.dirname(find_checkpoint(args.resume)))
+    check_output_dir(out_dir, resuming=resuming_in_place, overwrite=args.overwrite)
 
     # TRY NOT TO MODIFY: seeding
     seed_everything(args.seed, args.torch_deterministic)
-    gen = torch.Generator(device=device)
+    gen = torch.Generator(device=device)  # the stream of batch indices and diffusion noise
     gen.manual_seed(args.seed)
 
     # BOILERPLATE: data -> device buffers (states normalised, rewards transformed)
@@ -1222,7 +1283,7 @@ def main(argv: Optional[list] = None) -> None:
         norm = {"obs_mean": obs_mean.astype(np.float32), "obs_std": obs_std.astype(np.float32),
                 "reward_scale": r_scale, "reward_bias": r_bias}
     else:
-        norm = ckpt["normalization"]
+        norm = {k: v.numpy() if v.dim() else float(v) for k, v in ckpt["normalization"].items()}
     norm_obs = lambda o: (o - norm["obs_mean"]) / norm["obs_std"]  # noqa: E731
     norm_rew = lambda r: r * norm["reward_scale"] + norm["reward_bias"]  # noqa: E731
     offline = ReplayBuffer(obs_dim, act_dim, len(data), device, extra=BUFFER_EXTRA)
@@ -1242,14 +1303,14 @@ def main(argv: Optional[list] = None) -> None:
     if ckpt is not None:
         agent.load_state_dict(ckpt["agent"])
         for k, o in opts.items():
-            o.load_state_dict(ckpt["optimizers"][k])
+            restore_optimizer(o, ckpt["optimizers"][k])
         if ckpt["online_buffer"]["size"] > online.capacity:
             raise UserError(f"--online-steps {args.online_steps} is smaller than the {ckpt['online_buffer']['size']} "
                             f"online steps the checkpoint already holds")
         online.load_state_dict(ckpt["online_buffer"])
         edis.codec.load_state_dict(ckpt["edis"]["codec"])
         edis.energies.load_state_dict(ckpt["edis"]["energies"])
-        edis.energy_opt.load_state_dict(ckpt["edis"]["energy_opt"])
+        restore_optimizer(edis.energy_opt, ckpt["edis"]["energy_opt"])
         edis.retrains, edis.last_retrain_step = ckpt["edis"]["retrains"], ckpt["edis"]["last_retrain_step"]
         if ckpt["edis"]["synthetic"] is not None:
             edis.synthetic = ReplayBuffer(obs_dim, act_dim, ckpt["edis"]["synthetic"]["size"], device,
@@ -1257,7 +1318,13 @@ def main(argv: Optional[list] = None) -> None:
             edis.synthetic.load_state_dict(ckpt["edis"]["synthetic"])
         progress, start_step = ckpt["progress"], ckpt["step"]
         set_rng_state(ckpt["rng"])
-        gen.manual_seed(args.seed + start_step)  # a fresh, reproducible batch stream from the resume point
+        gen.set_state(ckpt["batch_generator"])
+    os.makedirs(out_dir, exist_ok=True)  # only now: a run that fails on its flags or data leaves no folder behind
+    remove_stale_temp_files(out_dir)  # what a kill during a checkpoint write left
+    atomic_write_bytes(os.path.join(out_dir, "config.json"), json.dumps(  # the effective config, also on resume
+        {"args": dataclasses.asdict(args), "task": dataclasses.asdict(task), "device": str(device)}, indent=2,
+        default=str).encode())
+    if ckpt is not None:
         print(f"resumed {out_dir} at step {start_step}")
 
     update = torch.compile(UPDATE) if args.compile else UPDATE
@@ -1277,7 +1344,8 @@ def main(argv: Optional[list] = None) -> None:
         return res
 
     def checkpoint(step: int) -> None:
-        save_checkpoint(os.path.join(out_dir, CHECKPOINT), args, step, agent, opts, online, edis, norm, progress)
+        logger.flush_pending(step)  # stops a diverged run before its checkpoint could overwrite the last good one
+        save_checkpoint(os.path.join(out_dir, CHECKPOINT), args, step, agent, opts, online, edis, norm, progress, gen)
 
     total = args.offline_steps + args.online_steps
     from tqdm import tqdm
@@ -1289,7 +1357,8 @@ def main(argv: Optional[list] = None) -> None:
     # ALGO LOGIC: offline phase: the base algorithm on the offline dataset
     for step in range(start_step, args.offline_steps):
         with amp():
-            logger.accumulate(train_step(agent, opts, offline.sample(args.batch_size, gen), args, step, update))
+            logger.accumulate(train_step(agent, opts, offline.sample(args.batch_size, gen), args, step, update),
+                              step + 1)
         progress["updates"] += 1
         n_sps += 1
         bar.update(1)
@@ -1308,9 +1377,10 @@ def main(argv: Optional[list] = None) -> None:
                    f"(success {res['eval/success_rate']:.2f})")
         checkpoint(args.offline_steps)
 
-    # ALGO LOGIC: online phase: act, store, update (EDIS batches once synthetic data exists)
-    obs, _ = env.reset(seed=args.seed + max(start_step, args.offline_steps))
-    ep_ret, ep_success, ep_start = 0.0, False, online.size
+    # ALGO LOGIC: online phase: act, store, update (EDIS batches once synthetic data exists). Online checkpoints wait
+    # for the end of the episode in progress, so a resumed run starts the same next episode as an uninterrupted one.
+    obs, _ = env.reset(seed=reset_seed(args, progress["episodes"]))
+    ep_ret, ep_success, ep_start, checkpoint_due = 0.0, False, online.size, False
     for step in range(max(start_step, args.offline_steps), total):
         t = step - args.offline_steps  # online env steps done so far
         with torch.no_grad():
@@ -1322,7 +1392,8 @@ def main(argv: Optional[list] = None) -> None:
         ep_ret += float(reward)
         ep_success |= bool(info.get("success", False))
         obs = next_obs
-        if terminated or truncated:
+        episode_over = terminated or truncated
+        if episode_over:
             progress["episodes"] += 1
             progress["train_successes"].append(ep_success)
             ep_stats = {"charts/episodic_return": ep_ret,
@@ -1331,7 +1402,7 @@ def main(argv: Optional[list] = None) -> None:
                 ep_stats["charts/regret"] = 1.0 - float(np.mean(progress["train_successes"]))
             logger.scalars(ep_stats, step + 1)
             episode_done(online, torch.arange(ep_start, online.size, device=device), args, norm)
-            obs, _ = env.reset()
+            obs, _ = env.reset(seed=reset_seed(args, progress["episodes"]))
             ep_ret, ep_success, ep_start = 0.0, False, online.size
         # EDIS: retrain every edis_retrain_every online steps, first once the online buffer is large enough (never on
         # the last step: no update would use the samples)
@@ -1341,7 +1412,7 @@ def main(argv: Optional[list] = None) -> None:
             with amp():
                 metrics = edis_retrain(edis, offline, online, lambda o: agent.actor.sample(o), args, gen)
             edis.last_retrain_step = t + 1
-            logger.scalars({k: float(v) for k, v in metrics.items()}, step + 1)
+            logger.scalars(check_finite({k: float(v) for k, v in metrics.items()}, f"step {step + 1}"), step + 1)
         for _ in range(args.utd):
             if args.edis and edis.synthetic is not None:  # every batch: ratio synthetic + (1 - ratio) online
                 n_syn = int(round(args.batch_size * args.edis_ratio))
@@ -1349,7 +1420,7 @@ def main(argv: Optional[list] = None) -> None:
             else:  # no EDIS, or before its first retrain: the base algorithm's own fine-tuning batches
                 batch = finetune_batch(offline, online, args, gen)
             with amp():
-                logger.accumulate(train_step(agent, opts, batch, args, step, update))
+                logger.accumulate(train_step(agent, opts, batch, args, step, update), step + 1)
             progress["updates"] += 1
             n_sps += 1
         bar.update(1)
@@ -1361,8 +1432,10 @@ def main(argv: Optional[list] = None) -> None:
             t_sps, n_sps = time.time(), 0
         if (step + 1) % args.eval_every == 0 and step + 1 < total:
             bar.set_postfix(score=f"{run_eval(step + 1)['eval/normalized_score']:.1f}")
-        if (step + 1) % args.checkpoint_every == 0:
+        checkpoint_due |= (step + 1) % args.checkpoint_every == 0
+        if checkpoint_due and episode_over:
             checkpoint(step + 1)
+            checkpoint_due = False
     bar.close()
 
     last = progress["evals"][-1] if progress["evals"] else None

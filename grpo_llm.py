@@ -19,6 +19,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import shutil
 import time
 from typing import Literal, Optional
@@ -28,9 +29,34 @@ import torch
 import torch.distributed as dist
 import tyro
 
-from utils.common import UserError, atomic_write_bytes, hub_offline, run_cli, seed_everything
-from utils.llm_task import BUILTIN, QWEN_MATH_SYSTEM, ensure_builtin_model, format_prompt, has_format, load_prompts
-from utils.llm_task import math_reward
+from utils.common import (
+    SEED_RANGE,
+    Diverged,
+    UserError,
+    atomic_write_bytes,
+    check_finite,
+    check_flags,
+    check_output_dir,
+    check_resume_flags,
+    get_rng_state,
+    hub_offline,
+    remove_stale_temp_files,
+    run_cli,
+    safe_torch_load,
+    seed_everything,
+    set_rng_state,
+)
+from utils.llm_task import (
+    BUILTIN,
+    QWEN_MATH_SYSTEM,
+    ensure_builtin_model,
+    format_prompt,
+    has_format,
+    is_local,
+    load_prompts,
+    math_rewards,
+    train_eval_split,
+)
 
 
 # >>> shared:args_common
@@ -71,6 +97,11 @@ class Args:
     """TensorBoard logs, config.json, checkpoint/ and summary.json (default runs/<model>__<exp>__<seed>__<time>)"""
     resume: Optional[str] = None
     """the output dir of a stopped run: continue it (flags given now override the saved ones, e.g. --total-rounds)"""
+    overwrite: bool = False
+    """start afresh in an --output-dir that holds an earlier run (its files are deleted); without it such a folder is
+    refused"""
+    allow_eval_overlap: bool = False
+    """train on prompts that are also evaluation prompts (by default they are removed from the training set)"""
     track: bool = False
     """also log to Weights & Biases (imported only then)"""
     wandb_project_name: str = "reference-rl"
@@ -90,8 +121,8 @@ class Args:
     """prompts longer than this are truncated from the left"""
     temperature: float = 1.0
     """sampling temperature (top_k=0, top_p=1: the samples come from the policy itself)"""
-    reward_timeout: float = 2.0
-    """hard time limit in seconds of one math-verify check (a timeout scores 0)"""
+    reward_timeout: float = 1.0
+    """time limit in seconds of one math-verify check; it runs in a worker process that is killed at the limit (0)"""
     # --- optimisation --------------------------------------------------------------------------------------------
     learning_rate: Optional[float] = None
     """AdamW learning rate (default: 5e-5 for the built-in model, 1e-6 otherwise as the ReVal paper)"""
@@ -139,6 +170,8 @@ def setup_distributed(device_flag: str) -> tuple:
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if device_flag == "auto":
         device_flag = "cuda" if torch.cuda.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device_flag):
+        raise UserError(f"--device {device_flag!r} is not supported: use auto, cpu, cuda or cuda:N")
     if device_flag.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device_flag} asked for, but torch sees no CUDA GPU (use --device cpu)")
     device = torch.device(f"cuda:{local_rank}" if device_flag == "cuda" and world > 1 else device_flag)
@@ -160,12 +193,11 @@ def load_model(name: str, device: torch.device, bf16: bool, log) -> tuple:
     import transformers
 
     path = ensure_builtin_model(log=log) if name == BUILTIN else name
-    if not os.path.isdir(path) and hub_offline():
-        os.environ["HF_HUB_OFFLINE"] = "1"  # only the local cache: fail at once instead of ~23 s of retries
+    local_only = os.path.isdir(path) or hub_offline()  # offline: the local cache only, failing at once, not in ~50 s
     try:
-        tok = transformers.AutoTokenizer.from_pretrained(path)
+        tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=local_only)
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.bfloat16 if bf16 else torch.float32)
+            path, dtype=torch.bfloat16 if bf16 else torch.float32, local_files_only=local_only)
     except Exception as e:  # noqa: BLE001 (OSError, HFValidationError, ValueError: all mean "no such model here")
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"cannot load model {name!r}: {first} (offline? set --model to a local directory, or "
@@ -178,6 +210,27 @@ def load_model(name: str, device: torch.device, bf16: bool, log) -> tuple:
 
 def default_split(name: str, split: str) -> str:
     return "eval" if name == BUILTIN and split == "test" else split
+
+
+def load_task_prompts(args: Args, world: int, log) -> tuple:
+    """Training and evaluation prompts, never overlapping unless --allow-eval-overlap (one file, or one split, used
+    for both: evaluation prompts are held out of it)."""
+    eval_name = args.eval_dataset or args.dataset
+    train_split, eval_split = default_split(args.dataset, args.train_split), default_split(eval_name, args.eval_split)
+    kw = dict(question_field=args.question_field, answer_field=args.answer_field, config=args.dataset_config)
+    train = load_prompts(args.dataset, train_split, **kw)
+    same = eval_name == args.dataset and (is_local(eval_name) or eval_split == train_split)
+    evals = train if same else load_prompts(eval_name, eval_split, **kw)
+    train, evals, overlap = train_eval_split(train, evals, args.eval_prompts, same, args.allow_eval_overlap)
+    if same and not args.allow_eval_overlap:
+        log(f"evaluation: {len(evals)} prompts held out of {args.dataset} ({train_split}); {len(train)} to train on")
+    elif overlap:
+        log(f"{overlap} training prompts also in the evaluation set were " +
+            ("kept (--allow-eval-overlap)" if args.allow_eval_overlap else "removed from training"))
+    if len(train) < args.prompts_per_round:
+        raise UserError(f"--dataset {args.dataset}: {len(train)} training prompts (after holding out the evaluation "
+                        f"prompts) is fewer than --prompts-per-round {args.prompts_per_round}")
+    return train, evals, overlap
 # <<< shared:setup
 
 
@@ -231,7 +284,7 @@ def micro_batches(batch: dict, size: int):
 
 def score(texts: list, golds: list, args: Args) -> tuple:
     """0/1 verifier rewards and the format rate."""
-    rewards = [math_reward(t, g, args.reward_timeout) for t, g in zip(texts, golds)]
+    rewards = math_rewards(texts, golds, args.reward_timeout)  # checked in parallel worker processes
     return rewards, float(np.mean([has_format(t) for t in texts])) if texts else 0.0
 # <<< shared:rollout
 
@@ -388,10 +441,12 @@ def needs_reference(args: Args) -> bool:
 
 
 def algo_configure(args: Args, argv: Optional[list]) -> Args:
-    """Algorithm-specific flag checks before anything is loaded."""
-    if args.num_iterations < 1:
-        raise UserError(f"--num-iterations must be >= 1, got {args.num_iterations}")
+    """Algorithm-specific defaults before anything is loaded: none for GRPO (its ranges are in ALGO_RANGES)."""
     return args
+
+
+ALGO_RANGES = {"epsilon_low": "[0, 1)", "epsilon_high": "[0, inf)", "num_iterations": "[1, inf)", "beta": "[0, inf)"}
+ALGO_RESUME_MAY_CHANGE: set = set()  # GRPO flags a --resume may change beyond the shared ones: none
 
 
 def algo_resume(ref_model, state: dict) -> None:
@@ -403,6 +458,14 @@ def algo_resume(ref_model, state: dict) -> None:
 # Evaluation: greedy accuracy and mean@k sampled accuracy on held-out prompts (split over ranks)
 # ---------------------------------------------------------------------------------------------------------------
 def evaluate(model, tok, prompts: list, golds: list, args: Args, rank: int, world: int) -> dict:
+    """Greedy accuracy and mean@k sampled accuracy. Sampling uses its own seeded RNG, so an evaluation never changes
+    the training run's random stream (a resumed run equals an uninterrupted one wherever evaluations fall)."""
+    with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
+        torch.manual_seed(args.seed + 1_000_003 * (rank + 1))
+        return _evaluate(model, tok, prompts, golds, args, rank, world)
+
+
+def _evaluate(model, tok, prompts: list, golds: list, args: Args, rank: int, world: int) -> dict:
     model.eval()
     mine = list(range(rank, len(prompts), world))
     sums = torch.zeros(3, device=model.device)  # greedy correct, sampled correct, sampled count
@@ -434,23 +497,49 @@ def save_checkpoint(out_dir: str, model, tok, opt, state: dict, args: Args) -> N
     trainer_state.pt (optimizer, RNG, round, counters). Written to a temporary folder, then swapped in."""
     import tempfile
 
-    from utils.common import atomic_torch_save
+    from utils.common import atomic_torch_save, current_umask
 
     final = os.path.join(out_dir, "checkpoint")
     tmp = tempfile.mkdtemp(dir=out_dir, prefix=".checkpoint-")
     unwrapped = model.module if hasattr(model, "module") else model
     unwrapped.save_pretrained(tmp)
     tok.save_pretrained(tmp)
+    # tensors and plain values only: loading it never executes code (torch.load(weights_only=True))
     atomic_torch_save({"optimizer": opt.state_dict(), "state": state, "args": dataclasses.asdict(args),
-                       "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
-                               "torch": torch.get_rng_state(),
-                               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
-                      os.path.join(tmp, "trainer_state.pt"))
+                       "rng": get_rng_state()}, os.path.join(tmp, "trainer_state.pt"))
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700 folders; give the user's normal permissions
     old = final + ".old"
+    if os.path.isdir(final) and os.path.exists(old):  # a kill during the last rmtree(old); final is complete
+        shutil.rmtree(old)
     if os.path.exists(final):
         os.replace(final, old)
     os.replace(tmp, final)  # a crash before this line leaves the previous checkpoint (or checkpoint.old)
     shutil.rmtree(old, ignore_errors=True)
+
+
+# Flags that may change when a run is resumed (budgets, evaluation, logging, hardware, the learning rate, applied to
+# the restored optimizer); any other flag given with --resume must equal the checkpoint's.
+RESUME_MAY_CHANGE = {"resume", "output_dir", "overwrite", "device", "bf16", "track", "wandb_project_name",
+                     "wandb_entity", "total_rounds", "eval_every", "eval_samples", "eval_batch_size",
+                     "checkpoint_every", "micro_batch_size", "learning_rate", "max_grad_norm",
+                     "reward_timeout"} | ALGO_RESUME_MAY_CHANGE
+
+
+def load_checkpoint(args: Args, argv: Optional[list]) -> tuple:
+    """``--resume``: (checkpoint folder, trainer state loaded without executing anything, the run's config = the
+    saved flags overridden by the ones given now, which must be among RESUME_MAY_CHANGE)."""
+    resume_dir = find_checkpoint(args.resume)
+    saved = safe_torch_load(os.path.join(resume_dir, "trainer_state.pt"), f"--resume {args.resume}")
+    try:
+        saved_args = Args(**saved["args"])
+    except (KeyError, TypeError):
+        raise UserError(f"--resume {args.resume!r}: {resume_dir} is not a checkpoint of this script") from None
+    args = tyro.cli(Args, args=argv, default=saved_args)
+    check_resume_flags(saved["args"], dataclasses.asdict(args), RESUME_MAY_CHANGE)
+    folder = os.path.dirname(os.path.abspath(resume_dir))
+    if args.output_dir is None or os.path.abspath(args.output_dir) == os.path.abspath(saved_args.output_dir or folder):
+        args.output_dir = folder  # continue in place, unless a new --output-dir was given (a branch of the run)
+    return resume_dir, saved, args
 
 
 def find_checkpoint(resume: str) -> str:
@@ -492,26 +581,25 @@ class Logger:
 
 
 # >>> shared:main
+COMMON_RANGES = {"seed": SEED_RANGE, "temperature": "(0, inf)", "reward_timeout": "(0, 600]",
+                 "learning_rate": "(0, inf)", "weight_decay": "[0, inf)", "max_grad_norm": "(0, inf)",
+                 "eval_samples": "[0, inf)", "total_rounds": "[0, inf)",
+                 **{name: "[1, inf)" for name in ("prompts_per_round", "group_size", "max_new_tokens",
+                                                  "max_prompt_tokens", "micro_batch_size", "eval_every",
+                                                  "eval_prompts", "eval_batch_size", "checkpoint_every")}}
+
+
 def main(argv: Optional[list] = None) -> None:
-    args = algo_configure(tyro.cli(Args, args=argv), argv)
-    resume_dir = None
+    args = tyro.cli(Args, args=argv)
+    resume_dir = saved = None
     if args.resume:  # the saved config, overridden by the flags given now
-        resume_dir = find_checkpoint(args.resume)
-        try:
-            saved = torch.load(os.path.join(resume_dir, "trainer_state.pt"), map_location="cpu", weights_only=False)
-            saved_args = Args(**saved["args"])
-        except Exception as e:  # noqa: BLE001 (a truncated file, or a checkpoint of another script)
-            raise UserError(f"--resume {args.resume!r}: {resume_dir} is not a checkpoint of this script "
-                            f"({type(e).__name__}: {e})") from None
-        args = tyro.cli(Args, args=argv, default=saved_args)
-        args.output_dir = os.path.dirname(os.path.abspath(resume_dir))
+        resume_dir, saved, args = load_checkpoint(args, argv)
+    check_flags(args, COMMON_RANGES)
+    args = algo_configure(args, argv)
+    check_flags(args, ALGO_RANGES)
     rank, world, device = setup_distributed(args.device)
     if args.prompts_per_round % world:
         raise UserError(f"--prompts-per-round {args.prompts_per_round} must be divisible by the {world} ranks")
-    for name in ("total_rounds", "prompts_per_round", "group_size", "max_new_tokens", "micro_batch_size",
-                 "eval_every", "eval_prompts", "eval_batch_size", "checkpoint_every"):
-        if getattr(args, name) < 1 and not (name == "total_rounds" and getattr(args, name) == 0):
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.bf16 is None:
         args.bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     if args.learning_rate is None:
@@ -522,23 +610,17 @@ def main(argv: Optional[list] = None) -> None:
     exp_name = os.path.basename(__file__)[: -len(".py")]
     run_name = f"{os.path.basename(args.model.rstrip('/'))}__{exp_name}__{args.seed}__{int(time.time())}"
     out_dir = args.output_dir or os.path.join("runs", run_name)
+    in_place = resume_dir is not None and os.path.abspath(out_dir) == os.path.dirname(os.path.abspath(resume_dir))
     if rank == 0:
-        os.makedirs(out_dir, exist_ok=True)
-        if resume_dir is None:
-            atomic_write_bytes(os.path.join(out_dir, "config.json"),
-                               json.dumps(dataclasses.asdict(args), indent=2).encode())
+        check_output_dir(out_dir, resuming=in_place, overwrite=args.overwrite)
 
     # TRY NOT TO MODIFY: seeding (same init on every rank; data and sampling streams differ per rank)
     seed_everything(args.seed)
     if device.type == "cpu" and world > 1:  # ranks share the cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
 
-    # BOILERPLATE: data, model, optimizer
-    train = load_prompts(args.dataset, default_split(args.dataset, args.train_split), args.question_field,
-                         args.answer_field, config=args.dataset_config)
-    eval_name = args.eval_dataset or args.dataset
-    evalset = load_prompts(eval_name, default_split(eval_name, args.eval_split), args.question_field,
-                           args.answer_field, n=args.eval_prompts, config=args.dataset_config)
+    # BOILERPLATE: data (checked before the model loads), model, optimizer
+    train, evalset, overlap = load_task_prompts(args, world, log)
     if rank == 0 and args.model == BUILTIN:
         ensure_builtin_model(log=log)  # rank 0 builds it once; the others then load the cached copy
     if dist.is_initialized():
@@ -554,13 +636,21 @@ def main(argv: Optional[list] = None) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(0.9, 0.99),
                             weight_decay=args.weight_decay)
     state = {"round": 0, "generated": 0, "initial_eval": None, "evals": [], "wall_time_s": 0.0, **algo_state(args)}
-    if resume_dir is not None:
+    if saved is not None:
         opt.load_state_dict(saved["optimizer"])
+        for g in opt.param_groups:  # the learning rate of the current flags (a --resume may change it)
+            g["lr"] = args.learning_rate
         state.update(saved["state"])
-        random.setstate(saved["rng"]["python"])
-        np.random.set_state(saved["rng"]["numpy"])
-        torch.set_rng_state(saved["rng"]["torch"])
+        set_rng_state(saved["rng"])
         algo_resume(ref_model, state)
+    if rank == 0:  # only now: a run that fails on its flags, data or model leaves no folder behind
+        os.makedirs(out_dir, exist_ok=True)
+        remove_stale_temp_files(out_dir)
+        atomic_write_bytes(os.path.join(out_dir, "config.json"), json.dumps(
+            {**dataclasses.asdict(args), "device_used": str(device), "world_size": world,
+             "train_prompts": len(train), "eval_prompts_used": len(evalset), "train_eval_overlap": overlap},
+            indent=2).encode())
+    if saved is not None:
         log(f"resumed {out_dir} at round {state['round']}")
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
@@ -600,6 +690,10 @@ def main(argv: Optional[list] = None) -> None:
         # 3. the algorithm's update(s)
         updates_before = state["updates"]
         metrics = algo_round(model, ref_model, tok, opt, batch, rewards, state, args, world, amp)
+        check_finite({k: v for k, v in metrics.items() if k in ("train/loss", "train/grad_norm")}, f"round {rnd + 1}")
+        if not all(torch.isfinite(p).all() for p in policy.parameters()):
+            raise Diverged(f"non-finite model parameters after round {rnd + 1}; the run stops, its last checkpoint "
+                           f"is kept")
         t_upd = time.time()
         state["round"], state["generated"] = rnd + 1, state["generated"] + args.prompts_per_round * args.group_size
         lengths = batch["completion_mask"].sum(1).float()

@@ -9,7 +9,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO, run_script
 
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
@@ -51,7 +50,8 @@ def test_rounds_to_reach_and_mean_std():
 
 
 def test_t_test_against_textbook_critical_values():
-    """Two-sided 5 % and 1 % critical values of Student's t from printed tables (df = 6: 2.447, 3.707; df = 2: 4.303)."""
+    """Two-sided 5 % and 1 % critical values of Student's t from printed tables
+    (df = 6: 2.447, 3.707; df = 2: 4.303)."""
     assert make_results.t_test_p(2.447, 6) == pytest.approx(0.05, abs=2e-4)
     assert make_results.t_test_p(3.707, 6) == pytest.approx(0.01, abs=2e-4)
     assert make_results.t_test_p(4.303, 2) == pytest.approx(0.05, abs=2e-4)

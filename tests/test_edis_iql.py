@@ -306,13 +306,13 @@ def test_kill_and_resume(tiny_pointmaze, tmp_path):
     ckpt = out / "checkpoint.pt"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if ckpt.exists() and torch.load(ckpt, weights_only=False)["step"] >= 200:
+        if ckpt.exists() and torch.load(ckpt, weights_only=True)["step"] >= 200:
             break
         time.sleep(0.5)
     assert proc.poll() is None, "the run ended before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    step_at_kill = torch.load(ckpt, weights_only=False)["step"]
+    step_at_kill = torch.load(ckpt, weights_only=True)["step"]
     assert 200 <= step_at_kill < offline + 200 and not (out / "summary.json").exists()
     p = run_script(["edis_iql.py", "--resume", str(out)], tiny_pointmaze, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]

@@ -47,7 +47,8 @@ def test_llm_shared_blocks_identical():
 
 def test_drift_is_detected(tmp_path):
     """The checker itself: a one-character change inside a block is reported."""
-    src = (REPO / "edis_calql.py").read_text().replace("def rng_state() -> dict:", "def rng_state()  -> dict:")
+    src = (REPO / "edis_calql.py").read_text().replace("def find_checkpoint(resume: str) -> str:",
+                                                        "def find_checkpoint(resume: str)  -> str:")
     changed = tmp_path / "edis_calql.py"
     changed.write_text(src)
     assert shared_blocks(REPO / "edis_iql.py")["checkpoint"] != shared_blocks(changed)["checkpoint"]

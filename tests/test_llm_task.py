@@ -8,8 +8,8 @@ import pytest
 
 from utils.common import UserError
 from utils.llm_task import (
-    builtin_split,
     build_builtin_model,
+    builtin_split,
     format_prompt,
     last_boxed,
     load_prompts,
@@ -49,16 +49,73 @@ def test_math_reward(completion, gold, reward):
     assert time.time() - t0 < 3
 
 
-def test_math_reward_hard_time_limit(monkeypatch):
-    import math_verify
+POWER_TOWER = "10^{10^{10^{10}}}"  # sympy evaluates this through one C-level big-integer power: never returns
 
-    def hang(*a, **k):
-        time.sleep(30)
 
-    monkeypatch.setattr(math_verify, "verify", hang)
+@pytest.mark.parametrize("completion, gold, reward", [
+    ("\\boxed{" + POWER_TOWER + "}", "72", 0.0),
+    ("\\boxed{2^{2^{2^{2^{2}}}}}", "72", 0.0),
+    ("\\boxed{10^{123456789}}", "72", 0.0),
+    ("\\boxed{99999!}", "72", 0.0),
+    ("\\boxed{" + "9" * 100_000 + "}", "72", 0.0),  # a huge number
+    ("\\boxed{" + "{" * 10_000 + "72" + "}" * 10_000 + "}", "72", 0.0),  # 10^4-deep braces
+    ("\\boxed{" + "{" * 10_000 + "72", "72", 0.0),  # unclosed
+    ("\\boxed{72" * 1000, "72", 0.0),  # many unclosed boxes
+    ("\\boxed{1}" * 1000 + "\\boxed{72}", "72", 1.0),  # repeated boxes: the last one counts
+    ("\\boxed{7\x002}", "72", 0.0),  # control characters
+    ("\\boxed{\x1b[31m72}", "72", 0.0),
+    ("\\boxed{\u0667\u0662}", "72", 0.0),  # Arabic-Indic digits are not the ASCII integer 72
+    ("\\boxed{\uff17\uff12}", "72", 0.0),  # full-width digits
+    ("\\boxed{\U0001F600}", "72", 0.0),
+])
+def test_math_reward_adversarial_answers_return_fast(completion, gold, reward):
     t0 = time.time()
-    assert math_reward("\\boxed{17}", "17", timeout=0.5) == 0.0
-    assert time.time() - t0 < 3
+    assert math_reward(completion, gold, timeout=1.0) == reward
+    assert time.time() - t0 < 2.0
+
+
+def test_hanging_check_is_killed_in_any_thread():
+    """Past the pre-screen (called on the pool directly), the real power tower runs in a worker that is killed at the
+    limit: the check scores 0 within ~1 s, the other checks of the batch still count, and the pool goes on working.
+    From a non-main thread too, where no signal-based limit could work."""
+    import threading
+
+    from utils.llm_task import verifier_pool
+
+    out = []
+
+    def work():
+        t0 = time.time()
+        out.append((verifier_pool().score([("72", POWER_TOWER), ("1/2", "0.5"), ("3", "4")], timeout=1.0),
+                    time.time() - t0))
+
+    th = threading.Thread(target=work)
+    th.start()
+    th.join(timeout=30)
+    (scores, seconds), = out
+    assert scores == [0.0, 1.0, 0.0] and seconds < 3.0
+    assert math_reward("\\boxed{\\frac{2}{4}}", "0.5") == 1.0  # a fresh worker replaced the killed one
+
+
+def test_integer_fast_path_agrees_with_math_verify():
+    """The exact integer comparison that skips the workers answers what math-verify itself answers."""
+    from utils.llm_task import _verify_in_process, math_rewards
+
+    pairs = [("72", "72"), ("72", "072"), ("-5", "-5"), ("5", "-5"), ("1234", "1243"), ("0", "-0"), ("10", "1")]
+    fast = math_rewards([f"\\boxed{{{b}}}" for _, b in pairs], [g for g, _ in pairs])
+    assert fast == [_verify_in_process(g, b) for g, b in pairs]
+
+
+def test_math_rewards_batch_and_bad_timeout():
+    from utils.llm_task import math_rewards
+
+    comps = [f"\\boxed{{{i}.0}}" for i in range(24)] + ["\\boxed{" + POWER_TOWER + "}"]
+    t0 = time.time()
+    assert math_rewards(comps, [str(i) for i in range(25)]) == [1.0] * 24 + [0.0]
+    assert time.time() - t0 < 10
+    for bad in (0, -1, float("nan"), float("inf")):
+        with pytest.raises(ValueError):
+            math_rewards(["\\boxed{1}"], ["1"], timeout=bad)
 
 
 def test_builtin_task_is_deterministic_correct_and_disjoint():
@@ -81,7 +138,7 @@ def test_load_prompts_local_files(tmp_path):
     gsm = tmp_path / "gsm.jsonl"
     gsm.write_text(json.dumps({"question": "q", "answer": "2+2=4 #### 1,234"}))
     assert load_prompts(str(gsm), "train")[0]["answer"] == "1234"  # GSM8K's final-answer convention
-    with pytest.raises(UserError, match="no field"):
+    with pytest.raises(UserError, match="row 1 has no .* field"):
         load_prompts(str(path), "train")
     with pytest.raises(UserError, match=".jsonl"):
         (tmp_path / "x.csv").write_text("a")

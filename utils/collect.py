@@ -117,7 +117,8 @@ def bfs_next_cell(maze_map: list, goal: tuple) -> dict:
 
     Breadth-first search outward from the goal over the 4-connected free cells (any entry other than 1).
     """
-    free = lambda rc: 0 <= rc[0] < len(maze_map) and 0 <= rc[1] < len(maze_map[0]) and maze_map[rc[0]][rc[1]] != 1
+    def free(rc):
+        return 0 <= rc[0] < len(maze_map) and 0 <= rc[1] < len(maze_map[0]) and maze_map[rc[0]][rc[1]] != 1
     nxt = {goal: goal}
     queue = collections.deque([goal])
     while queue:

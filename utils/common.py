@@ -1,13 +1,17 @@
-"""Infrastructure helpers: user-facing errors, seeding, atomic writes.
+"""Infrastructure helpers: user-facing errors, flag checks, seeding and RNG state, safe checkpoint files, run folders.
 
-Every script calls ``run_cli(main)``: a ``UserError`` raised anywhere (bad flag value, missing dataset, no network)
-becomes one line on stderr and exit status 2, never a traceback. Programming errors still raise normally.
+Every script calls ``run_cli(main)``: a ``UserError`` raised anywhere (bad flag value, missing dataset, no network,
+a diverged run) becomes one line on stderr and exit status 2, never a traceback. Programming errors still raise.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import random
+import re
+import shutil
 import socket
 import sys
 import tempfile
@@ -20,6 +24,63 @@ USER_ERROR_EXIT_CODE = 2
 
 class UserError(Exception):
     """A mistake the user can fix (a flag, a path, a missing download); shown as one line, no traceback."""
+
+
+class Diverged(UserError):
+    """Training produced a non-finite loss or parameter: the run stops, its last checkpoint (written before) is kept."""
+
+
+def check_finite(metrics: dict, where: str) -> dict:
+    """``metrics`` if every value is finite; else stop the run (Diverged), naming the first bad metric and ``where``."""
+    bad = [k for k, v in metrics.items() if not math.isfinite(float(v))]
+    if bad:
+        raise Diverged(f"non-finite {bad[0]} at {where}; the run stops (lower the learning rate, check the data and "
+                       f"the flags); its last checkpoint is kept")
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Flag checks (run right after parsing, before anything slow)
+# ---------------------------------------------------------------------------------------------------------------
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+_INTERVAL = re.compile(r"([\[(])\s*(\S+)\s*,\s*(\S+)\s*([\])])")
+
+
+def check_flags(args, ranges: dict, infinite_ok: tuple = ()) -> None:
+    """Every float flag must be a finite number (tyro accepts 'nan' and 'inf'; ``infinite_ok`` names those that may
+    be +-inf), and each flag named in ``ranges`` must lie in its interval, written as in mathematics:
+    ``{"gamma": "[0, 1]", "critic_lr": "(0, inf)"}``. None is skipped (a preset fills it in later)."""
+    for f in dataclasses.fields(args):
+        v = getattr(args, f.name)
+        if isinstance(v, float) and (math.isnan(v) or (math.isinf(v) and f.name not in infinite_ok)):
+            raise UserError(f"{flag(f.name)} must be a finite number, got {v}")
+    for name, interval in ranges.items():
+        v = getattr(args, name)
+        if v is None:
+            continue
+        lo_b, lo, hi, hi_b = _INTERVAL.fullmatch(interval).groups()
+        lo, hi = float(lo), float(hi)
+        ok = (v > lo if lo_b == "(" else v >= lo) and (v < hi if hi_b == ")" else v <= hi)
+        if not ok:
+            want = (f"{'>' if lo_b == '(' else '>='} {lo:g}" if hi == math.inf else f"in {interval}")
+            raise UserError(f"{flag(name)} must be {want}, got {v}")
+
+
+SEED_RANGE = "[0, 4294967295]"  # what numpy's legacy seeding accepts
+
+
+def check_resume_flags(saved: dict, now: dict, may_change: set) -> list:
+    """Flags given together with ``--resume`` that differ from the checkpoint's: a UserError for those outside
+    ``may_change`` (network sizes, data, the algorithm's definition), else the list of changed names (applied)."""
+    changed = [k for k in now if k in saved and now[k] != saved[k]]
+    frozen = [k for k in changed if k not in may_change]
+    if frozen:
+        what = ", ".join(f"{flag(k)} {now[k]} (checkpoint: {saved[k]})" for k in frozen)
+        raise UserError(f"--resume: {what} cannot change when a run is resumed; start a new run instead")
+    return changed
 
 
 def run_cli(main: Callable[[], Any]) -> None:
@@ -54,6 +115,9 @@ def hub_offline() -> bool:
     return env_flag("HF_HUB_OFFLINE") or not network_available("huggingface.co")
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Seeding and RNG state (plain types and tensors only, so checkpoints load with torch.load(weights_only=True))
+# ---------------------------------------------------------------------------------------------------------------
 def seed_everything(seed: int, torch_deterministic: bool = True) -> None:
     """Seed python, numpy and torch (CleanRL's seeding block). Envs are seeded separately via ``reset(seed=...)``."""
     random.seed(seed)
@@ -66,6 +130,32 @@ def seed_everything(seed: int, torch_deterministic: bool = True) -> None:
     torch.backends.cudnn.deterministic = torch_deterministic
 
 
+def get_rng_state() -> dict:
+    """python, numpy, torch (and CUDA) generator states as plain lists / tensors."""
+    import torch
+
+    np_state = np.random.get_state()
+    return {"python": random.getstate(),
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    import torch
+
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, key, *rest = state["numpy"]
+    np.random.set_state((name, key.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Files: atomic writes, safe checkpoint loading, run folders
+# ---------------------------------------------------------------------------------------------------------------
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one, never half of one."""
     directory = os.path.dirname(os.path.abspath(path))
@@ -76,6 +166,7 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600 files; give the user's normal permissions
         os.replace(tmp, path)  # atomic on POSIX and Windows when on the same filesystem
     except BaseException:
         if os.path.exists(tmp):
@@ -92,3 +183,63 @@ def atomic_torch_save(obj: Any, path: str) -> None:
     buf = io.BytesIO()
     torch.save(obj, buf)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def safe_torch_load(path: str, what: str):
+    """``torch.load`` that can never execute code from the file (``weights_only=True``: tensors, numbers, strings,
+    lists, tuples and dicts only). A file that is not such a checkpoint is a UserError naming ``what``."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{what}: {path} is not a checkpoint of this script, or is damaged; it was not loaded "
+                        f"({type(e).__name__}: {first[:200]})") from None
+
+
+STALE_PREFIXES = (".tmp-", ".checkpoint-")  # what an interrupted atomic write leaves behind
+
+
+def remove_stale_temp_files(folder: str) -> None:
+    """Delete the temporary files and folders of writes that a killed run never finished."""
+    if not os.path.isdir(folder):
+        return
+    for name in os.listdir(folder):
+        if name.startswith(STALE_PREFIXES):
+            path = os.path.join(folder, name)
+            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.unlink(path)
+
+
+def check_output_dir(path: str, resuming: bool, overwrite: bool) -> None:
+    """Refuse an output folder that cannot be used, before anything slow runs: a file, a folder under a file, an
+    unwritable place, or (for a new run) a folder that already holds something, unless ``overwrite`` is given and the
+    folder is an earlier run (it has a config.json), which is then emptied."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"--output-dir {path} is a file, not a folder")
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"--output-dir {path}: {parent} is a file, so no folder can be made under it")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"--output-dir {path}: {parent} is not writable")
+    if resuming or not os.path.isdir(path) or not os.listdir(path):
+        return
+    if not overwrite:
+        raise UserError(f"--output-dir {path} already holds a run; continue it with --resume {path}, replace it with "
+                        f"--overwrite, or choose another folder")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise UserError(f"--overwrite: {path} is not a run folder (no config.json); refusing to empty it")
+    for name in os.listdir(path):
+        p = os.path.join(path, name)
+        shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.unlink(p)

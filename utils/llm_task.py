@@ -6,7 +6,8 @@ Public API
 ``load_prompts(name, split, ...)``  -> list of ``{"question", "answer"}`` (built-in task, local JSONL/parquet, Hub id)
 ``format_prompt(tokenizer, q, template)`` -> the prompt string (chat template when the tokenizer has one)
 ``last_boxed(text)``                -> the content of the last ``\\boxed{...}`` (nested braces), or None
-``math_reward(completion, gold)``   -> 1.0 / 0.0 with math-verify (gold first) under a hard time limit
+``math_reward(completion, gold)``   -> 1.0 / 0.0 with math-verify (gold first), in worker processes killed on timeout
+``math_rewards(completions, golds)`` -> the same for a batch, checked in parallel
 ``ensure_builtin_model(...)``       -> path of the built-in tiny Qwen2 model (built once, cached, deterministic)
 """
 
@@ -17,8 +18,8 @@ import json
 import math
 import os
 import random
+import re
 import shutil
-import signal
 import tempfile
 import threading
 import time
@@ -30,6 +31,7 @@ from utils.common import UserError, env_flag, hub_offline
 # Built-in task: seeded GSM8K-style word problems with a short chain of thought and a \boxed{} answer
 # ---------------------------------------------------------------------------------------------------------------
 BUILTIN = "builtin"  # --dataset value of the built-in task
+BUILTIN_SPLITS = ("train", "eval")  # its two disjoint splits ("test" is accepted as a name for "eval")
 NAMES = ["Leo", "Mia", "Sam", "Ava", "Noah", "Zoe", "Eli", "Ivy", "Max", "Lily", "Ben", "Ruby"]
 ITEMS = ["cookies", "apples", "marbles", "stickers", "books", "coins", "pencils", "cards", "shells", "stamps"]
 
@@ -105,31 +107,53 @@ def format_prompt(tokenizer, question: str, template: str, system: Optional[str]
 
 
 def _read_local(path: str) -> list:
-    if path.endswith((".jsonl", ".json")):
-        with open(path) as f:
-            if path.endswith(".jsonl"):
-                return [json.loads(line) for line in f if line.strip()]
-            data = json.load(f)
-            return data if isinstance(data, list) else data.get("data", [])
+    """Rows of a local .jsonl / .json / .parquet file; anything malformed is a one-line UserError naming the place."""
+    if os.path.isdir(path):
+        raise UserError(f"--dataset {path!r} is a folder, not a file")
+    try:
+        if path.endswith(".jsonl"):
+            rows = []
+            with open(path, encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            rows.append(json.loads(line))
+                        except json.JSONDecodeError as e:
+                            raise UserError(f"--dataset {path}: line {n} is not valid JSON ({e.msg})") from None
+            return rows
+        if path.endswith(".json"):
+            with open(path, encoding="utf-8") as f:
+                try:
+                    data = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"--dataset {path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+            return data if isinstance(data, list) else data.get("data", []) if isinstance(data, dict) else []
+    except UnicodeDecodeError as e:
+        raise UserError(f"--dataset {path}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise UserError(f"--dataset {path}: cannot read it ({e.strerror})") from None
     if path.endswith(".parquet"):
         try:
             import pyarrow.parquet as pq
         except ImportError:
             raise UserError("reading parquet needs pyarrow: pip install pyarrow") from None
-        return pq.read_table(path).to_pylist()
+        try:
+            return pq.read_table(path).to_pylist()
+        except Exception as e:  # noqa: BLE001 (pyarrow raises its own error types for a damaged file)
+            raise UserError(f"--dataset {path}: not a readable parquet file ({type(e).__name__})") from None
     raise UserError(f"--dataset {path!r}: local files must be .jsonl, .json or .parquet")
 
 
 def _load_hub(name: str, split: str, config: Optional[str]) -> list:
     cached_only = env_flag("HF_DATASETS_OFFLINE") or hub_offline()
+    if cached_only:  # fail in seconds, not after ~23 s of retries per file (set before `datasets` reads them)
+        os.environ["HF_DATASETS_OFFLINE"] = "1"
+        os.environ["HF_HUB_OFFLINE"] = "1"
     try:
         import datasets
     except ImportError:
         raise UserError(f"cannot load dataset {name!r}: Hugging Face dataset ids need `pip install datasets` "
                         f"(or use --dataset builtin, or a local .jsonl file)") from None
-    if cached_only:  # fail in seconds, not after ~23 s of retries per file
-        os.environ["HF_DATASETS_OFFLINE"] = "1"
-        os.environ["HF_HUB_OFFLINE"] = "1"
     try:
         return list(datasets.load_dataset(name, config, split=split))
     except Exception as e:  # noqa: BLE001 (datasets raises many types for a missing dataset or split)
@@ -143,23 +167,52 @@ def load_prompts(name: str, split: str, question_field: str = "question", answer
                  n: Optional[int] = None, config: Optional[str] = None, seed: int = 0) -> list:
     """``[{"question": str, "answer": str}, ...]`` from the built-in task, a local file, or a Hub dataset id."""
     if name == BUILTIN:
+        if split not in BUILTIN_SPLITS:
+            raise UserError(f"the built-in task has no split {split!r}; its splits are {', '.join(BUILTIN_SPLITS)}")
         return [{"question": p["question"], "answer": p["answer"]}
                 for p in builtin_split(split, n or (20_000 if split == "train" else 256), seed)]
-    looks_local = name.startswith(("/", "./", "../", "~")) or name.endswith((".jsonl", ".json", ".parquet", ".csv"))
+    looks_local = is_local(name)
     if looks_local and not os.path.exists(os.path.expanduser(name)):
         raise UserError(f"cannot load dataset {name!r}: no such file")
     rows = _read_local(os.path.expanduser(name)) if looks_local else _load_hub(name, split, config)
     if not rows:
         raise UserError(f"--dataset {name!r} ({split}) is empty")
-    missing = [f for f in (question_field, answer_field) if f not in rows[0]]
-    if missing:
-        raise UserError(f"--dataset {name!r} has no field(s) {missing}; it has {sorted(rows[0])}. Set "
-                        f"--question-field/--answer-field")
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict):
+            raise UserError(f"--dataset {name!r}: row {i + 1} is a {type(r).__name__}, not an object with "
+                            f"{question_field!r} and {answer_field!r} fields")
+        missing = [f for f in (question_field, answer_field) if r.get(f) is None]
+        if missing:
+            raise UserError(f"--dataset {name!r}: row {i + 1} has no (or a null) {missing[0]!r} field; it has "
+                            f"{sorted(r)}. Set --question-field/--answer-field")
     out = [{"question": str(r[question_field]), "answer": str(r[answer_field])} for r in rows]
     if answer_field == "answer" and "####" in out[0]["answer"]:  # GSM8K: "<solution> #### 72"
         for r in out:
             r["answer"] = r["answer"].split("####")[-1].strip().replace(",", "")
     return out[:n] if n else out
+
+
+def is_local(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or name.endswith((".jsonl", ".json", ".parquet", ".csv"))
+
+
+def train_eval_split(train: list, evals: list, n_eval: int, same_source: bool, allow_overlap: bool = False) -> tuple:
+    """(train, eval, overlap): evaluation prompts are never trained on unless ``allow_overlap``.
+
+    ``same_source``: both lists come from one file / split; then ``n_eval`` prompts (a fixed random choice, the same
+    for every seed) are held out of it for evaluation. Otherwise ``eval`` is the first ``n_eval`` of ``evals`` and
+    any training prompt whose question also appears there is dropped. ``overlap`` = how many were shared."""
+    if same_source:
+        order = list(range(len(train)))
+        random.Random("held-out-eval").shuffle(order)
+        held = set(order[:n_eval])
+        evals = [train[i] for i in sorted(held)]
+        rest = [r for i, r in enumerate(train) if i not in held]
+        return (train if allow_overlap else rest), evals, (len(evals) if allow_overlap else 0)
+    evals = evals[:n_eval]
+    questions = {r["question"] for r in evals}
+    kept = [r for r in train if r["question"] not in questions]
+    return (train if allow_overlap else kept), evals, len(train) - len(kept)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -182,49 +235,220 @@ def last_boxed(text: str) -> Optional[str]:
     return None
 
 
-@contextlib.contextmanager
-def time_limit(seconds: float):
-    """Raise TimeoutError after ``seconds`` (SIGALRM; main thread only, elsewhere no limit can be imposed)."""
-    if seconds is None or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise TimeoutError
-
-    old = signal.signal(signal.SIGALRM, handler)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
+# A reward call must never hang a run. math-verify (sympy) can spend unbounded time inside one C-level call (a power
+# tower such as 10^{10^{10^{10}}} is evaluated through one big-integer power), which no signal handler can interrupt,
+# and SIGALRM only works in the main thread. So, as verl and TRL do, the check runs in worker processes: a check that
+# overruns its limit has its worker killed (SIGKILL) and replaced, and scores 0. In front of the workers sit a cheap
+# pre-screen (answers no verifier should be asked to evaluate) and an exact fast path for plain integers, the common
+# case on GSM8K-style tasks, which needs no worker at all.
+MAX_ANSWER_CHARS = 1000  # a boxed answer longer than this scores 0 without verification
+MAX_BRACE_DEPTH = 64
+_INTEGER = re.compile(r"-?[0-9]{1,30}")
+_POWER_TOWER = re.compile(r"\^\s*\{[^{}]*\^|\^\s*\d*\s*\^|\^\s*\{\s*\d{7,}|\^\s*\d{7,}|\d{5,}\s*!")
 
 
-def math_reward(completion: str, gold: str, timeout: float = 2.0) -> float:
-    """1.0 if the last ``\\boxed{}`` of ``completion`` is mathematically equal to ``gold``, else 0.0.
+def prescreen(boxed: str) -> bool:
+    """False for boxed answers that are not worth a verifier call: too long, control characters, braces nested too
+    deep, power towers, huge literal exponents or factorials. Such answers score 0."""
+    if len(boxed) > MAX_ANSWER_CHARS or any(ord(c) < 32 and c not in "\t\n" for c in boxed):
+        return False
+    depth = 0
+    for c in boxed:
+        depth += (c == "{") - (c == "}")
+        if depth > MAX_BRACE_DEPTH:
+            return False
+    return _POWER_TOWER.search(boxed) is None
 
-    No box, an unclosed box, a parse failure or a verification that takes longer than ``timeout`` seconds all give 0.
-    math-verify is called as ``verify(parse(gold), parse(pred))`` (gold first) on the extracted box only, so its
-    lenient unanchored extraction ("the answer is 72" without a box) does not apply; its own alarm-based timeouts are
-    disabled (they raise outside the main thread) and our hard limit wraps the whole call instead.
-    """
-    boxed = last_boxed(completion)
-    if boxed is None or not boxed.strip():
-        return 0.0
+
+def _gold_latex(gold: str) -> str:
+    return gold if "\\boxed" in gold or "$" in gold else f"${gold}$"
+
+
+def _verify_in_process(gold: str, boxed: str) -> float:
+    """``verify(parse(gold), parse(pred))``, gold first, with math-verify's own (signal-based) timeouts disabled."""
     import logging
 
     from math_verify import parse, verify
 
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # it warns on every call that its own timeouts are off
-
     try:
-        with time_limit(timeout):
-            g = parse(gold if "\\boxed" in gold or "$" in gold else f"${gold}$", parsing_timeout=None)
-            p = parse(f"\\boxed{{{boxed}}}", parsing_timeout=None)
-            return 1.0 if (g and p and verify(g, p, timeout_seconds=None)) else 0.0
-    except (TimeoutError, Exception):  # noqa: BLE001 (any verifier failure is a wrong answer, never a crash)
+        g = parse(_gold_latex(gold), parsing_timeout=None)
+        p = parse(f"\\boxed{{{boxed}}}", parsing_timeout=None)
+        return 1.0 if (g and p and verify(g, p, timeout_seconds=None)) else 0.0
+    except Exception:  # noqa: BLE001 (any verifier failure is a wrong answer, never a crash)
         return 0.0
+
+
+def _verifier_worker() -> None:
+    """Worker process loop: read ``[id, gold, boxed]`` JSON lines on stdin, answer ``[id, reward]`` on stdout."""
+    import sys
+
+    import math_verify  # noqa: F401  (imported before announcing readiness, so the first check is not slowed)
+
+    sys.stdout.write('"ready"\n')
+    sys.stdout.flush()
+    for line in sys.stdin:
+        i, gold, boxed = json.loads(line)
+        sys.stdout.write(json.dumps([i, _verify_in_process(gold, boxed)]) + "\n")
+        sys.stdout.flush()
+
+
+class _Worker:
+    def __init__(self):
+        import subprocess
+        import sys
+
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the folder holding this package
+        code = f"import sys; sys.path.insert(0, {root!r}); from {__name__} import _verifier_worker; _verifier_worker()"
+        self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        self.fd, self.buf, self.ready, self.job, self.deadline = self.proc.stdout.fileno(), b"", False, None, 0.0
+        self.started = time.monotonic()
+
+    def send(self, job: int, gold: str, boxed: str, timeout: float) -> None:
+        self.proc.stdin.write((json.dumps([job, gold, boxed]) + "\n").encode())
+        self.proc.stdin.flush()
+        self.job, self.deadline = job, time.monotonic() + timeout
+
+    def read_lines(self) -> Optional[list]:
+        """Complete lines available now; None at end of file (the worker died)."""
+        chunk = os.read(self.fd, 65536)
+        if not chunk:
+            return None
+        self.buf += chunk
+        *lines, self.buf = self.buf.split(b"\n")
+        return [json.loads(x) for x in lines if x.strip()]
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout):
+            with contextlib.suppress(OSError):
+                f.close()
+
+
+class VerifierPool:
+    """A few math-verify worker processes. ``score(pairs, timeout)`` checks ``(gold, boxed)`` pairs in parallel; a
+    check that has not answered within ``timeout`` seconds scores 0 and its worker is killed and replaced, so no
+    completion can stall the caller for longer than about ``timeout`` (plus a worker restart, ~0.3 s)."""
+
+    BOOT_TIMEOUT = 60.0
+
+    def __init__(self, workers: int = 0):
+        self.n = workers or max(1, min(4, os.cpu_count() or 1))
+        self.workers: list = []
+        self.lock = threading.Lock()
+
+    def _spawn(self) -> _Worker:
+        w = _Worker()
+        self.workers.append(w)
+        return w
+
+    def _replace(self, w: _Worker) -> None:
+        w.kill()
+        self.workers.remove(w)
+        self._spawn()
+
+    def score(self, pairs: list, timeout: float) -> list:
+        import selectors
+
+        if not pairs:
+            return []
+        with self.lock:
+            while len(self.workers) < min(self.n, len(pairs)):
+                self._spawn()
+            out, todo = [0.0] * len(pairs), list(range(len(pairs)))[::-1]
+            sel = selectors.DefaultSelector()
+            while todo or any(w.job is not None for w in self.workers):
+                for w in self.workers:
+                    if w.ready and w.job is None and todo:
+                        i = todo.pop()
+                        w.send(i, *pairs[i], timeout)
+                now = time.monotonic()
+                waits = [w.deadline - now if w.ready else w.started + self.BOOT_TIMEOUT - now for w in self.workers
+                         if w.job is not None or not w.ready]
+                for w in self.workers:
+                    sel.register(w.fd, selectors.EVENT_READ, w)
+                events = sel.select(max(min(waits, default=0.05), 0.0))
+                for w in self.workers:
+                    sel.unregister(w.fd)
+                for key, _ in events:
+                    w = key.data
+                    lines = w.read_lines()
+                    if lines is None:  # died (out of memory, a crash in sympy's C code): that check scores 0
+                        if not w.ready:
+                            raise RuntimeError("the math-verify worker process failed to start "
+                                               "(is math-verify installed? pip install math-verify)")
+                        self._replace(w)
+                        continue
+                    for msg in lines:
+                        if msg == "ready":
+                            w.ready = True
+                        else:
+                            out[msg[0]], w.job = float(msg[1]), None
+                now = time.monotonic()
+                for w in list(self.workers):
+                    if w.job is not None and now > w.deadline:  # overran its limit: kill it, the check scores 0
+                        self._replace(w)
+                    elif not w.ready and now > w.started + self.BOOT_TIMEOUT:
+                        raise RuntimeError("the math-verify worker process did not start within "
+                                           f"{self.BOOT_TIMEOUT:.0f} s")
+            sel.close()
+            return out
+
+    def close(self) -> None:
+        for w in self.workers:
+            w.kill()
+        self.workers = []
+
+
+_POOL: Optional[VerifierPool] = None
+
+
+def verifier_pool() -> VerifierPool:
+    """The process-wide pool (one per rank), started on first use and stopped at exit."""
+    global _POOL
+    if _POOL is None:
+        import atexit
+
+        _POOL = VerifierPool()
+        atexit.register(_POOL.close)
+    return _POOL
+
+
+def math_rewards(completions: list, golds: list, timeout: float = 1.0) -> list:
+    """``math_reward`` for a batch: 1.0 where the last ``\\boxed{}`` of a completion is mathematically equal to its
+    gold answer, else 0.0, with the checks that need math-verify run in parallel worker processes.
+
+    No box, an unclosed box, an answer the pre-screen rejects, a parse failure, or a check that takes longer than
+    ``timeout`` seconds all give 0. Plain integers on both sides are compared exactly without math-verify. Otherwise
+    math-verify is called as ``verify(parse(gold), parse(pred))`` (gold first) on the extracted box only, so its
+    lenient unanchored extraction ("the answer is 72" without a box) does not apply.
+    """
+    if not timeout > 0 or not math.isfinite(timeout):
+        raise ValueError(f"the reward timeout must be a positive number of seconds, got {timeout}")
+    out, pending = [0.0] * len(completions), []
+    for i, (completion, gold) in enumerate(zip(completions, golds)):
+        boxed = last_boxed(completion)
+        if boxed is None or not boxed.strip() or not prescreen(boxed):
+            continue
+        b, g = boxed.strip(), gold.strip()
+        if _INTEGER.fullmatch(b) and _INTEGER.fullmatch(g):  # exact, and what math-verify would answer
+            out[i] = float(int(b) == int(g))
+        else:
+            pending.append(i)
+    if pending:
+        scores = verifier_pool().score([(golds[i], last_boxed(completions[i])) for i in pending], timeout)
+        for i, r in zip(pending, scores):
+            out[i] = r
+    return out
+
+
+def math_reward(completion: str, gold: str, timeout: float = 1.0) -> float:
+    """1.0 if the last ``\\boxed{}`` of ``completion`` is mathematically equal to ``gold``, else 0.0 (see
+    ``math_rewards``); never takes much longer than ``timeout`` seconds, from any thread."""
+    return math_rewards([completion], [gold], timeout)[0]
 
 
 def has_format(completion: str) -> bool:
