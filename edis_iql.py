@@ -233,6 +233,8 @@ def resolve_device(name: str) -> torch.device:
         dev = torch.device(name)
     except RuntimeError:
         raise UserError(f"--device {name!r} is not a torch device (try auto, cpu, cuda, cuda:0)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name!r} is not supported: use auto, cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name} asked for, but torch sees no CUDA GPU (use --device cpu)")
     return dev
@@ -1070,13 +1072,17 @@ class Logger:
 
 # >>> shared:main
 # Flags that may change when a run is resumed: budgets, logging, hardware, learning rates (applied to the restored
-# optimizers). Any other flag given with --resume must equal the checkpoint's: the networks, the data and the algorithm
-# were built from it.
+# optimizers) and EDIS's online-phase settings (used from the next retrain; the denoiser is trained afresh each time,
+# so e.g. one offline phase can be continued with and without EDIS). Any other flag given with --resume must equal the
+# checkpoint's: the networks, the data and the algorithm were built from it.
 RESUME_MAY_CHANGE = {"resume", "output_dir", "overwrite", "device", "torch_deterministic", "track",
                      "wandb_project_name", "wandb_entity", "compile", "bf16", "online_steps", "eval_every",
-                     "eval_episodes", "checkpoint_every", "log_every", "edis_retrain_every", "edis_num_samples",
-                     "edis_diffusion_steps", "edis_sample_batch", "energy_steps", "edis_diffusion_lr", "energy_lr",
-                     "critic_lr", "actor_lr"} | ALGO_RESUME_MAY_CHANGE
+                     "eval_episodes", "checkpoint_every", "log_every", "critic_lr", "actor_lr", "edis", "edis_ratio",
+                     "edis_retrain_every", "edis_min_online", "edis_num_samples", "edis_diffusion_steps",
+                     "edis_diffusion_batch", "edis_diffusion_lr", "edis_width", "edis_depth", "edis_ema",
+                     "edis_sample_steps", "edis_sample_batch", "edis_churn", "guide_state", "guide_policy",
+                     "guide_transition", "energy_negatives", "energy_pool", "energy_steps", "energy_batch",
+                     "energy_lr", "edis_reward_model"} | ALGO_RESUME_MAY_CHANGE
 
 
 def save_checkpoint(path: str, args: Args, step: int, agent: Agent, opts: dict, online: ReplayBuffer,

@@ -680,7 +680,13 @@ def main(argv: Optional[list] = None) -> None:
         prompts, golds = [to_prompt(train[i]["question"]) for i in chosen], [train[i]["answer"] for i in chosen]
         # 1. rollouts: group_size samples per prompt from the current policy
         policy.eval()
-        batch = generate(policy, tok, prompts, args.group_size, args)
+        try:
+            batch = generate(policy, tok, prompts, args.group_size, args)
+        except RuntimeError as e:  # sampling from inf/nan probabilities: the previous update diverged
+            if "inf" not in str(e) and "nan" not in str(e):
+                raise
+            raise Diverged(f"non-finite next-token probabilities at round {rnd + 1}; the run stops (lower the "
+                           f"learning rate); its last checkpoint is kept") from None
         policy.train()
         t_gen = time.time()
         # 2. verifier rewards

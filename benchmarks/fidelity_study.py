@@ -108,13 +108,13 @@ def main() -> None:
         if not os.path.exists(ckpt_path):
             sys.exit(f"error: no checkpoint at {ckpt_path}; run benchmarks/edis_study.py --seeds {seed} first")
         t0 = time.time()
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ckpt = mod.safe_torch_load(ckpt_path, "fidelity study")  # never executes code from the file
         args = mod.Args(**ckpt["args"])
         task = mod.get_task(args.env)
         device = torch.device("cpu")
         mod.seed_everything(seed, False)
         gen = torch.Generator().manual_seed(seed)
-        norm = ckpt["normalization"]
+        norm = {k: v.numpy() if v.dim() else float(v) for k, v in ckpt["normalization"].items()}
         mean, std = torch.as_tensor(norm["obs_mean"]), torch.as_tensor(norm["obs_std"])
         data = mod.load_offline_data(task, dataset_path=args.dataset_path)
         obs_dim, act_dim = data.observations.shape[1], data.actions.shape[1]

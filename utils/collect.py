@@ -22,6 +22,7 @@ import dataclasses
 import os
 import shutil
 import sys
+import tempfile
 import time
 from typing import Callable, Optional
 
@@ -29,7 +30,7 @@ import gymnasium as gym
 import numpy as np
 
 from utils.common import UserError, run_cli
-from utils.offline_data import TaskSpec, get_task, minari_dataset_dir, register_envs
+from utils.offline_data import TaskSpec, get_task, minari_dataset_dir, minari_root, register_envs
 
 DEFAULT_STEPS = 1_000_000  # the size of the official D4RL/Minari PointMaze datasets
 PD_GAINS = (10.0, 1.0)  # (p, d): action = p * (target - xy) - d * velocity, Minari's pointmaze controller gains
@@ -105,8 +106,27 @@ def write_minari_dataset(dataset_id: str, episodes: list, env: gym.Env, eval_env
     metadata.setdefault("author", "reference-rl (generated locally)")
     metadata.setdefault("author_email", "none@localhost")
     metadata.setdefault("code_permalink", "utils/collect.py")
-    return minari.create_dataset_from_buffers(dataset_id=dataset_id, buffer=buffers, env=env,
-                                              eval_env=eval_env_spec, **metadata)
+    # Written into a temporary Minari root next to the cache, then renamed into place: an interrupted collection
+    # never leaves a half-written dataset that later runs would take for a cached one.
+    root = minari_root()
+    os.makedirs(root, exist_ok=True)
+    tmp_root = tempfile.mkdtemp(dir=root, prefix=".tmp-collect-")
+    saved = os.environ.get("MINARI_DATASETS_PATH")
+    try:
+        os.environ["MINARI_DATASETS_PATH"] = tmp_root
+        minari.create_dataset_from_buffers(dataset_id=dataset_id, buffer=buffers, env=env, eval_env=eval_env_spec,
+                                           **metadata)
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        os.replace(os.path.join(tmp_root, dataset_id), path)
+    finally:
+        if saved is None:
+            os.environ.pop("MINARI_DATASETS_PATH", None)
+        else:
+            os.environ["MINARI_DATASETS_PATH"] = saved
+        shutil.rmtree(tmp_root, ignore_errors=True)
+    return minari.load_dataset(dataset_id)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -422,16 +422,18 @@ def load_d4rl_hdf5(path: str, task: Optional[TaskSpec] = None) -> OfflineData:
             missing = [k for k in ("observations", "actions", "rewards", "terminals") if k not in f]
             if missing:
                 raise UserError(f"{path} is not a D4RL-layout hdf5 file: missing {', '.join(missing)} datasets")
-            d = {k: f[k][()] for k in ("observations", "actions", "rewards", "terminals", "timeouts",
-                                       "next_observations") if k in f}
+            keys = [k for k in ("observations", "actions", "rewards", "terminals", "timeouts", "next_observations")
+                    if k in f]
+            for k in keys:
+                if not isinstance(f[k], h5py.Dataset):
+                    raise UserError(f"{path}: '{k}' is an hdf5 group, not an array")
+            d = {k: f[k][()] for k in keys}
     except OSError as e:
         raise UserError(f"cannot read {path} as hdf5: {e}") from None
-    obs = np.asarray(d["observations"], dtype=np.float32)
-    n = len(obs)
-    act = np.asarray(d["actions"], dtype=np.float32).reshape(n, -1)
-    rew = np.asarray(d["rewards"], dtype=np.float32).reshape(n)
-    term = np.asarray(d["terminals"]).reshape(n).astype(bool)
-    tout = np.asarray(d["timeouts"]).reshape(n).astype(bool) if "timeouts" in d else np.zeros(n, bool)
+    d = _validated_arrays(d, path)
+    obs, act, rew, n = d["observations"], d["actions"], d["rewards"], len(d["observations"])
+    term = d["terminals"].astype(bool)
+    tout = d["timeouts"].astype(bool) if "timeouts" in d else np.zeros(n, bool)
     done = term | tout
     last_of_ep = done.copy()
     last_of_ep[-1] = True  # the file's last row ends an episode whatever its flags
@@ -454,6 +456,42 @@ def load_d4rl_hdf5(path: str, task: Optional[TaskSpec] = None) -> OfflineData:
     if task is not None:
         _check_shapes(data, task, path)
     return data
+
+
+def _validated_arrays(d: dict, path: str) -> dict:
+    """The D4RL arrays as float32 with checked shapes: observations [N, obs_dim] with N >= 1, actions [N, act_dim]
+    (or [N] for one action dimension), rewards / terminals / timeouts [N] (or [N, 1]), next_observations like
+    observations, all numeric and finite. Nothing is reshaped to fit: a misaligned file is refused."""
+    out = {}
+    for k, v in d.items():
+        v = np.asarray(v)
+        if not (np.issubdtype(v.dtype, np.number) or v.dtype == bool):
+            raise UserError(f"{path}: '{k}' holds {v.dtype} values, not numbers")
+        out[k] = v.astype(np.float32)
+    obs = out["observations"]
+    if obs.ndim != 2 or len(obs) == 0 or obs.shape[1] == 0:
+        raise UserError(f"{path}: 'observations' must be a non-empty [N, obs_dim] array, got shape {obs.shape}")
+    n = len(obs)
+    for k, v in out.items():
+        if k == "observations":
+            continue
+        if k == "next_observations":
+            ok = v.shape == obs.shape
+            want = f"{obs.shape} like 'observations'"
+        elif k == "actions":
+            ok = v.ndim in (1, 2) and len(v) == n and (v.ndim == 1 or v.shape[1] >= 1)
+            want = f"[{n}, act_dim]"
+        else:
+            ok = v.shape in ((n,), (n, 1))
+            want = f"[{n}]"
+        if not ok:
+            raise UserError(f"{path}: '{k}' has shape {v.shape}, expected {want} (one row per observation)")
+        out[k] = v.reshape(n, -1) if k == "actions" else v if k == "next_observations" else v.reshape(n)
+    for k in ("observations", "actions", "rewards", "next_observations"):
+        if k in out and not np.isfinite(out[k]).all():
+            bad = int(np.flatnonzero(~np.isfinite(out[k]).reshape(n, -1).all(1))[0])
+            raise UserError(f"{path}: '{k}' has non-finite values (first at row {bad})")
+    return out
 
 
 def _check_shapes(data: OfflineData, task: TaskSpec, where: str) -> None:
@@ -513,10 +551,19 @@ def _load_minari_path(path: str, obs_keys: Optional[tuple]) -> OfflineData:
     data_dir = path if os.path.basename(os.path.normpath(path)) == "data" else os.path.join(path, "data")
     if not os.path.isfile(os.path.join(data_dir, "metadata.json")):
         raise UserError(f"--dataset-path {path!r} is neither a D4RL hdf5 file nor a Minari dataset folder")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ds = MinariDataset(data_dir)
-    return from_minari(ds, obs_keys, source=f"Minari folder {path}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = MinariDataset(data_dir)
+        data = from_minari(ds, obs_keys, source=f"Minari folder {path}")
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 (minari and h5py raise many types for a damaged folder)
+        raise UserError(f"--dataset-path {path}: cannot read it as a Minari dataset ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    _validated_arrays({"observations": data.observations, "actions": data.actions, "rewards": data.rewards,
+                       "next_observations": data.next_observations}, path)
+    return data
 
 
 def load_offline_data(
