@@ -447,7 +447,7 @@ class GaussianActor(nn.Module):
 
     def dist(self, obs: torch.Tensor) -> torch.distributions.Normal:
         std = self.log_std.clamp(-20.0, 2.0).exp()
-        return torch.distributions.Normal(self.mean(obs), std)
+        return torch.distributions.Normal(self.mean(obs), std, validate_args=False)  # NaNs reach the divergence check
 
     def sample(self, obs: torch.Tensor) -> torch.Tensor:
         """Exploration / EDIS policy-energy positives: a ~ pi(.|s), clipped to the action box."""
