@@ -36,9 +36,9 @@ from utils.common import (
     check_finite,
     check_flags,
     check_output_dir,
-    check_resume_flags,
     get_rng_state,
-    remove_stale_temp_files,
+    make_output_dir,
+    resumed_args,
     run_cli,
     safe_torch_load,
     seed_everything,
@@ -214,8 +214,9 @@ class Args:
     """orthogonal initialisation (gain sqrt(2) hidden, 1e-2 output), as CORL's Cal-QL"""
 
 
-# Per-family presets (CORL finetune/cal_ql.py configs, the official Cal-QL scripts and the EDIS Cal-QL gins, spec
-# edis.md sections 6.1 and 8.3), applied to every flag the command line left unset. Per-task entries refine them.
+# Per-family presets (CORL's configs/finetune/cal_ql/*.yaml, the official Cal-QL scripts (nakamotoo/Cal-QL) and the
+# official EDIS code's Cal-QL gin files), applied to every flag the command line left unset. Per-task entries refine
+# them.
 INF = float("inf")
 PRESETS = {
     "antmaze": dict(normalize_states=False, reward_scale=10.0, reward_bias=-5.0, reward_normalize_returns=False,
@@ -707,8 +708,9 @@ def episode_done(online: ReplayBuffer, rows: torch.Tensor, args: Args, norm: dic
 # A transition is one vector x = [s, a, r, s', terminal] (states already RL-normalised, rewards transformed),
 # standardised per dimension by TransitionCodec. The diffusion prior p(x) is fitted on offline + online replay; the
 # target is q(x) = d_pi(s) pi(a|s) T(s'|s,a) (paper Sec. 4), i.e. q = p * exp(-E_s(s) - E_pi(s,a) - E_T(s,a,s'))
-# with E_s = -log d_pi/d_D, E_pi = -log pi/mu, E_T = -log T/T_hat (spec edis.md 5.1). Each energy is trained with
-# InfoNCE on noisy inputs, so that at noise level sigma, grad E(x, sigma) is the guidance the sampler needs.
+# with E_s = -log d_pi/d_D, E_pi = -log pi/mu, E_T = -log T/T_hat (EDIS Sec. 4). Each energy is trained with
+# InfoNCE on noisy inputs (contrastive energy prediction, CEP: Lu et al. 2023, arXiv 2304.12824), so that at noise
+# level sigma, grad E(x, sigma) is the guidance the sampler needs.
 class TransitionCodec:
     """Block layout of a transition vector and its per-dimension standardisation (refitted at each retrain)."""
 
@@ -825,7 +827,8 @@ def edm_sample(net: nn.Module, n: int, dim: int, n_steps: int, generator: torch.
                known_mask: Optional[torch.Tensor] = None, stats: Optional[dict] = None) -> torch.Tensor:
     """Stochastic Heun sampler (Karras Alg. 2) with energy guidance and in-painting.
 
-    Guided direction (EDIS, spec 5.1): the probability-flow ODE of q = p exp(-E) is dx/dsigma = -sigma grad log q =
+    Guided direction (EDIS Sec. 4 with CEP's exact intermediate energy, Lu et al. 2023): the probability-flow ODE of
+    q = p exp(-E) is dx/dsigma = -sigma grad log q =
         d = (x - D(x; sigma)) / sigma + sigma * grad_x E(x, sigma),
     with ``guidance(x, sigma)`` returning grad_x of the weighted energies (already masked to their blocks).
     In-painting: the dimensions where ``known_mask`` is 1 are replaced, at every noise level, by the known values plus
@@ -927,7 +930,8 @@ def infonce_loss(energy: nn.Module, pos: torch.Tensor, neg: torch.Tensor, sigma:
     """Contrastive energy prediction: one positive, K negatives per group, all noised at the group's sigma.
 
     pos [G, d], neg [G, K, d], sigma [G]. L = -log exp(-E(x+)) / (exp(-E(x+)) + sum_j exp(-E(x-_j))), whose minimiser
-    is E(x, sigma) = -log q_sigma(x) / p_sigma(x) + c(sigma) (spec edis.md 5.1). Returns (loss, accuracy).
+    is E(x, sigma) = -log q_sigma(x) / p_sigma(x) + c(sigma) (CEP, Lu et al. 2023: with unlimited capacity the
+    contrastive objective recovers the exact intermediate energy). Returns (loss, accuracy).
     """
     G, K, d = neg.shape
     x = torch.cat([pos[:, None], neg], 1)  # [G, 1 + K, d], the positive first
@@ -992,7 +996,8 @@ def sample_chunked(net: nn.Module, n: int, dim: int, args: Args, generator: torc
 
 def train_energies(state: EDISState, denoiser: nn.Module, online: ReplayBuffer, policy_sample: Callable, args: Args,
                    generator: torch.Generator) -> dict:
-    """InfoNCE training of E_s, E_pi, E_T at the noise levels the sampler visits (paper-faithful, spec 10).
+    """InfoNCE training of E_s, E_pi, E_T at the noise levels the sampler visits (EDIS Sec. 4; docs/edis_iql.md lists
+    where this differs from the official code).
 
     Positives: online states (E_s); (s, a ~ pi(s)) with the current policy (E_pi); real online (s, a, s') (E_T).
     Negatives, K per positive, from the diffusion prior: unconditional samples (E_s); in-paintings of a | s (E_pi);
@@ -1227,19 +1232,12 @@ def load_checkpoint(args: Args, argv: Optional[list]) -> tuple:
     overridden by the ones given now, which must be among RESUME_MAY_CHANGE."""
     path = find_checkpoint(args.resume)
     ckpt = safe_torch_load(path, f"--resume {args.resume}")
-    try:
-        saved_args = Args(**ckpt["args"])
-    except (KeyError, TypeError):
-        raise UserError(f"--resume {args.resume!r}: {path} is not a checkpoint of this script") from None
-    args = tyro.cli(Args, args=argv, default=saved_args)
-    check_resume_flags(ckpt["args"], dataclasses.asdict(args), RESUME_MAY_CHANGE)
     folder = os.path.dirname(os.path.abspath(path))
-    if args.output_dir is None or os.path.abspath(args.output_dir) == os.path.abspath(saved_args.output_dir or folder):
-        args.output_dir = folder  # continue in place, unless a new --output-dir was given (a branch of the run)
+    args = resumed_args(Args, argv, ckpt, folder, RESUME_MAY_CHANGE, f"--resume {args.resume}")
     newer = os.path.join(folder, CHECKPOINT)
     if args.output_dir == folder and os.path.abspath(path) != newer and os.path.isfile(newer):
-        raise UserError(f"--resume {path}: {folder} holds a newer {CHECKPOINT} that continuing here would "
-                        f"overwrite; pass --output-dir NEW_FOLDER to continue from {os.path.basename(path)} there")
+        raise UserError(f"--resume {path}: continuing here would overwrite {newer}, the run's latest checkpoint; "
+                        f"pass --output-dir NEW_FOLDER to continue from {os.path.basename(path)} there")
     return ckpt, args
 
 
@@ -1325,8 +1323,7 @@ def main(argv: Optional[list] = None) -> None:
         progress, start_step = ckpt["progress"], ckpt["step"]
         set_rng_state(ckpt["rng"])
         gen.set_state(ckpt["batch_generator"])
-    os.makedirs(out_dir, exist_ok=True)  # only now: a run that fails on its flags or data leaves no folder behind
-    remove_stale_temp_files(out_dir)  # what a kill during a checkpoint write left
+    make_output_dir(out_dir)  # only now: a run that fails on its flags or data leaves no folder behind
     atomic_write_bytes(os.path.join(out_dir, "config.json"), json.dumps(  # the effective config, also on resume
         {"args": dataclasses.asdict(args), "task": dataclasses.asdict(task), "device": str(device)}, indent=2,
         default=str).encode())

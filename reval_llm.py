@@ -37,10 +37,10 @@ from utils.common import (
     check_finite,
     check_flags,
     check_output_dir,
-    check_resume_flags,
     get_rng_state,
     hub_offline,
-    remove_stale_temp_files,
+    make_output_dir,
+    resumed_args,
     run_cli,
     safe_torch_load,
     seed_everything,
@@ -625,15 +625,8 @@ def load_checkpoint(args: Args, argv: Optional[list]) -> tuple:
     saved flags overridden by the ones given now, which must be among RESUME_MAY_CHANGE)."""
     resume_dir = find_checkpoint(args.resume)
     saved = safe_torch_load(os.path.join(resume_dir, "trainer_state.pt"), f"--resume {args.resume}")
-    try:
-        saved_args = Args(**saved["args"])
-    except (KeyError, TypeError):
-        raise UserError(f"--resume {args.resume!r}: {resume_dir} is not a checkpoint of this script") from None
-    args = tyro.cli(Args, args=argv, default=saved_args)
-    check_resume_flags(saved["args"], dataclasses.asdict(args), RESUME_MAY_CHANGE)
     folder = os.path.dirname(os.path.abspath(resume_dir))
-    if args.output_dir is None or os.path.abspath(args.output_dir) == os.path.abspath(saved_args.output_dir or folder):
-        args.output_dir = folder  # continue in place, unless a new --output-dir was given (a branch of the run)
+    args = resumed_args(Args, argv, saved, folder, RESUME_MAY_CHANGE, f"--resume {args.resume}")
     return resume_dir, saved, args
 
 
@@ -739,8 +732,7 @@ def main(argv: Optional[list] = None) -> None:
         set_rng_state(saved["rng"])
         algo_resume(ref_model, state)
     if rank == 0:  # only now: a run that fails on its flags, data or model leaves no folder behind
-        os.makedirs(out_dir, exist_ok=True)
-        remove_stale_temp_files(out_dir)
+        make_output_dir(out_dir)
         atomic_write_bytes(os.path.join(out_dir, "config.json"), json.dumps(
             {**dataclasses.asdict(args), "device_used": str(device), "world_size": world,
              "train_prompts": len(train), "eval_prompts_used": len(evalset), "train_eval_overlap": overlap},

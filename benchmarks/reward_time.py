@@ -4,7 +4,8 @@ without its SIGALRM wrapper) vs ``utils.llm_task.math_rewards`` (pre-screen, int
     python benchmarks/reward_time.py
 
 Two synthetic rounds of 16 prompts x 8 completions: the built-in task's style (boxed integers, some wrong, some
-unboxed) and LaTeX fractions (every check goes to math-verify). Prints ms per round and whether the rewards agree."""
+unboxed) and LaTeX fractions (every check goes to math-verify). Prints the pool's start-up time, then ms per round
+and whether the rewards agree."""
 
 import os
 import random
@@ -25,6 +26,9 @@ def in_process(completions: list, golds: list) -> list:
 
 
 def main() -> None:
+    t = time.perf_counter()
+    math_rewards(["\\boxed{0.5}"], ["1/2"])  # the first check that needs math-verify starts the worker pool
+    print(f"worker pool start + first check: {(time.perf_counter() - t) * 1e3:.0f} ms (once per process)")
     rng = random.Random(0)
     golds = [str(rng.randint(1, 999)) for _ in range(128)]
     ints = []

@@ -29,6 +29,28 @@ def run_script(args, env_extra=None, timeout=120):
                           timeout=timeout)
 
 
+def run_and_kill(args, env_extra, checkpoint, past_step: int, timeout: float = 300) -> int:
+    """Start ``python <args>``, SIGKILL it as soon as ``checkpoint`` (an EDIS checkpoint.pt) holds a step greater than
+    ``past_step``, and return the step of the checkpoint it leaves."""
+    import signal
+    import time
+
+    import torch
+
+    proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env={**os.environ, **(env_extra or {})},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(checkpoint) and torch.load(checkpoint, weights_only=True)["step"] > past_step:
+            break
+        time.sleep(0.05)
+    alive = proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert alive, "the run ended before it could be killed"
+    return torch.load(checkpoint, weights_only=True)["step"]
+
+
 def run_torchrun(script, args, env_extra, port, nproc=2):
     """``python -m torch.distributed.run --nproc_per_node nproc <script> <args>``; asserts success and returns the
     run's summary.json (args must contain --output-dir)."""

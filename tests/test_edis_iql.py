@@ -3,18 +3,13 @@
 import copy
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 
 import edis_iql as m
-from tests.conftest import REPO, read_scalars, run_script
+from tests.conftest import read_scalars, run_and_kill, run_script
 from utils.offline_data import get_task
 
 
@@ -144,7 +139,7 @@ def test_karras_schedule_values():
     s = m.karras_sigmas(128, torch.device("cpu"))
     assert len(s) == 129 and s[-1] == 0 and s[0].item() == pytest.approx(80.0)
     assert s[127].item() == pytest.approx(0.002, rel=1e-4)
-    # values listed in spec edis.md 4.3 for N = 128
+    # Karras et al. Eq. 5 (rho = 7, sigma in [0.002, 80]) worked out by hand for N = 128
     for i, v in ((16, 38.8), (32, 17.3), (64, 2.43), (96, 0.157)):
         assert s[i].item() == pytest.approx(v, rel=0.01)
     assert torch.all(s[1:] < s[:-1])
@@ -300,19 +295,7 @@ def test_kill_and_resume(tiny_pointmaze, tmp_path):
     offline = 8000  # long enough that the poll below catches the run alive after its second checkpoint
     args = [*SMOKE, "--edis-retrain-every", "100", "--offline-steps", str(offline), "--online-steps", "200",
             "--eval-every", "10000", "--output-dir", str(out)]
-    env = dict(os.environ, **tiny_pointmaze)
-    proc = subprocess.Popen([sys.executable, "edis_iql.py", *args], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    ckpt = out / "checkpoint.pt"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if ckpt.exists() and torch.load(ckpt, weights_only=True)["step"] >= 200:
-            break
-        time.sleep(0.5)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    step_at_kill = torch.load(ckpt, weights_only=True)["step"]
+    step_at_kill = run_and_kill(["edis_iql.py", *args], tiny_pointmaze, out / "checkpoint.pt", past_step=199)
     assert 200 <= step_at_kill < offline + 200 and not (out / "summary.json").exists()
     p = run_script(["edis_iql.py", "--resume", str(out)], tiny_pointmaze, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]

@@ -72,6 +72,23 @@ def check_flags(args, ranges: dict, infinite_ok: tuple = ()) -> None:
 SEED_RANGE = "[0, 4294967295]"  # what numpy's legacy seeding accepts
 
 
+def resumed_args(args_cls, argv, checkpoint, folder: str, may_change: set, what: str):
+    """The config of a resumed run: the checkpoint's flags overridden by the ones given now, which must be among
+    ``may_change``. ``--output-dir`` defaults to the checkpoint's ``folder``; a different one branches the run there."""
+    import tyro
+
+    saved = checkpoint.get("args") if isinstance(checkpoint, dict) else None
+    try:
+        saved_args = args_cls(**saved)
+    except TypeError:
+        raise UserError(f"{what}: {folder} holds a checkpoint that is not a checkpoint of this script") from None
+    args = tyro.cli(args_cls, args=argv, default=saved_args)
+    check_resume_flags(saved, dataclasses.asdict(args), may_change)
+    if args.output_dir is None or os.path.abspath(args.output_dir) == os.path.abspath(saved_args.output_dir or folder):
+        args.output_dir = folder
+    return args
+
+
 def check_resume_flags(saved: dict, now: dict, may_change: set) -> list:
     """Flags given together with ``--resume`` that differ from the checkpoint's: a UserError for those outside
     ``may_change`` (network sizes, data, the algorithm's definition), else the list of changed names (applied)."""
@@ -217,6 +234,15 @@ def remove_stale_temp_files(folder: str) -> None:
         if name.startswith(STALE_PREFIXES):
             path = os.path.join(folder, name)
             shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.unlink(path)
+
+
+def make_output_dir(path: str) -> None:
+    """Create the run folder (a UserError if the system refuses) and clear what a killed write left in it."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--output-dir {path}: cannot create it ({e.strerror})") from None
+    remove_stale_temp_files(path)
 
 
 def check_output_dir(path: str, resuming: bool, overwrite: bool) -> None:

@@ -462,7 +462,7 @@ def has_format(completion: str) -> bool:
 # Qwen2's pre-tokenizer split pattern: every digit is its own token, as in Qwen.
 QWEN2_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
                  r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
-MODEL_SIZES = {  # hidden, layers, heads, kv heads, ffn (llm_offline.md section 3)
+MODEL_SIZES = {  # hidden, layers, heads, kv heads, ffn
     "xs": (64, 2, 4, 2, 256),  # 0.15 M parameters: tests
     "s": (128, 4, 4, 2, 512),  # 1.04 M parameters: the default
 }
@@ -486,7 +486,7 @@ def train_tokenizer(texts: list):
 
 def noisy_completion(p: dict, rng: random.Random, noise: float) -> str:
     """With probability ``noise`` the demo boxes a wrong answer (off by 1..10) after a correct chain of thought: a
-    behavioural error that a verifiable reward can remove (llm_offline.md section 4)."""
+    behavioural error that a verifiable reward can remove."""
     answer = int(p["answer"])
     if rng.random() < noise:
         answer = max(0, answer + rng.choice([-1, 1]) * rng.randint(1, 10))
