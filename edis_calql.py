@@ -18,9 +18,11 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from typing import Callable, Optional
 
+import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn as nn
@@ -41,6 +43,7 @@ from utils.common import (
     resumed_args,
     run_cli,
     safe_torch_load,
+    save_curves_png,
     seed_everything,
     set_rng_state,
 )
@@ -101,6 +104,10 @@ class Args:
     """write checkpoint.pt (atomically) every this many steps, and at the end of each phase"""
     log_every: int = 1_000
     """log training losses to TensorBoard every this many updates"""
+    capture_video: bool = False
+    """record the first episode of every evaluation as an mp4 in <output-dir>/videos (rendered without a display)"""
+    eval_only: bool = False
+    """with --resume: evaluate the checkpoint's policy (--eval-episodes, --capture-video) into eval.json; no training"""
     # --- data ----------------------------------------------------------------------------------------------------
     batch_size: int = 256
     """transitions per gradient update"""
@@ -1106,9 +1113,14 @@ def edis_retrain(state: EDISState, offline: ReplayBuffer, online: ReplayBuffer, 
 # ---------------------------------------------------------------------------------------------------------------
 # BOILERPLATE: evaluation (D4RL normalized score, success rate)
 # ---------------------------------------------------------------------------------------------------------------
-def evaluate(task: TaskSpec, policy: Callable, episodes: int, seed: int, env=None) -> dict:
-    """Run ``episodes`` deterministic episodes; env resets are seeded seed, seed+1, ... (the same starts each time)."""
+def evaluate(task: TaskSpec, policy: Callable, episodes: int, seed: int, env=None,
+             video_dir: Optional[str] = None) -> dict:
+    """Run ``episodes`` deterministic episodes; env resets are seeded seed, seed+1, ... (the same starts each time).
+    With ``video_dir``, the first episode is recorded there as an mp4 (gymnasium's RecordVideo, as CleanRL)."""
     own = env is None
+    if video_dir is not None:
+        env = gym.wrappers.RecordVideo(make_env(task, render_mode="rgb_array"), video_dir, name_prefix="eval",
+                                       episode_trigger=lambda ep: ep == 0, disable_logger=True)
     env = env or make_env(task)
     returns, successes = [], []
     for ep in range(episodes):
@@ -1156,7 +1168,7 @@ class Logger:
             except ImportError:
                 raise UserError("--track needs wandb: pip install wandb") from None
             wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                       config=dataclasses.asdict(args), name=run_name, save_code=True)
+                       config=dataclasses.asdict(args), name=run_name, save_code=True, monitor_gym=True)
         table = "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items())
         self.writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
         self.pending: dict = {}
@@ -1201,12 +1213,12 @@ class Logger:
 # checkpoint's: the networks, the data and the algorithm were built from it.
 RESUME_MAY_CHANGE = {"resume", "output_dir", "overwrite", "device", "torch_deterministic", "track",
                      "wandb_project_name", "wandb_entity", "compile", "bf16", "online_steps", "eval_every",
-                     "eval_episodes", "checkpoint_every", "log_every", "critic_lr", "actor_lr", "edis", "edis_ratio",
-                     "edis_retrain_every", "edis_min_online", "edis_num_samples", "edis_diffusion_steps",
-                     "edis_diffusion_batch", "edis_diffusion_lr", "edis_width", "edis_depth", "edis_ema",
-                     "edis_sample_steps", "edis_sample_batch", "edis_churn", "guide_state", "guide_policy",
-                     "guide_transition", "energy_negatives", "energy_pool", "energy_steps", "energy_batch",
-                     "energy_lr", "edis_reward_model"} | ALGO_RESUME_MAY_CHANGE
+                     "eval_episodes", "checkpoint_every", "log_every", "critic_lr", "actor_lr", "capture_video",
+                     "eval_only", "edis", "edis_ratio", "edis_retrain_every", "edis_min_online", "edis_num_samples",
+                     "edis_diffusion_steps", "edis_diffusion_batch", "edis_diffusion_lr", "edis_width", "edis_depth",
+                     "edis_ema", "edis_sample_steps", "edis_sample_batch", "edis_churn", "guide_state",
+                     "guide_policy", "guide_transition", "energy_negatives", "energy_pool", "energy_steps",
+                     "energy_batch", "energy_lr", "edis_reward_model"} | ALGO_RESUME_MAY_CHANGE
 
 
 def save_checkpoint(path: str, args: Args, step: int, agent: Agent, opts: dict, online: ReplayBuffer,
@@ -1265,6 +1277,12 @@ def main(argv: Optional[list] = None) -> None:
     task = get_task(args.env)
     device = resolve_device(args.device)
     args = apply_presets(args, task, device)  # also checks every flag's range
+    if args.eval_only and ckpt is None:
+        raise UserError("--eval-only evaluates a checkpoint: give the run with --resume DIR")
+    if args.edis and not args.eval_only and args.online_steps > 0 and args.edis_min_online + 1 >= args.online_steps:
+        print(f"warning: no EDIS retrain will happen (the first needs --edis-min-online {args.edis_min_online} online "
+              f"steps, and --online-steps is {args.online_steps}): this run is plain fine-tuning. Lower "
+              f"--edis-retrain-every / --edis-min-online, or raise --online-steps.", file=sys.stderr)
     exp_name = os.path.basename(__file__)[: -len(".py")]
     run_name = f"{task.name}__{exp_name}__{args.seed}__{int(time.time())}"
     out_dir = args.output_dir or os.path.join("runs", run_name)
@@ -1302,7 +1320,8 @@ def main(argv: Optional[list] = None) -> None:
     agent = Agent(obs_dim, act_dim, args, max_action).to(device)
     opts = make_optimizers(agent, args)
     edis = new_edis_state(obs_dim, act_dim, args, device)
-    progress = {"offline_score": None, "evals": [], "episodes": 0, "train_successes": [], "updates": 0}
+    progress = {"offline_score": None, "evals": [], "episodes": 0, "train_successes": [], "updates": 0,
+                "episode_scores": []}  # (step, normalized score) of each online training episode
     start_step = 0
     if ckpt is not None:
         agent.load_state_dict(ckpt["agent"])
@@ -1324,6 +1343,24 @@ def main(argv: Optional[list] = None) -> None:
         set_rng_state(ckpt["rng"])
         gen.set_state(ckpt["batch_generator"])
     make_output_dir(out_dir)  # only now: a run that fails on its flags or data leaves no folder behind
+
+    def policy_eval(o: np.ndarray) -> np.ndarray:
+        agent.actor.eval()
+        a = agent.actor.act(torch.as_tensor(norm_obs(o), dtype=torch.float32, device=device)[None])
+        agent.actor.train()
+        return a[0].cpu().numpy()
+
+    def videos(step: int, kind: str = "step") -> Optional[str]:
+        return os.path.join(out_dir, "videos", f"{kind}{step}") if args.capture_video else None
+
+    if args.eval_only:  # BOILERPLATE: evaluate a checkpoint (e.g. --resume run --eval-only --capture-video)
+        res = {"step": start_step, **evaluate(task, policy_eval, args.eval_episodes, args.seed + 10_000,
+                                              video_dir=videos(start_step, "eval-only-step"))}
+        atomic_write_bytes(os.path.join(out_dir, "eval.json"), json.dumps(res, indent=2).encode())
+        print(f"{task.name}: normalized score {res['eval/normalized_score']:.1f} (success "
+              f"{res['eval/success_rate']:.2f}) over {args.eval_episodes} episodes at step {start_step}; "
+              f"{out_dir}/eval.json")
+        return
     atomic_write_bytes(os.path.join(out_dir, "config.json"), json.dumps(  # the effective config, also on resume
         {"args": dataclasses.asdict(args), "task": dataclasses.asdict(task), "device": str(device)}, indent=2,
         default=str).encode())
@@ -1334,14 +1371,8 @@ def main(argv: Optional[list] = None) -> None:
     amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)  # noqa: E731
     logger = Logger(out_dir, args, run_name)
 
-    def policy_eval(o: np.ndarray) -> np.ndarray:
-        agent.actor.eval()
-        a = agent.actor.act(torch.as_tensor(norm_obs(o), dtype=torch.float32, device=device)[None])
-        agent.actor.train()
-        return a[0].cpu().numpy()
-
     def run_eval(step: int) -> dict:
-        res = evaluate(task, policy_eval, args.eval_episodes, seed=args.seed + 10_000)
+        res = evaluate(task, policy_eval, args.eval_episodes, seed=args.seed + 10_000, video_dir=videos(step))
         logger.scalars(res, step)
         progress["evals"].append({"step": step, **res})
         return res
@@ -1401,6 +1432,7 @@ def main(argv: Optional[list] = None) -> None:
             progress["train_successes"].append(ep_success)
             ep_stats = {"charts/episodic_return": ep_ret,
                         "charts/episodic_normalized_score": float(normalized_score(task, ep_ret))}
+            progress.setdefault("episode_scores", []).append([step + 1, ep_stats["charts/episodic_normalized_score"]])
             if task.goal_reaching:  # CORL's regret: 1 - mean success over the online training episodes
                 ep_stats["charts/regret"] = 1.0 - float(np.mean(progress["train_successes"]))
             logger.scalars(ep_stats, step + 1)
@@ -1456,6 +1488,13 @@ def main(argv: Optional[list] = None) -> None:
         "edis_retrains": edis.retrains, "wall_time_s": time.time() - t_start, "output_dir": out_dir,
     }
     atomic_write_bytes(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2).encode())
+    curves = {"evaluation": ([e["step"] for e in progress["evals"]],
+                             [e["eval/normalized_score"] for e in progress["evals"]], "D4RL normalized score")}
+    if progress.get("episode_scores"):
+        curves["online training episodes"] = (*zip(*progress["episode_scores"]), "D4RL normalized score")
+    save_curves_png(os.path.join(out_dir, "learning_curve.png"), curves,
+                    "step (offline updates, then online env steps)", f"{task.name}: {exp_name}, seed {args.seed}",
+                    vline=(args.offline_steps, "offline -> online"))
     logger.close()
     env.close()
     print(f"{task.name}: normalized score {summary['offline_normalized_score']:.1f} (offline) -> "

@@ -43,6 +43,7 @@ from utils.common import (
     resumed_args,
     run_cli,
     safe_torch_load,
+    save_curves_png,
     seed_everything,
     set_rng_state,
 )
@@ -143,6 +144,8 @@ class Args:
     """prompts per generate call during evaluation"""
     checkpoint_every: int = 50
     """save checkpoint/ every this many rounds (atomically), and at the end"""
+    eval_only: bool = False
+    """with --resume: evaluate the checkpoint's model (greedy, mean@k sampled accuracy) into eval.json; no training"""
 # <<< shared:args_common
     # --- GRPO ----------------------------------------------------------------------------------------------------
     loss_type: Literal["grpo", "dr_grpo", "dapo"] = "dapo"
@@ -522,7 +525,7 @@ def save_checkpoint(out_dir: str, model, tok, opt, state: dict, args: Args) -> N
 RESUME_MAY_CHANGE = {"resume", "output_dir", "overwrite", "device", "bf16", "track", "wandb_project_name",
                      "wandb_entity", "total_rounds", "eval_every", "eval_samples", "eval_batch_size",
                      "checkpoint_every", "micro_batch_size", "learning_rate", "max_grad_norm",
-                     "reward_timeout"} | ALGO_RESUME_MAY_CHANGE
+                     "reward_timeout", "eval_only", "eval_prompts"} | ALGO_RESUME_MAY_CHANGE
 
 
 def load_checkpoint(args: Args, argv: Optional[list]) -> tuple:
@@ -588,6 +591,8 @@ def main(argv: Optional[list] = None) -> None:
     if args.resume:  # the saved config, overridden by the flags given now
         resume_dir, saved, args = load_checkpoint(args, argv)
     check_flags(args, COMMON_RANGES)
+    if args.eval_only and saved is None:
+        raise UserError("--eval-only evaluates a checkpoint: give the run with --resume DIR")
     args = algo_configure(args, argv)
     check_flags(args, ALGO_RANGES)
     rank, world, device = setup_distributed(args.device)
@@ -638,6 +643,7 @@ def main(argv: Optional[list] = None) -> None:
         algo_resume(ref_model, state)
     if rank == 0:  # only now: a run that fails on its flags, data or model leaves no folder behind
         make_output_dir(out_dir)
+    if rank == 0 and not args.eval_only:
         atomic_write_bytes(os.path.join(out_dir, "config.json"), json.dumps(
             {**dataclasses.asdict(args), "device_used": str(device), "world_size": world,
              "train_prompts": len(train), "eval_prompts_used": len(evalset), "train_eval_overlap": overlap},
@@ -652,6 +658,17 @@ def main(argv: Optional[list] = None) -> None:
     logger = Logger(out_dir, args, run_name, enabled=rank == 0)
     per_rank = args.prompts_per_round // world
     t_start = time.time() - state["wall_time_s"]
+
+    if args.eval_only:  # BOILERPLATE: evaluate a checkpoint (e.g. --resume run --eval-only --eval-samples 16)
+        res = {"round": state["round"], **evaluate(policy, tok, eval_prompts, eval_golds, args, rank, world)}
+        if rank == 0:
+            atomic_write_bytes(os.path.join(out_dir, "eval.json"), json.dumps(res, indent=2).encode())
+        log(f"round {state['round']}: eval accuracy {res['eval/accuracy']:.3f}" + (
+            f", sampled mean@{args.eval_samples} {res['eval/accuracy_sampled']:.3f}" if args.eval_samples else "")
+            + f" on {len(eval_prompts)} prompts; {out_dir}/eval.json")
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return
 
     if state["initial_eval"] is None:
         res = evaluate(policy, tok, eval_prompts, eval_golds, args, rank, world)
@@ -711,6 +728,7 @@ def main(argv: Optional[list] = None) -> None:
             / max(t_upd - t_rew, 1e-9),
         })
         logger.scalars(metrics, rnd + 1)
+        state.setdefault("reward_history", []).append([rnd + 1, metrics["train/reward"]])
         bar.update(1)
         bar.set_postfix(reward=f"{metrics['train/reward']:.2f}")
         if (rnd + 1) % args.eval_every == 0 or rnd + 1 == args.total_rounds:
@@ -724,16 +742,29 @@ def main(argv: Optional[list] = None) -> None:
             save_checkpoint(out_dir, model, tok, opt, state, args)
     bar.close()
     if rank == 0:
-        last = state["evals"][-1]
+        first, last = state["evals"][0], state["evals"][-1]
         summary = {"model": args.model, "dataset": args.dataset, "seed": args.seed,
                    "initial_eval_accuracy": state["initial_eval"], "final_eval_accuracy": last["eval/accuracy"],
+                   "initial_eval_accuracy_sampled": first.get("eval/accuracy_sampled"),
                    "final_eval_accuracy_sampled": last.get("eval/accuracy_sampled"), "rounds": state["round"],
                    "generated_trajectories": state["generated"], "wall_time_s": time.time() - t_start,
                    "world_size": world, "output_dir": out_dir,
                    **{k: v for k, v in state.items() if k in SUMMARY_KEYS}}
         atomic_write_bytes(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2).encode())
-        log(f"eval accuracy {summary['initial_eval_accuracy']:.3f} -> {summary['final_eval_accuracy']:.3f} after "
-            f"{summary['rounds']} rounds; {out_dir}/summary.json")
+        curves = {"greedy": ([e["round"] for e in state["evals"]], [e["eval/accuracy"] for e in state["evals"]],
+                             "held-out accuracy")}
+        if args.eval_samples:
+            curves[f"sampled mean@{args.eval_samples}"] = ([e["round"] for e in state["evals"]],
+                                                           [e["eval/accuracy_sampled"] for e in state["evals"]],
+                                                           "held-out accuracy")
+        if state.get("reward_history"):
+            curves["training reward"] = (*zip(*state["reward_history"]), "mean verifier reward per round")
+        save_curves_png(os.path.join(out_dir, "learning_curve.png"), curves, "round",
+                        f"{os.path.basename(args.model.rstrip('/'))}: {exp_name}, seed {args.seed}")
+        sampled = (f", sampled mean@{args.eval_samples} {summary['initial_eval_accuracy_sampled']:.3f} -> "
+                   f"{summary['final_eval_accuracy_sampled']:.3f}" if args.eval_samples else "")
+        log(f"eval accuracy (greedy) {summary['initial_eval_accuracy']:.3f} -> {summary['final_eval_accuracy']:.3f}"
+            f"{sampled} after {summary['rounds']} rounds; {out_dir}/summary.json")
     logger.close()
     if dist.is_initialized():
         dist.destroy_process_group()

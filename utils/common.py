@@ -15,7 +15,7 @@ import shutil
 import socket
 import sys
 import tempfile
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -130,6 +130,16 @@ def network_available(host: str, timeout: float = 3.0) -> bool:
 def hub_offline() -> bool:
     """True when the Hugging Face Hub cannot be reached: HF_HUB_OFFLINE is set, or huggingface.co does not answer."""
     return env_flag("HF_HUB_OFFLINE") or not network_available("huggingface.co")
+
+
+def hub_go_offline() -> None:
+    """Use only the local Hugging Face cache from now on. The environment variables are read once, when
+    huggingface_hub / datasets are imported (maybe long before, by transformers), so their constants are set too."""
+    os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+    if "huggingface_hub" in sys.modules:
+        sys.modules["huggingface_hub"].constants.HF_HUB_OFFLINE = True
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].config.HF_HUB_OFFLINE = True
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -269,3 +279,36 @@ def check_output_dir(path: str, resuming: bool, overwrite: bool) -> None:
     for name in os.listdir(path):
         p = os.path.join(path, name)
         shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.unlink(p)
+
+
+def save_curves_png(path: str, curves: dict, xlabel: str, title: str, vline: Optional[tuple] = None) -> None:
+    """A learning-curve PNG from a run's own records, so a user without TensorBoard sees what happened.
+
+    ``curves``: ``{label: (xs, ys, y axis label)}``; curves that share a y-axis label share a panel. ``vline``:
+    ``(x, label)`` marks a phase boundary (e.g. offline -> online). Written atomically, like every run file."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    panels: dict = {}
+    for label, (xs, ys, ylabel) in curves.items():
+        panels.setdefault(ylabel, []).append((label, xs, ys))
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(5.5 * max(len(panels), 1), 3.8), squeeze=False)
+    for ax, (ylabel, series) in zip(axes[0], panels.items()):
+        for label, xs, ys in series:
+            ax.plot(xs, ys, marker="o", markersize=3, label=label)
+        if vline is not None:
+            ax.axvline(vline[0], color="gray", linestyle="--", linewidth=1, label=vline[1])
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())

@@ -25,7 +25,7 @@ import threading
 import time
 from typing import Callable, Optional
 
-from utils.common import UserError, env_flag, hub_offline
+from utils.common import UserError, current_umask, env_flag, hub_go_offline, hub_offline
 
 # ---------------------------------------------------------------------------------------------------------------
 # Built-in task: seeded GSM8K-style word problems with a short chain of thought and a \boxed{} answer
@@ -146,14 +146,13 @@ def _read_local(path: str) -> list:
 
 def _load_hub(name: str, split: str, config: Optional[str]) -> list:
     cached_only = env_flag("HF_DATASETS_OFFLINE") or hub_offline()
-    if cached_only:  # fail in seconds, not after ~23 s of retries per file (set before `datasets` reads them)
-        os.environ["HF_DATASETS_OFFLINE"] = "1"
-        os.environ["HF_HUB_OFFLINE"] = "1"
     try:
         import datasets
     except ImportError:
         raise UserError(f"cannot load dataset {name!r}: Hugging Face dataset ids need `pip install datasets` "
                         f"(or use --dataset builtin, or a local .jsonl file)") from None
+    if cached_only:  # fail in seconds, not after ~25 s of retries per file
+        hub_go_offline()
     try:
         return list(datasets.load_dataset(name, config, split=split))
     except Exception as e:  # noqa: BLE001 (datasets raises many types for a missing dataset or split)
@@ -538,6 +537,7 @@ def build_builtin_model(out_dir: str, seed: int = 0, size: str = "s", sft_steps:
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=".building-")
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700 folders: give the cache normal permissions
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import sys
 import warnings
 from typing import Callable, Optional
 
@@ -34,6 +35,19 @@ import gymnasium as gym
 import numpy as np
 
 from utils.common import UserError, env_flag, network_available
+
+
+def _mujoco_warnings_to_python() -> None:
+    """MuJoCo's default handler appends its warnings to MUJOCO_LOG.TXT in the working directory (a user's project, or
+    this repository during the tests); send them to Python's ``warnings`` instead (shown once per message)."""
+    try:
+        import mujoco
+    except ImportError:
+        return
+    mujoco.set_mju_user_warning(lambda msg: warnings.warn(f"MuJoCo: {msg}", RuntimeWarning, stacklevel=2))
+
+
+_mujoco_warnings_to_python()
 
 # ---------------------------------------------------------------------------------------------------------------
 # Task registry
@@ -298,6 +312,8 @@ def make_env(task: TaskSpec, seed: Optional[int] = None, render_mode: Optional[s
     ``task.env_kwargs`` entries (e.g. ``max_episode_steps``).
     """
     register_envs()
+    if render_mode is not None and sys.platform.startswith("linux") and not os.environ.get("DISPLAY"):
+        os.environ.setdefault("MUJOCO_GL", "egl")  # render on a machine without a display (read at first render)
     kwargs = dict(task.env_kwargs)
     kwargs.setdefault("max_episode_steps", task.max_episode_steps)
     kwargs.update(overrides)
