@@ -11,6 +11,8 @@
 #   guided sampler) -> evaluation -> checkpoints -> main loop (offline phase, then online phase).
 # Blocks between `# >>> shared:NAME` and `# <<< shared:NAME` must be textually identical in both EDIS scripts
 # (tests/test_edis_shared.py checks it).
+# Copying this file into another project: it needs utils/__init__.py, utils/common.py, utils/tasks.py,
+# utils/offline_data.py and utils/collect.py (PointMaze data collection) beside it (docs/reliability.md).
 from __future__ import annotations
 
 import dataclasses
@@ -37,6 +39,7 @@ from utils.common import (
     check_finite,
     check_flags,
     check_output_dir,
+    config_table,
     get_rng_state,
     make_output_dir,
     resumed_args,
@@ -46,33 +49,31 @@ from utils.common import (
     seed_everything,
     set_rng_state,
 )
-from utils.offline_data import OfflineData, TaskSpec, get_task, load_offline_data, make_env, normalized_score
+from utils.offline_data import OfflineData, load_offline_data
+from utils.tasks import TaskSpec, get_task, make_env, normalized_score
 
 
 # >>> shared:args_common
 @dataclasses.dataclass
 class Args:
     # --- run -----------------------------------------------------------------------------------------------------
+    # Tasks: antmaze-{umaze,umaze-diverse,medium-play,medium-diverse,large-play,large-diverse} (antmaze-large =
+    # antmaze-large-diverse), {pen,door,hammer,relocate}-{human,cloned,expert}, {hopper,halfcheetah,walker2d}-
+    # {simple,medium,expert}, pointmaze-{umaze,medium,large}[-dense]; a typo prints the valid names.
     env: str = "pointmaze-umaze"
-    """D4RL-style task: antmaze-{umaze,umaze-diverse,medium-play,medium-diverse,large-play,large-diverse} (antmaze-large
-    = antmaze-large-diverse), {pen,door,hammer,relocate}-{human,cloned,expert}, {hopper,halfcheetah,walker2d}-{simple,
-    medium,expert}, pointmaze-{umaze,medium,large}[-dense]. Selects the per-task preset of every flag left unset."""
+    """D4RL-style task name (antmaze-large, pen-human, hopper-medium, pointmaze-umaze, ...); selects the presets"""
     seed: int = 1
     """seed of python, numpy, torch, the env resets and the batch sampling"""
     device: str = "auto"
-    """torch device: auto (cuda when available, else cpu), cpu, cuda, cuda:1, ... On cpu the small CPU preset is used
-    for budgets and model sizes that are left unset"""
+    """auto (cuda when available, else cpu), cpu, cuda or cuda:N; on cpu, unset budgets and sizes use the CPU preset"""
     torch_deterministic: bool = True
     """set torch.backends.cudnn.deterministic"""
     output_dir: Optional[str] = None
-    """where TensorBoard logs, config.json, checkpoint.pt and summary.json go
-    (default runs/<env>__<exp>__<seed>__<time>)"""
+    """the run folder (default runs/<env>__<script>__<seed>__<unix time>)"""
     resume: Optional[str] = None
-    """an output dir (or its checkpoint.pt) of a killed run: continue it with its saved config; flags given together
-    with --resume override the saved values (e.g. a larger --online-steps to train longer)"""
+    """a run folder (or its checkpoint.pt) to continue; flags given with it override the saved ones (budgets, lrs)"""
     overwrite: bool = False
-    """start afresh in an --output-dir that holds an earlier run (its files are deleted); without it such a folder is
-    refused"""
+    """start afresh in an --output-dir that holds an earlier run, deleting its files (otherwise refused)"""
     dataset_path: Optional[str] = None
     """a D4RL-layout hdf5 file or a Minari dataset folder to use instead of the task's Minari dataset"""
     track: bool = False
@@ -83,10 +84,10 @@ class Args:
     """W&B entity (with --track)"""
     compile: bool = False
     """torch.compile the update step (worth it on GPU for long runs)"""
+    # bf16 autocast: weights, optimizer states and losses stay fp32. On CPUs with AVX512-BF16/AMX it is 2x faster but
+    # rounds Q-values of a few hundred to ~1, so the CPU preset leaves it off (docs/edis_iql.md, Speed).
     bf16: Optional[bool] = None
-    """compute the updates' and EDIS's matrix products in bfloat16 (torch.autocast; weights, optimizer states and losses
-    stay fp32). Preset: on for CUDA GPUs with bf16, off on CPU, where it is 2x faster on CPUs with AVX512-BF16/AMX but
-    rounds Q-values of a few hundred to ~1 (see the docs)"""
+    """matrix products of the updates and EDIS in bfloat16 (preset: on for CUDA GPUs with bf16, off on CPU)"""
     # --- budget, evaluation, logging -----------------------------------------------------------------------------
     offline_steps: Optional[int] = None
     """gradient updates on the offline dataset (preset: 1,000,000 on GPU, 20,000 on CPU)"""
@@ -95,8 +96,7 @@ class Args:
     utd: int = 1
     """online updates per environment step (update-to-data ratio)"""
     eval_every: Optional[int] = None
-    """evaluate every this many steps (offline updates and online env steps count alike), plus after the offline phase
-    and at the end"""
+    """evaluate every this many steps (offline updates and online env steps alike), and after each phase"""
     eval_episodes: Optional[int] = None
     """episodes per evaluation (preset: AntMaze 100, others 10; CPU preset 5)"""
     checkpoint_every: int = 10_000
@@ -1169,6 +1169,8 @@ def main(argv: Optional[list] = None) -> None:
     resuming_in_place = ckpt is not None and os.path.abspath(out_dir) == os.path.abspath(
         os.path.dirname(find_checkpoint(args.resume)))
     check_output_dir(out_dir, resuming=resuming_in_place, overwrite=args.overwrite)
+    print(f"{exp_name} on {task.name}, device {device}; flags after presets (also in config.json):\n"
+          f"{config_table(dataclasses.asdict(args))}")
 
     # TRY NOT TO MODIFY: seeding
     seed_everything(args.seed, args.torch_deterministic)

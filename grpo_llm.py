@@ -13,6 +13,8 @@
 #
 # Scale beyond one device:  torchrun --nproc_per_node 8 grpo_llm.py --model <hub id> ...
 # (each rank generates its share of the prompts, gradients are all-reduced, rank 0 logs and saves).
+# Copying this file into another project: it needs utils/__init__.py, utils/common.py and utils/llm_task.py beside it
+# (docs/reliability.md, "Copying a script").
 from __future__ import annotations
 
 import dataclasses
@@ -21,6 +23,7 @@ import os
 import random
 import re
 import shutil
+import tempfile
 import time
 from typing import Literal, Optional
 
@@ -33,10 +36,13 @@ from utils.common import (
     SEED_RANGE,
     Diverged,
     UserError,
+    atomic_torch_save,
     atomic_write_bytes,
     check_finite,
     check_flags,
     check_output_dir,
+    config_table,
+    current_umask,
     get_rng_state,
     hub_offline,
     make_output_dir,
@@ -64,12 +70,12 @@ from utils.llm_task import (
 @dataclasses.dataclass
 class Args:
     # --- run -----------------------------------------------------------------------------------------------------
+    # 'builtin': a 1M-parameter Qwen2 warmed up on the built-in task, built once (about 6 minutes on 2 CPU cores)
+    # and cached in ~/.cache/reference-rl ($REFERENCE_RL_CACHE).
     model: str = BUILTIN
-    """a Hugging Face model id or local directory (e.g. deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B); 'builtin' = the
-    built-in 1M-parameter Qwen2 warmed up on the built-in task (built once, about 6 minutes on 2 CPU cores, cached)"""
+    """a Hugging Face model id or local folder (e.g. deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B), or 'builtin'"""
     dataset: str = BUILTIN
-    """'builtin' (synthetic GSM8K-style word problems), a local .jsonl/.json/.parquet file, or a Hub dataset id
-    (e.g. openai/gsm8k with --dataset-config main)"""
+    """'builtin' (GSM8K-style word problems), a .jsonl/.json/.parquet file, or a Hub id (e.g. openai/gsm8k)"""
     dataset_config: Optional[str] = None
     """Hub dataset configuration name"""
     train_split: str = "train"
@@ -82,10 +88,10 @@ class Args:
     """field holding the problem text"""
     answer_field: str = "answer"
     """field holding the gold answer (GSM8K's '#### 72' suffix is recognised)"""
+    # plain: "Question: ...\\nAnswer:" (the built-in model's format). r1 (ReVal App. F): "<question> Let's think step
+    # by step and output the final answer within \\boxed{}." through the tokenizer's chat template.
     prompt_template: Literal["auto", "plain", "r1"] = "auto"
-    """plain: 'Question: ...\\nAnswer:' (the built-in model's format); r1: ReVal App. F, '<question> Let's think step
-    by step and output the final answer within \\boxed{}.' through the tokenizer's chat template; auto: plain for the
-    built-in model, r1 otherwise"""
+    """plain (the built-in model's format) or r1 (ReVal App. F, chat template); auto: plain for builtin, else r1"""
     qwen_math_system: bool = False
     """add the Qwen2.5-Math system prompt (ReVal App. F) before the r1 user turn"""
     seed: int = 1
@@ -99,8 +105,7 @@ class Args:
     resume: Optional[str] = None
     """the output dir of a stopped run: continue it (flags given now override the saved ones, e.g. --total-rounds)"""
     overwrite: bool = False
-    """start afresh in an --output-dir that holds an earlier run (its files are deleted); without it such a folder is
-    refused"""
+    """start afresh in an --output-dir that holds an earlier run, deleting its files (otherwise refused)"""
     allow_eval_overlap: bool = False
     """train on prompts that are also evaluation prompts (by default they are removed from the training set)"""
     track: bool = False
@@ -148,9 +153,10 @@ class Args:
     """with --resume: evaluate the checkpoint's model (greedy, mean@k sampled accuracy) into eval.json; no training"""
 # <<< shared:args_common
     # --- GRPO ----------------------------------------------------------------------------------------------------
+    # grpo: mean over completions of each one's token mean (DeepSeekMath Eq. 3); dr_grpo: token sum / (completions x
+    # max_new_tokens) (Dr. GRPO); dapo: token sum / all completion tokens (DAPO, verl's token-mean). See grpo_objective.
     loss_type: Literal["grpo", "dr_grpo", "dapo"] = "dapo"
-    """aggregation of the per-token loss: grpo = mean over sequences of the per-sequence token mean (DeepSeekMath);
-    dr_grpo = token sum / (sequences x max_new_tokens); dapo = token sum / all completion tokens (verl token-mean)"""
+    """how the per-token loss is aggregated: grpo (DeepSeekMath), dr_grpo (Dr. GRPO) or dapo (token mean)"""
     scale_rewards: Literal["group", "batch", "none"] = "group"
     """advantage = (r - group mean) / std with the group's std, the batch's std, or none (Dr. GRPO)"""
     epsilon_low: float = 0.2
@@ -310,39 +316,48 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str) -> torc
     return adv
 
 
-def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Per-token KL estimator k3 = exp(ref - logp) - (ref - logp) - 1 >= 0, unbiased for KL(pi || ref) (Schulman)."""
-    d = ref_logp - logp
-    return torch.exp(d) - d - 1.0
+def grpo_objective(logp, old_logp, ref_logp, adv, mask, loss_type: str, eps_low: float, eps_high: float,
+                   beta: float) -> tuple:
+    """DeepSeekMath Eq. 3, negated to be minimised, summed over this micro-batch (the caller divides the sum over all
+    micro-batches and ranks by ``loss_normalizer``, so splitting a batch never changes the loss).
 
+    With completion o_i of the group, its tokens t, rho_it = pi_theta(o_it | q, o_i<t) / pi_old(...) and one advantage
+    A_i for every token of o_i:
 
-def clipped_token_loss(logp, old_logp, adv, eps_low: float, eps_high: float) -> tuple:
-    """PPO-clip per token: -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A), rho = pi / pi_old. Returns the
-    loss [B, T] and where the clip is active (the gradient is zero there)."""
-    ratio = torch.exp(logp - old_logp)
-    a = adv.unsqueeze(1)
-    unclipped, clipped = ratio * a, ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * a
-    return -torch.min(unclipped, clipped), (clipped < unclipped)
+        L = -(1 / Z) sum_i w_i sum_t [ min(rho_it A_i, clip(rho_it, 1 - eps_low, 1 + eps_high) A_i) - beta KL_it ]
+        KL_it = pi_ref / pi_theta - log(pi_ref / pi_theta) - 1          (Eq. 4: unbiased, >= 0; Schulman's k3)
+
+    grpo:    w_i = 1 / |o_i|, Z = G                 (Eq. 3: the mean over completions of each one's token mean)
+    dr_grpo: w_i = 1,         Z = G * max_new_tokens (Dr. GRPO: no length normalisation, a constant instead)
+    dapo:    w_i = 1,         Z = sum_i |o_i|        (DAPO's token-level loss, verl's "token-mean"; the default)
+    eps_high > eps_low is DAPO's clip-higher; beta = 0 (the default, as DAPO and Dr. GRPO) drops the KL term.
+
+    Shapes: logp, old_logp, ref_logp (or None), mask: [B, T] (mask 1 on completion tokens up to and including EOS);
+    adv: [B]. Returns (the micro-batch's sum [], where the clip is active [B, T], KL_it [B, T])."""
+    ratio = torch.exp(logp - old_logp)  # [B, T] rho_it (= 1 with mu = 1, where old_logp is logp detached)
+    a = adv.unsqueeze(1)  # [B, 1]: the same advantage for every token of a completion
+    unclipped, clipped = ratio * a, ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * a  # [B, T]
+    surrogate = torch.min(unclipped, clipped)  # [B, T] PPO's pessimistic bound: no gradient where the clip binds
+    kl = torch.zeros_like(logp)  # [B, T]
+    if ref_logp is not None:
+        d = ref_logp - logp  # [B, T] log(pi_ref / pi_theta)
+        kl = torch.exp(d) - d - 1.0
+    token_loss = -(surrogate - beta * kl) * mask  # [B, T], zero on padding
+    if loss_type == "grpo":
+        per_completion = token_loss.sum(1) / mask.sum(1).clamp(min=1)  # [B] each completion's token mean
+        return per_completion.sum(), clipped < unclipped, kl
+    return token_loss.sum(), clipped < unclipped, kl  # dr_grpo and dapo: a plain token sum
 
 
 def loss_normalizer(mask: torch.Tensor, loss_type: str, max_new_tokens: int) -> torch.Tensor:
-    """The denominator of the whole batch's loss (summed over ranks and micro-batches by the caller):
-    grpo -> number of sequences (each sequence's own token mean is taken first); dr_grpo -> sequences x max length;
-    dapo -> number of completion tokens."""
+    """This micro-batch's part of Z in ``grpo_objective`` (summed over micro-batches and ranks by the caller):
+    grpo -> number of completions G; dr_grpo -> G x max_new_tokens; dapo -> number of completion tokens."""
     n = torch.tensor(float(mask.shape[0]), device=mask.device)
     if loss_type == "grpo":
         return n
     if loss_type == "dr_grpo":
         return n * max_new_tokens
     return mask.sum().float()
-
-
-def aggregate(token_loss: torch.Tensor, mask: torch.Tensor, loss_type: str) -> torch.Tensor:
-    """Numerator matching ``loss_normalizer``: grpo sums per-sequence means, the others sum all tokens."""
-    masked = token_loss * mask
-    if loss_type == "grpo":
-        return (masked.sum(1) / mask.sum(1).clamp(min=1)).sum()
-    return masked.sum()
 
 
 def prepare_round(model, ref_model, tok, batch: dict, rewards: torch.Tensor, args: Args) -> dict:
@@ -365,17 +380,15 @@ def prepare_round(model, ref_model, tok, batch: dict, rewards: torch.Tensor, arg
 def loss_terms(model, mb: dict, args: Args, normalizer: torch.Tensor) -> tuple:
     """The micro-batch's share of the GRPO loss (already divided by the global normalizer) and metric sums."""
     log_probs = torch.log_softmax(sequence_logits(model, mb) / args.temperature, -1)  # [B, T, V], once
-    logp = log_probs.gather(-1, mb["completion_ids"].unsqueeze(-1)).squeeze(-1)
-    mask = mb["completion_mask"].float()
+    logp = log_probs.gather(-1, mb["completion_ids"].unsqueeze(-1)).squeeze(-1)  # [B, T] log pi_theta(o_it)
+    mask = mb["completion_mask"].float()  # [B, T]
     old_logp = mb["old_logp"] if "old_logp" in mb else logp.detach()  # mu = 1: rho = 1 with the right gradient
-    token_loss, clipped = clipped_token_loss(logp, old_logp, mb["advantages"], args.epsilon_low, args.epsilon_high)
-    kl = k3_kl(logp, mb["ref_logp"]) if "ref_logp" in mb else torch.zeros_like(logp)
-    if args.beta > 0:
-        token_loss = token_loss + args.beta * kl
-    loss = aggregate(token_loss, mask, args.loss_type) / normalizer
+    objective, clipped, kl = grpo_objective(logp, old_logp, mb.get("ref_logp"), mb["advantages"], mask,
+                                            args.loss_type, args.epsilon_low, args.epsilon_high, args.beta)
+    loss = objective / normalizer
     with torch.no_grad():
         lp = log_probs.detach()
-        entropy = -(lp.exp() * lp).sum(-1)
+        entropy = -(lp.exp() * lp).sum(-1)  # [B, T]
         tokens = mask.sum()
         sums = torch.stack([(kl * mask).sum(), (clipped.float() * mask).sum(), (entropy * mask).sum(),
                             tokens, tokens, tokens])  # values, then the count each is averaged over
@@ -498,10 +511,6 @@ def _evaluate(model, tok, prompts: list, golds: list, args: Args, rank: int, wor
 def save_checkpoint(out_dir: str, model, tok, opt, state: dict, args: Args) -> None:
     """checkpoint/ holds a plain save_pretrained model + tokenizer (loadable by transformers and vLLM) and
     trainer_state.pt (optimizer, RNG, round, counters). Written to a temporary folder, then swapped in."""
-    import tempfile
-
-    from utils.common import atomic_torch_save, current_umask
-
     final = os.path.join(out_dir, "checkpoint")
     tmp = tempfile.mkdtemp(dir=out_dir, prefix=".checkpoint-")
     unwrapped = model.module if hasattr(model, "module") else model
@@ -611,6 +620,8 @@ def main(argv: Optional[list] = None) -> None:
     in_place = resume_dir is not None and os.path.abspath(out_dir) == os.path.dirname(os.path.abspath(resume_dir))
     if rank == 0:
         check_output_dir(out_dir, resuming=in_place, overwrite=args.overwrite)
+    log(f"{exp_name}, device {device} x {world}; flags after defaults (also in config.json):\n"
+        f"{config_table(dataclasses.asdict(args))}")
 
     # TRY NOT TO MODIFY: seeding (same init on every rank; data and sampling streams differ per rank)
     seed_everything(args.seed)

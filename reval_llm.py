@@ -13,6 +13,8 @@
 #
 # Scale beyond one device:  torchrun --nproc_per_node 8 reval_llm.py --model <hub id> ...
 # (each rank generates its share of the prompts, gradients are all-reduced, rank 0 logs and saves).
+# Copying this file into another project: it needs utils/__init__.py, utils/common.py and utils/llm_task.py beside it
+# (docs/reliability.md, "Copying a script").
 from __future__ import annotations
 
 import dataclasses
@@ -21,6 +23,7 @@ import os
 import random
 import re
 import shutil
+import tempfile
 import time
 from typing import Literal, Optional
 
@@ -33,10 +36,13 @@ from utils.common import (
     SEED_RANGE,
     Diverged,
     UserError,
+    atomic_torch_save,
     atomic_write_bytes,
     check_finite,
     check_flags,
     check_output_dir,
+    config_table,
+    current_umask,
     get_rng_state,
     hub_offline,
     make_output_dir,
@@ -64,12 +70,12 @@ from utils.llm_task import (
 @dataclasses.dataclass
 class Args:
     # --- run -----------------------------------------------------------------------------------------------------
+    # 'builtin': a 1M-parameter Qwen2 warmed up on the built-in task, built once (about 6 minutes on 2 CPU cores)
+    # and cached in ~/.cache/reference-rl ($REFERENCE_RL_CACHE).
     model: str = BUILTIN
-    """a Hugging Face model id or local directory (e.g. deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B); 'builtin' = the
-    built-in 1M-parameter Qwen2 warmed up on the built-in task (built once, about 6 minutes on 2 CPU cores, cached)"""
+    """a Hugging Face model id or local folder (e.g. deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B), or 'builtin'"""
     dataset: str = BUILTIN
-    """'builtin' (synthetic GSM8K-style word problems), a local .jsonl/.json/.parquet file, or a Hub dataset id
-    (e.g. openai/gsm8k with --dataset-config main)"""
+    """'builtin' (GSM8K-style word problems), a .jsonl/.json/.parquet file, or a Hub id (e.g. openai/gsm8k)"""
     dataset_config: Optional[str] = None
     """Hub dataset configuration name"""
     train_split: str = "train"
@@ -82,10 +88,10 @@ class Args:
     """field holding the problem text"""
     answer_field: str = "answer"
     """field holding the gold answer (GSM8K's '#### 72' suffix is recognised)"""
+    # plain: "Question: ...\\nAnswer:" (the built-in model's format). r1 (ReVal App. F): "<question> Let's think step
+    # by step and output the final answer within \\boxed{}." through the tokenizer's chat template.
     prompt_template: Literal["auto", "plain", "r1"] = "auto"
-    """plain: 'Question: ...\\nAnswer:' (the built-in model's format); r1: ReVal App. F, '<question> Let's think step
-    by step and output the final answer within \\boxed{}.' through the tokenizer's chat template; auto: plain for the
-    built-in model, r1 otherwise"""
+    """plain (the built-in model's format) or r1 (ReVal App. F, chat template); auto: plain for builtin, else r1"""
     qwen_math_system: bool = False
     """add the Qwen2.5-Math system prompt (ReVal App. F) before the r1 user turn"""
     seed: int = 1
@@ -99,8 +105,7 @@ class Args:
     resume: Optional[str] = None
     """the output dir of a stopped run: continue it (flags given now override the saved ones, e.g. --total-rounds)"""
     overwrite: bool = False
-    """start afresh in an --output-dir that holds an earlier run (its files are deleted); without it such a folder is
-    refused"""
+    """start afresh in an --output-dir that holds an earlier run, deleting its files (otherwise refused)"""
     allow_eval_overlap: bool = False
     """train on prompts that are also evaluation prompts (by default they are removed from the training set)"""
     track: bool = False
@@ -148,19 +153,21 @@ class Args:
     """with --resume: evaluate the checkpoint's model (greedy, mean@k sampled accuracy) into eval.json; no training"""
 # <<< shared:args_common
     # --- ReVal -------------------------------------------------------------------------------------------------
+    # The paper's settings (Sec. 5.1, App. A): model, DeepScaleR data, 128 prompts x 8, lr 1e-6, lengths, beta, M, K,
+    # reward design and resets (PRESETS below).
     preset: Literal["none", "paper-1.5b", "paper-7b"] = "none"
-    """the paper's settings (ReVal Sec. 5.1, App. A): model, DeepScaleR data, 128 prompts x 8, lr 1e-6, lengths, beta,
-    M, K, reward design and resets; flags given on the command line still override them"""
+    """the paper's settings (ReVal Sec. 5.1, App. A); flags given on the command line still override them"""
+    # Paper: 0.002 for DeepSeek-R1-Distill-1.5B (~5K-token answers), 0.02 for Qwen2.5-Math-7B (~600 tokens);
+    # default 0.1 for the built-in model's ~30-token answers.
     beta: Optional[float] = None
-    """reward scale: the verifier reward enters as r / beta (Eq. 2). Paper: 0.002 for DeepSeek-R1-Distill-1.5B (~5K-
-    token answers), 0.02 for Qwen2.5-Math-7B (~600); default 0.1 for the built-in model's ~30-token answers"""
+    """reward scale: the verifier reward enters Eq. 2 as r / beta (default 0.1; paper 0.002 for 1.5B, 0.02 for 7B)"""
     updates_per_round: int = 2
     """K: one update on the fresh rollouts, then K - 1 on uniform samples of the same size from the replay buffer"""
     buffer_size: Optional[int] = None
     """M: FIFO replay capacity in trajectories over all ranks (paper 5120; default 5 rounds of rollouts)"""
+    # group_mean is the paper's best (Sec. 5.5.4); with one rollout per prompt it keeps the raw reward.
     reward_mode: Literal["binary", "pm1", "group_mean"] = "group_mean"
-    """binary: r in {0, 1}; pm1: 2r - 1; group_mean: r - mean of its prompt's group (paper's best, Sec. 5.5.4; with one
-    rollout per prompt the raw reward is kept)"""
+    """binary: r in {0, 1}; pm1: 2r - 1; group_mean: r - its prompt group's mean reward"""
     v1_grad: bool = True
     """let the gradient flow through V_theta(s_1) (Eq. 2 taken literally; Eq. 4 omits that term): see the docs"""
     ref_reset_every: int = 0
@@ -593,10 +600,6 @@ def _evaluate(model, tok, prompts: list, golds: list, args: Args, rank: int, wor
 def save_checkpoint(out_dir: str, model, tok, opt, state: dict, args: Args) -> None:
     """checkpoint/ holds a plain save_pretrained model + tokenizer (loadable by transformers and vLLM) and
     trainer_state.pt (optimizer, RNG, round, counters). Written to a temporary folder, then swapped in."""
-    import tempfile
-
-    from utils.common import atomic_torch_save, current_umask
-
     final = os.path.join(out_dir, "checkpoint")
     tmp = tempfile.mkdtemp(dir=out_dir, prefix=".checkpoint-")
     unwrapped = model.module if hasattr(model, "module") else model
@@ -706,6 +709,8 @@ def main(argv: Optional[list] = None) -> None:
     in_place = resume_dir is not None and os.path.abspath(out_dir) == os.path.dirname(os.path.abspath(resume_dir))
     if rank == 0:
         check_output_dir(out_dir, resuming=in_place, overwrite=args.overwrite)
+    log(f"{exp_name}, device {device} x {world}; flags after defaults (also in config.json):\n"
+        f"{config_table(dataclasses.asdict(args))}")
 
     # TRY NOT TO MODIFY: seeding (same init on every rank; data and sampling streams differ per rank)
     seed_everything(args.seed)

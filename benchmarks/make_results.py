@@ -13,7 +13,6 @@ deviations (n - 1) over seeds.
 
 import glob
 import json
-import math
 import os
 import re
 import statistics
@@ -122,22 +121,16 @@ def ms(values: list, fmt: str = "{:.3f}") -> str:
     return f"{fmt.format(statistics.mean(values))} ± {fmt.format(statistics.stdev(values))}"
 
 
-def t_test_p(t: float, df: int, n: int = 4000) -> float:
-    """Two-sided p-value of Student's t: 1 - 2 * integral_0^|t| of the t density (Simpson's rule; no scipy needed)."""
-    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
-    pdf = lambda x: c * (1 + x * x / df) ** (-(df + 1) / 2)  # noqa: E731
-    h = abs(t) / n
-    area = h / 3 * (pdf(0) + pdf(abs(t)) + sum((4 if i % 2 else 2) * pdf(i * h) for i in range(1, n)))
-    return max(0.0, 1 - 2 * area)
-
-
 def paired(diffs: list) -> str:
-    """'k/n better, t = ..., p = ...' for paired differences (one-sample t-test of their mean against 0)."""
+    """'k/n better, t = ..., p = ...' for paired differences: scipy's one-sample t-test of their mean against 0,
+    two-sided (the same as a paired t-test of the two arms)."""
+    from scipy import stats
+
     n, better = len(diffs), sum(d > 0 for d in diffs)
     if n < 2 or statistics.stdev(diffs) == 0:
         return f"{better}/{n} better"
-    t = statistics.mean(diffs) / (statistics.stdev(diffs) / math.sqrt(n))
-    return f"{better}/{n} better, t = {t:.2f}, p = {t_test_p(t, n - 1):.2f}"
+    res = stats.ttest_1samp(diffs, 0.0)
+    return f"{better}/{n} better, t = {res.statistic:.2f}, p = {res.pvalue:.2f}"
 
 
 def rounds_to_reach(run: dict, target: float, key: str):

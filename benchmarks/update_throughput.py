@@ -34,7 +34,7 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     mod = importlib.import_module("edis_iql" if a.algo == "iql" else "edis_calql")
-    from utils.offline_data import get_task
+    from utils.tasks import get_task
 
     task = get_task("antmaze-large")
     dev = torch.device(a.device)

@@ -49,23 +49,22 @@ def test_rounds_to_reach_and_mean_std():
     assert make_results.ms([1.0, 2.0, 3.0], "{:.1f}") == "2.0 ± 1.0"  # sample std (n - 1)
 
 
-def test_t_test_against_textbook_critical_values():
-    """Two-sided 5 % and 1 % critical values of Student's t from printed tables
-    (df = 6: 2.447, 3.707; df = 2: 4.303)."""
-    assert make_results.t_test_p(2.447, 6) == pytest.approx(0.05, abs=2e-4)
-    assert make_results.t_test_p(3.707, 6) == pytest.approx(0.01, abs=2e-4)
-    assert make_results.t_test_p(4.303, 2) == pytest.approx(0.05, abs=2e-4)
-    assert make_results.t_test_p(0.0, 5) == pytest.approx(1.0)
-    diffs = [3.0, -1.0, 2.0, 4.0]  # mean 2, sample std sqrt(14/3), t = 2 / (sqrt(14/3) / 2)
-    t = 2 / (math.sqrt(14 / 3) / 2)
-    assert make_results.paired(diffs) == f"3/4 better, t = {t:.2f}, p = {make_results.t_test_p(t, 3):.2f}"
+def test_paired_test_against_textbook_critical_values():
+    """Samples built to sit on printed two-sided critical values of Student's t (df = 2: 4.303 at 5 %, 9.925 at 1 %):
+    three differences a - 1, a, a + 1 have sample std 1, so t = a * sqrt(3)."""
+    for t, p in ((4.303, "0.05"), (9.925, "0.01")):
+        a = t / math.sqrt(3)
+        assert make_results.paired([a - 1, a, a + 1]) == f"3/3 better, t = {t:.2f}, p = {p}"
+    assert make_results.paired([1.0, -1.0]).endswith("p = 1.00")  # mean 0
+    assert make_results.paired([2.0, 2.0]) == "2/2 better"  # no spread: no test
 
 
 def test_simulator_reproduces_real_transitions_and_finds_walls(tiny_pointmaze, monkeypatch):
     """The fidelity measurement itself: real transitions, replayed from their states, give ~0 dynamics error."""
     for k, v in tiny_pointmaze.items():
         monkeypatch.setenv(k, v)
-    from utils.offline_data import get_task, load_offline_data, make_env
+    from utils.offline_data import load_offline_data
+    from utils.tasks import get_task, make_env
 
     task = get_task("pointmaze-umaze")
     env, data = make_env(task, seed=0), load_offline_data(task)

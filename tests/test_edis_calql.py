@@ -11,7 +11,7 @@ import torch
 import edis_calql as m
 from tests.conftest import read_scalars, run_script
 from tests.test_edis_iql import SMOKE
-from utils.offline_data import get_task
+from utils.tasks import get_task
 
 
 def make_args(task="antmaze-umaze", **kw):

@@ -10,7 +10,7 @@ import torch
 
 import edis_iql as m
 from tests.conftest import read_scalars, run_and_kill, run_script
-from utils.offline_data import get_task
+from utils.tasks import get_task
 
 
 def make_args(**kw):

@@ -82,21 +82,35 @@ def slow_loss(logp, old, adv, mask, lengths, loss_type, el, eh, L):
 @pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
 def test_loss_aggregations_match_slow_reference(loss_type):
     logp, old, adv, mask, lengths = fixed_batch()
-    token_loss, _ = g.clipped_token_loss(logp, old, adv, 0.2, 0.28)
-    got = g.aggregate(token_loss, mask, loss_type) / g.loss_normalizer(mask, loss_type, max_new_tokens=5)
+
+    def objective(sl):
+        return g.grpo_objective(logp[sl], old[sl], None, adv[sl], mask[sl], loss_type, 0.2, 0.28, 0.0)[0]
+
+    got = objective(slice(None)) / g.loss_normalizer(mask, loss_type, max_new_tokens=5)
     assert got.item() == pytest.approx(slow_loss(logp, old, adv, mask, lengths, loss_type, 0.2, 0.28, 5), rel=1e-5)
     # split into micro-batches, the summed shares with the global normaliser give the same loss
     norm = g.loss_normalizer(mask, loss_type, 5)
-    parts = sum(g.aggregate(token_loss[s:s + 2], mask[s:s + 2], loss_type) / norm for s in range(0, 6, 2))
+    parts = sum(objective(slice(s, s + 2)) / norm for s in range(0, 6, 2))
     assert parts.item() == pytest.approx(got.item(), rel=1e-6)
+
+
+def test_kl_term_matches_a_loop():
+    """beta > 0 adds beta * sum of the Eq. 4 estimator over completion tokens, aggregated like the surrogate."""
+    logp, old, adv, mask, lengths = fixed_batch()
+    ref = logp - 0.4 * torch.ones_like(logp)
+    with_kl = g.grpo_objective(logp, old, ref, adv, mask, "dapo", 0.2, 0.28, 0.5)[0]
+    without = g.grpo_objective(logp, old, None, adv, mask, "dapo", 0.2, 0.28, 0.0)[0]
+    expected = sum(math.exp(-0.4) + 0.4 - 1.0 for i in range(6) for t in range(int(lengths[i])))
+    assert (with_kl - without).item() == pytest.approx(0.5 * expected, rel=1e-5)
 
 
 def test_clipping_behaviour():
     old = torch.zeros(1, 4)
     logp = torch.log(torch.tensor([[1.5, 0.5, 1.1, 0.9]])).requires_grad_(True)  # ratios
     for a, zero_grad_at in ((1.0, [0]), (-1.0, [1])):  # A > 0: clip above 1.28; A < 0: clip below 0.8
-        loss, clipped = g.clipped_token_loss(logp, old, torch.tensor([a]), 0.2, 0.28)
-        (grad,) = torch.autograd.grad(loss.sum(), logp)
+        loss, clipped, _ = g.grpo_objective(logp, old, None, torch.tensor([a]), torch.ones(1, 4), "dapo", 0.2, 0.28,
+                                            0.0)
+        (grad,) = torch.autograd.grad(loss, logp)
         for t in range(4):
             if t in zero_grad_at:
                 assert clipped[0, t] and grad[0, t] == 0
@@ -109,11 +123,15 @@ def test_k3_kl_is_unbiased_and_nonnegative():
     gen = torch.Generator().manual_seed(0)
     p = torch.softmax(torch.randn(10, generator=gen), 0)
     q = torch.softmax(torch.randn(10, generator=gen), 0)
-    k3 = g.k3_kl(p.log(), q.log())
-    assert torch.all(k3 >= 0)
+    def k3(logp, ref):  # the KL_it that grpo_objective returns, for one "completion" of 10 tokens
+        return g.grpo_objective(logp[None], logp[None], ref[None], torch.zeros(1), torch.ones(1, 10), "dapo", 0.2,
+                                0.28, 1.0)[2][0]
+
+    kl = k3(p.log(), q.log())
+    assert torch.all(kl >= 0)
     exact_kl = (p * (p.log() - q.log())).sum()
-    assert (p * k3).sum().item() == pytest.approx(exact_kl.item(), rel=1e-5)  # E_{a~pi}[k3] = KL(pi || ref)
-    assert g.k3_kl(p.log(), p.log()).abs().max() == 0
+    assert (p * kl).sum().item() == pytest.approx(exact_kl.item(), rel=1e-5)  # E_{a~pi}[k3] = KL(pi || ref)
+    assert k3(p.log(), p.log()).abs().max() == 0
 
 
 # ---------------------------------------------------------------------------------------------------------------

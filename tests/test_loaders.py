@@ -12,14 +12,8 @@ import pytest
 from tests.conftest import run_script
 from utils.collect import collect_pointmaze, rollout, write_minari_dataset
 from utils.common import UserError
-from utils.offline_data import (
-    get_task,
-    load_d4rl_hdf5,
-    load_offline_data,
-    make_env,
-    minari_dataset_dir,
-    register_envs,
-)
+from utils.offline_data import load_d4rl_hdf5, load_offline_data
+from utils.tasks import get_task, make_env, minari_dataset_dir, register_envs
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -265,7 +259,7 @@ def test_download_path_reaches_minari_and_fails_cleanly(tmp_path):
     code = (
         "import utils.offline_data as od; from utils.common import run_cli;"
         "od.why_no_download = lambda: None;"
-        "run_cli(lambda: od.load_offline_data(od.get_task('antmaze-large')))"
+        "from utils.tasks import get_task; run_cli(lambda: od.load_offline_data(get_task('antmaze-large')))"
     )
     p = run_script(["-c", code], {"MINARI_DATASETS_PATH": str(tmp_path), "HF_HUB_OFFLINE": "1"})
     assert p.returncode == 2, p.stderr

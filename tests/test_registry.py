@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from utils.common import UserError
-from utils.offline_data import ALIASES, TASKS, get_task, make_env, normalized_score
+from utils.tasks import ALIASES, TASKS, get_task, make_env, normalized_score
 
 EXPECTED = (
     [f"antmaze-{m}" for m in ("umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play",
@@ -107,7 +107,7 @@ def test_eval_maps_keep_the_dataset_layouts():
     """The eval maps only mark start/goal cells: walls are exactly those of the envs the data was collected in."""
     import gymnasium as gym
 
-    from utils.offline_data import register_envs
+    from utils.tasks import register_envs
 
     register_envs()
     for name in ("antmaze-umaze", "antmaze-medium-play", "antmaze-large-diverse", "pointmaze-umaze",

@@ -311,7 +311,7 @@ def test_interrupted_collection_leaves_no_dataset(tmp_path, monkeypatch):
     import minari
 
     from utils.collect import collect_pointmaze
-    from utils.offline_data import get_task, is_cached
+    from utils.tasks import get_task, is_cached
 
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
     real = minari.create_dataset_from_buffers

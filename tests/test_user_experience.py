@@ -99,3 +99,44 @@ def test_headline_commands_fail_fast_offline(argv, text, tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and text in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr[-2000:]
     assert time.time() - t0 < 30 and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("script", ["edis_iql.py", "edis_calql.py", "grpo_llm.py", "reval_llm.py"])
+def test_each_script_works_alone_with_the_utils_its_header_lists(script, tmp_path):
+    """A researcher copies one file plus the utils/ files named in its header into an empty folder: it runs."""
+    import re
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    header = open(os.path.join(REPO, script)).read().split("from __future__")[0]
+    needed = re.findall(r"utils/\w+\.py", header)
+    assert "utils/common.py" in needed and "utils/__init__.py" in needed
+    (tmp_path / "utils").mkdir()
+    for f in [script, *needed]:
+        shutil.copy(os.path.join(REPO, f), tmp_path / f)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    p = subprocess.run([sys.executable, script, "--help"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0 and "--seed" in p.stdout, p.stderr[-2000:]
+
+
+@pytest.mark.parametrize("script", ["edis_iql.py", "edis_calql.py", "grpo_llm.py", "reval_llm.py"])
+def test_every_flag_has_a_one_line_help(script):
+    """tyro prints a docstring's source line breaks as they are, so a wrapped docstring breaks --help mid-sentence."""
+    import ast
+
+    from tests.conftest import REPO
+
+    tree = ast.parse(open(os.path.join(REPO, script)).read())
+    args = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Args")
+    fields, docs = [], {}
+    for prev, st in zip(args.body, args.body[1:]):
+        if isinstance(prev, ast.AnnAssign):
+            fields.append(prev.target.id)
+            if isinstance(st, ast.Expr) and isinstance(st.value, ast.Constant):
+                docs[prev.target.id] = st.value.value
+    assert set(fields) == set(docs), f"flags without a docstring: {set(fields) - set(docs)}"
+    assert [k for k, v in docs.items() if "\n" in v] == []

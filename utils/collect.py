@@ -30,7 +30,7 @@ import gymnasium as gym
 import numpy as np
 
 from utils.common import UserError, run_cli
-from utils.offline_data import TaskSpec, get_task, minari_dataset_dir, minari_root, register_envs
+from utils.tasks import TaskSpec, get_task, minari_dataset_dir, minari_root, register_envs
 
 DEFAULT_STEPS = 1_000_000  # the size of the official D4RL/Minari PointMaze datasets
 PD_GAINS = (10.0, 1.0)  # (p, d): action = p * (target - xy) - d * velocity, Minari's pointmaze controller gains

@@ -281,6 +281,19 @@ def check_output_dir(path: str, resuming: bool, overwrite: bool) -> None:
         shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.unlink(p)
 
 
+def config_table(config: dict, width: int = 120) -> str:
+    """The resolved flags as one aligned table (``--flag value`` cells, as many columns as fit in ``width``), printed
+    at start-up so a run's settings after presets are visible at a glance; config.json holds the same values."""
+    cells = [f"--{k.replace('_', '-')} {v}" for k, v in config.items()]
+    cell = max(len(c) for c in cells) + 2
+    cols = max(1, width // cell)
+    rows = (len(cells) + cols - 1) // cols
+    lines = []
+    for r in range(rows):  # column-major, so related flags (declared together) stay together
+        lines.append("".join(cells[c * rows + r].ljust(cell) for c in range(cols) if c * rows + r < len(cells)))
+    return "\n".join(line.rstrip() for line in lines)
+
+
 def save_curves_png(path: str, curves: dict, xlabel: str, title: str, vline: Optional[tuple] = None) -> None:
     """A learning-curve PNG from a run's own records, so a user without TensorBoard sees what happened.
 
