@@ -70,7 +70,7 @@ from utils.llm_task import (
 @dataclasses.dataclass
 class Args:
     # --- run -----------------------------------------------------------------------------------------------------
-    # 'builtin': a 1M-parameter Qwen2 warmed up on the built-in task, built once (about 6 minutes on 2 CPU cores)
+    # 'builtin': a 1M-parameter Qwen2 warmed up on the built-in task, built once (about 4 minutes on 2 CPU cores)
     # and cached in ~/.cache/reference-rl ($REFERENCE_RL_CACHE).
     model: str = BUILTIN
     """a Hugging Face model id or local folder (e.g. deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B), or 'builtin'"""

@@ -561,7 +561,7 @@ def cache_root() -> str:
 
 def ensure_builtin_model(seed: int = 0, size: str = "s", sft_steps: int = 800, log: Callable[[str], None] = print
                          ) -> str:
-    """Path of the built-in model for these settings, building it once (about 6 minutes on 2 CPU cores)."""
+    """Path of the built-in model for these settings, building it once (about 4 minutes on 2 CPU cores)."""
     out = os.path.join(cache_root(), f"tiny-qwen2-{size}-sft{sft_steps}-seed{seed}-v{BUILTIN_VERSION}")
     if os.path.isfile(os.path.join(out, "builtin.json")):
         return out
