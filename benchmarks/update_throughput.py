@@ -31,6 +31,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the update (as the scripts' --compile)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (as the scripts' --bf16)")
+    p.add_argument("--fused-update", action="store_true", help="IQL: one backward and one Adam (the script's flag)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     mod = importlib.import_module("edis_iql" if a.algo == "iql" else "edis_calql")
@@ -38,7 +39,7 @@ def main() -> None:
 
     task = get_task("antmaze-large")
     dev = torch.device(a.device)
-    sizes = {"q_layers": 5, "cql_n_actions": 10} if a.algo == "calql" else {}  # AntMaze sizes, not the CPU preset's
+    sizes = {"q_layers": 5, "cql_n_actions": 10} if a.algo == "calql" else {"fused_update": a.fused_update}
     args = mod.apply_presets(mod.Args(env=task.name, offline_steps=10**6, online_steps=0, bf16=a.bf16, **sizes), task,
                              dev)
     obs_dim, act_dim, n = 29, 8, 100_000
@@ -78,6 +79,7 @@ def main() -> None:
     float(next(iter(out.values())))  # one sync at the end
     dt = time.perf_counter() - t0
     print(json.dumps({"algo": a.algo, "edis_batch": a.edis_batch, "compile": a.compile, "bf16": a.bf16,
+                      "fused_update": a.fused_update,
                       "threads": a.threads,
                       "device": a.device,
                       "updates": a.updates, "updates_per_s": round(a.updates / dt, 1),

@@ -79,20 +79,16 @@ def random_batch(n=64, obs=5, act=2, seed=0):
             "terminals": (torch.rand(n, generator=g) < 0.2).float()}
 
 
-def test_fused_update_equals_three_optimizer_reference():
-    """One backward of the summed losses + one fused Adam == CORL's three optimizers and three backward passes."""
-    args = make_args(hidden_dim=32)
+def run_steps(update_args, reference, steps=3):
+    """The script's update (with ``update_args``) and ``reference`` (agent, batch -> losses) from the same init."""
     torch.manual_seed(0)
-    agent = m.Agent(5, 2, args, 1.0)
+    agent = m.Agent(5, 2, update_args, 1.0)
     ref = copy.deepcopy(agent)
-    opts = m.make_optimizers(agent, args)
-    ref_opts = (torch.optim.Adam(ref.vf.parameters(), lr=args.critic_lr),
-                torch.optim.Adam(ref.qf.parameters(), lr=args.critic_lr),
-                torch.optim.Adam(ref.actor.parameters(), lr=args.actor_lr))
-    for step in range(3):  # several steps, so Adam's moment estimates are compared too
+    opts = m.make_optimizers(agent, update_args)
+    for step in range(steps):  # several steps, so Adam's moment estimates are compared too
         batch = random_batch(seed=step)
-        out = m.iql_update(agent, opts, batch, args)
-        v_loss, q_loss, actor_loss = slow_reference_update(ref, ref_opts, batch, args)
+        out = m.iql_update(agent, opts, batch, update_args)
+        v_loss, q_loss, actor_loss = reference(ref, batch)
         assert out["losses/v_loss"].item() == pytest.approx(v_loss.item(), rel=1e-5)
         assert out["losses/q_loss"].item() == pytest.approx(q_loss.item(), rel=1e-5)
         assert out["losses/actor_loss"].item() == pytest.approx(actor_loss.item(), rel=1e-5)
@@ -100,8 +96,37 @@ def test_fused_update_equals_three_optimizer_reference():
         torch.testing.assert_close(p1, p2, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_every_trainable_parameter_changes():
+def test_textbook_update_equals_a_slow_reference():
+    """The default (textbook) update == CORL's order written out here with plain torch.optim.Adam."""
     args = make_args(hidden_dim=32)
+    ref_opts = {}
+
+    def reference(ref, batch):
+        if not ref_opts:
+            ref_opts["o"] = (torch.optim.Adam(ref.vf.parameters(), lr=args.critic_lr),
+                             torch.optim.Adam(ref.qf.parameters(), lr=args.critic_lr),
+                             torch.optim.Adam(ref.actor.parameters(), lr=args.actor_lr))
+        return slow_reference_update(ref, ref_opts["o"], batch, args)
+
+    run_steps(args, reference)
+
+
+def test_fused_update_equals_the_textbook_update():
+    """--fused-update (one backward of the summed losses, one Adam over three groups) == the textbook update."""
+    fused, textbook = make_args(hidden_dim=32, fused_update=True), make_args(hidden_dim=32)
+    opts = {}
+
+    def reference(ref, batch):
+        opts.setdefault("o", m.make_optimizers(ref, textbook))
+        out = m.iql_update(ref, opts["o"], batch, textbook)
+        return out["losses/v_loss"], out["losses/q_loss"], out["losses/actor_loss"]
+
+    run_steps(fused, reference)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_every_trainable_parameter_changes(fused):
+    args = make_args(hidden_dim=32, fused_update=fused)
     agent = m.Agent(5, 2, args, 1.0)
     before = {k: v.clone() for k, v in agent.state_dict().items()}
     m.iql_update(agent, m.make_optimizers(agent, args), random_batch(), args)
