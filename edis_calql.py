@@ -217,6 +217,8 @@ class Args:
     """Adam learning rate of the actor and of the entropy temperature alpha (CORL configs: 1e-4)"""
     orthogonal_init: bool = True
     """orthogonal initialisation (gain sqrt(2) hidden, 1e-2 output), as CORL's Cal-QL"""
+    fused_update: bool = False
+    """one Adam step for all four parameter groups, each loss routed to its own: the same updates (tested)"""
 
 
 # Per-family presets (CORL's configs/finetune/cal_ql/*.yaml, the official Cal-QL scripts (nakamotoo/Cal-QL) and the
@@ -538,13 +540,14 @@ class Agent(nn.Module):
 
 
 def make_optimizers(agent: Agent, args: Args) -> dict:
-    """One Adam over four parameter groups (CORL's learning rates: actor and alpha 1e-4, critics and alpha' 3e-4).
-    Each loss reaches only its own group (see calql_update), so one fused step equals CORL's four optimizers."""
-    groups = [{"params": list(agent.actor.parameters()), "lr": args.actor_lr, "name": "actor"},
-              {"params": [agent.log_alpha], "lr": args.actor_lr, "name": "alpha"},
-              {"params": list(agent.qf.parameters()), "lr": args.critic_lr, "name": "q"},
-              {"params": [agent.log_alpha_prime], "lr": args.critic_lr, "name": "alpha_prime"}]
-    return {"calql": adam(groups, args.critic_lr)}
+    """CORL's four Adams: actor and temperature alpha (lr 1e-4), critics and the Lagrange alpha' (3e-4). With
+    --fused-update, one Adam over the same four parameter groups (each loss reaches only its own group)."""
+    groups = {"actor": (list(agent.actor.parameters()), args.actor_lr), "alpha": ([agent.log_alpha], args.actor_lr),
+              "q": (list(agent.qf.parameters()), args.critic_lr),
+              "alpha_prime": ([agent.log_alpha_prime], args.critic_lr)}
+    if args.fused_update:
+        return {"calql": adam([{"params": p, "lr": lr, "name": k} for k, (p, lr) in groups.items()], args.critic_lr)}
+    return {k: adam(p, lr) for k, (p, lr) in groups.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -644,17 +647,27 @@ def calql_update(agent: Agent, opts: dict, batch: dict, args: Args, calibrate: b
         alpha_prime_loss = torch.zeros((), device=a.device)
     critic_loss = td_loss + cql_loss
 
-    # Gradients: the actor/alpha losses only into the actor and log_alpha (torch.autograd.grad skips the critic weight
-    # gradients), the critic/alpha' losses only into the critics and log_alpha'; then one fused Adam step.
-    opt = opts["calql"]
-    opt.zero_grad(set_to_none=True)
-    actor_params = list(agent.actor.parameters()) + [agent.log_alpha]
-    for p, g in zip(actor_params, torch.autograd.grad(actor_loss + alpha_loss, actor_params)):
-        p.grad = g
-    (critic_loss + alpha_prime_loss).backward()
-    opt.step()
-    with torch.no_grad():  # Polyak averaging of the target critics
-        torch._foreach_lerp_(list(agent.q_target.parameters()), list(agent.qf.parameters()), args.tau)
+    if not args.fused_update:  # the textbook order (CORL): temperature, actor, then critics and alpha'
+        for names, loss in ((("alpha",), alpha_loss), (("actor",), actor_loss),
+                            (("q", "alpha_prime"), critic_loss + alpha_prime_loss)):
+            for k in names:  # (the actor's backward also reaches the critics: zeroed before the critics' own)
+                opts[k].zero_grad(set_to_none=True)
+            loss.backward()
+            for k in names:
+                opts[k].step()
+        with torch.no_grad():  # Polyak averaging of the target critics: theta' <- (1 - tau) theta' + tau theta
+            for p_target, p in zip(agent.q_target.parameters(), agent.qf.parameters()):
+                p_target.mul_(1.0 - args.tau).add_(p, alpha=args.tau)
+    else:  # --fused-update: each loss routed to its own parameters, then one Adam step (tested equal to the above)
+        opt = opts["calql"]
+        opt.zero_grad(set_to_none=True)
+        actor_params = list(agent.actor.parameters()) + [agent.log_alpha]
+        for p, g in zip(actor_params, torch.autograd.grad(actor_loss + alpha_loss, actor_params)):
+            p.grad = g  # torch.autograd.grad leaves the critics' gradients alone
+        (critic_loss + alpha_prime_loss).backward()
+        opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(list(agent.q_target.parameters()), list(agent.qf.parameters()), args.tau)
     return {"losses/td_loss": td_loss.detach(), "losses/cql_loss": cql_loss.detach(),
             "losses/cql_gap": gap.detach().mean(), "losses/actor_loss": actor_loss.detach(),
             "losses/alpha": alpha, "losses/alpha_loss": alpha_loss.detach(), "losses/alpha_prime": alpha_prime.detach(),

@@ -31,7 +31,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the update (as the scripts' --compile)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (as the scripts' --bf16)")
-    p.add_argument("--fused-update", action="store_true", help="IQL: one backward and one Adam (the script's flag)")
+    p.add_argument("--fused-update", action="store_true", help="one Adam step for all losses (the scripts' flag)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     mod = importlib.import_module("edis_iql" if a.algo == "iql" else "edis_calql")
@@ -39,7 +39,8 @@ def main() -> None:
 
     task = get_task("antmaze-large")
     dev = torch.device(a.device)
-    sizes = {"q_layers": 5, "cql_n_actions": 10} if a.algo == "calql" else {"fused_update": a.fused_update}
+    sizes = {"q_layers": 5, "cql_n_actions": 10} if a.algo == "calql" else {}  # AntMaze sizes, not the CPU preset's
+    sizes["fused_update"] = a.fused_update
     args = mod.apply_presets(mod.Args(env=task.name, offline_steps=10**6, online_steps=0, bf16=a.bf16, **sizes), task,
                              dev)
     obs_dim, act_dim, n = 29, 8, 100_000

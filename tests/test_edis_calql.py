@@ -177,10 +177,11 @@ def test_calql_losses_match_slow_reference(calibrate, lagrange, max_backup):
     assert out["losses/actor_loss"].item() == pytest.approx(actor_loss.item(), rel=1e-4)
 
 
-def test_fused_step_routes_gradients_like_four_optimizers():
-    """One fused step == CORL's four optimizers, each loss backpropagated into its own parameters only: the actor's
-    loss must not move the critics, the critic's loss must not move the actor, and so on."""
-    args = make_args(hidden_dim=16, q_layers=2, cql_n_actions=3, cql_lagrange=True)
+@pytest.mark.parametrize("fused", [False, True])
+def test_step_routes_gradients_like_four_optimizers(fused):
+    """The textbook step (default) and --fused-update == CORL's four optimizers written out here, each loss
+    backpropagated into its own parameters only: the actor's loss must not move the critics, and so on."""
+    args = make_args(hidden_dim=16, q_layers=2, cql_n_actions=3, cql_lagrange=True, fused_update=fused)
     torch.manual_seed(0)
     agent = m.Agent(4, 2, args, 1.0)
     ref = copy.deepcopy(agent)
@@ -206,8 +207,25 @@ def test_fused_step_routes_gradients_like_four_optimizers():
             torch.testing.assert_close(p1, p2, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_every_parameter_changes():
-    args = make_args(hidden_dim=16, q_layers=2, cql_n_actions=3, cql_lagrange=True)
+def test_fused_update_equals_the_textbook_update_over_several_steps():
+    """Adam's moments and the Polyak targets included: --fused-update and the textbook step stay identical."""
+    agents = []
+    for fused in (False, True):
+        args = make_args(hidden_dim=16, q_layers=2, cql_n_actions=3, cql_lagrange=True, fused_update=fused)
+        torch.manual_seed(0)
+        agent = m.Agent(4, 2, args, 1.0)
+        opts = m.make_optimizers(agent, args)
+        for step in range(3):
+            torch.manual_seed(100 + step)
+            m.calql_update(agent, opts, random_batch(seed=step), args, True, 5.0)
+        agents.append(agent)
+    for (name, p1), p2 in zip(agents[0].state_dict().items(), agents[1].state_dict().values()):
+        torch.testing.assert_close(p1, p2, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_every_parameter_changes(fused):
+    args = make_args(hidden_dim=16, q_layers=2, cql_n_actions=3, cql_lagrange=True, fused_update=fused)
     agent = m.Agent(4, 2, args, 1.0)
     before = {k: v.clone() for k, v in agent.state_dict().items()}
     m.calql_update(agent, m.make_optimizers(agent, args), random_batch(), args, True, 5.0)
