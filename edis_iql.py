@@ -21,7 +21,7 @@ import math
 import os
 import sys
 import time
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional
 
 import gymnasium as gym
 import numpy as np
@@ -147,12 +147,22 @@ class Args:
     """transitions generated per sampler call"""
     edis_churn: float = 80.0
     """EDM S_churn of the stochastic sampler (Karras et al. Alg. 2)"""
+    edis_energies: Literal["factored", "joint"] = "factored"
+    """factored: the paper's three energies (state, policy, transition); joint: one energy, online data vs the prior"""
+    edis_online_frac: float = 0.5
+    """fraction of every diffusion training batch drawn from online transitions (0: uniform over offline + online)"""
+    edis_cond_prob: float = 0.5
+    """fraction of denoiser training rows that get s or (s, a) as a clean condition (for the factored energies)"""
     guide_state: float = 1.0
     """weight of the state energy E_s (online state distribution); 1 = the exact product p * exp(-E) of the paper"""
     guide_policy: float = 1.0
     """weight of the policy energy E_pi (current policy's actions)"""
     guide_transition: float = 1.0
     """weight of the transition energy E_T (true dynamics)"""
+    guide_online: float = 1.0
+    """weight of the joint design's energy (online transitions vs the prior)"""
+    guide_sigma_max: float = 5.0
+    """guide only at noise levels sigma <= this (80 = everywhere); above it the energies are near chance"""
     energy_negatives: int = 10
     """K: negatives per positive in each InfoNCE group"""
     energy_pool: Optional[int] = None
@@ -271,7 +281,8 @@ def apply_presets(args: Args, task: TaskSpec, device: torch.device) -> Args:
 
 COMMON_RANGES = {  # allowed values of the shared flags, as intervals
     "seed": SEED_RANGE, "gamma": "[0, 1]", "tau": "[0, 1]", "edis_ratio": "[0, 1)", "edis_ema": "[0, 1)",
-    "edis_diffusion_lr": "(0, inf)", "energy_lr": "(0, inf)", "edis_churn": "[0, inf)", "edis_min_online": "[0, inf)",
+    "edis_diffusion_lr": "(0, inf)", "energy_lr": "(0, inf)", "edis_cond_prob": "[0, 1)", "edis_online_frac": "[0, 1]",
+    "guide_sigma_max": "(0, inf)", "edis_churn": "[0, inf)", "edis_min_online": "[0, inf)",
     "offline_steps": "[0, inf)", "online_steps": "[0, inf)",
     **{name: "[1, inf)" for name in (
         "eval_every", "eval_episodes", "checkpoint_every", "log_every", "batch_size", "utd", "hidden_dim",
@@ -642,14 +653,22 @@ def episode_done(online: ReplayBuffer, rows: torch.Tensor, args: Args, norm: dic
 
 # >>> shared:edis
 # ---------------------------------------------------------------------------------------------------------------
-# ALGO LOGIC: EDIS (Liu et al. 2024): a diffusion model of transitions whose samples are steered by three energies
+# ALGO LOGIC: EDIS (Liu et al. 2024): a diffusion model of transitions whose samples are steered by learned energies
 # ---------------------------------------------------------------------------------------------------------------
 # A transition is one vector x = [s, a, r, s', terminal] (states already RL-normalised, rewards transformed),
-# standardised per dimension by TransitionCodec. The diffusion prior p(x) is fitted on offline + online replay; the
-# target is q(x) = d_pi(s) pi(a|s) T(s'|s,a) (paper Sec. 4), i.e. q = p * exp(-E_s(s) - E_pi(s,a) - E_T(s,a,s'))
-# with E_s = -log d_pi/d_D, E_pi = -log pi/mu, E_T = -log T/T_hat (EDIS Sec. 4). Each energy is trained with
-# InfoNCE on noisy inputs (contrastive energy prediction, CEP: Lu et al. 2023, arXiv 2304.12824), so that at noise
-# level sigma, grad E(x, sigma) is the guidance the sampler needs.
+# standardised per dimension by TransitionCodec (the binary terminal is left as 0/1). The diffusion prior p(x) is
+# fitted on offline + online replay; the target is q(x) = d_pi(s) pi(a|s) T(s'|s,a) (EDIS Sec. 4), i.e.
+#     q(x) = p(x) * exp(-E_s - E_pi - E_T),  E_s = -log d_pi(s)/d_p(s),  E_pi = -log pi(a|s)/mu(a|s),
+#                                            E_T = -log T(s'|s,a)/T_hat(s'|s,a)                       (EDIS Sec. 4).
+# The sampler needs these energies at every noise level sigma. The exact intermediate energy (CEP, Lu et al. 2023,
+# Thm. 3.1) is E_sigma(x_sigma) = -log E_{p(x0 | x_sigma)}[exp(-E(x0))]: a function of the WHOLE noisy transition
+# even when E(x0) depends on s0 only, because the posterior of x0 couples the blocks. So every energy here is a
+# network of the full noisy x and sigma, trained by InfoNCE on noisy positives/negatives (CEP Sec. 4: the
+# contrastive minimiser is E_sigma up to a constant), and guidance uses its full gradient grad_x.
+# Each factor is a log-ratio of two distributions that differ ONLY in that factor, so its contrastive negatives
+# must come from a valid conditional sampler of the prior: the denoiser is trained with random conditioning masks
+# (s given, or (s, a) given, CSDI-style; Tashiro et al. 2021), so one network samples p(x), p(a,r,s'|s) and
+# p(r,s'|s,a) without the errors of replacement in-painting.
 class TransitionCodec:
     """Block layout of a transition vector and its per-dimension standardisation (refitted at each retrain)."""
 
@@ -667,13 +686,19 @@ class TransitionCodec:
             m[b] = 1.0
         return m
 
+    def cond_masks(self) -> torch.Tensor:
+        """[3, D] conditioning masks of the denoiser: nothing given, s given, (s, a) given."""
+        return torch.stack([self.mask(), self.mask(self.s), self.mask(self.s, self.a)])
+
     def raw(self, batch: dict) -> torch.Tensor:
         return torch.cat([batch["observations"], batch["actions"], batch["rewards"][:, None],
                           batch["next_observations"], batch["terminals"][:, None]], -1)
 
     def fit(self, x_raw: torch.Tensor) -> None:
         self.mean = x_raw.mean(0)
-        self.std = x_raw.std(0).clamp(min=1e-3)  # constant dimensions (e.g. no terminals) stay finite
+        self.std = x_raw.std(0).clamp(min=1e-3)  # constant dimensions stay finite
+        # the terminal stays 0/1 (SynthER): standardising a rare binary flag makes it a 20-30 sigma outlier
+        self.mean[self.d], self.std[self.d] = 0.0, 1.0
 
     def encode(self, batch: dict) -> torch.Tensor:
         return (self.raw(batch) - self.mean) / self.std
@@ -718,36 +743,47 @@ class FourierEmbedding(nn.Module):
 
 
 class ResidualMLPDenoiser(nn.Module):
-    """F_theta(x, c_noise): SynthER/EDIS residual MLP (width x depth, h <- h + Linear(act(LayerNorm(h))))."""
+    """F_theta(x, mask, c_noise): SynthER/EDIS residual MLP (width x depth, h <- h + Linear(act(LayerNorm(h)))).
+    ``mask`` marks the dimensions given as a clean condition (all zero: unconditional)."""
 
     def __init__(self, dim: int, width: int, depth: int):
         super().__init__()
-        self.inp = nn.Linear(dim, width)
+        self.inp = nn.Linear(2 * dim, width)
         self.temb = FourierEmbedding(width)
         self.blocks = nn.ModuleList(
             nn.Sequential(nn.LayerNorm(width), nn.SiLU(), nn.Linear(width, width)) for _ in range(depth))
         self.out = nn.Sequential(nn.LayerNorm(width), nn.SiLU(), nn.Linear(width, dim))
 
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
-        h = self.inp(x) + self.temb(c_noise)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
+        h = self.inp(torch.cat([x, mask], -1)) + self.temb(c_noise)
         for block in self.blocks:
             h = h + block(h)
         return self.out(h)
 
 
-def edm_denoise(net: nn.Module, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) (Karras Eq. 7); sigma: [B]."""
+def edm_denoise(net: nn.Module, x: torch.Tensor, sigma: torch.Tensor, mask: Optional[torch.Tensor] = None
+                ) -> torch.Tensor:
+    """D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) (Karras Eq. 7); sigma: [B]. Dimensions where ``mask`` is 1
+    hold a clean condition: they enter unscaled and are returned unchanged (so the sampler never moves them)."""
     c_skip, c_out, c_in, c_noise = edm_coefficients(sigma)
-    return c_skip[:, None] * x + c_out[:, None] * net(c_in[:, None] * x, c_noise)
+    mask = torch.zeros_like(x) if mask is None else mask.expand_as(x)
+    given = mask.bool()
+    d = c_skip[:, None] * x + c_out[:, None] * net(torch.where(given, x, c_in[:, None] * x), mask, c_noise)
+    return torch.where(given, x, d)
 
 
-def edm_loss(net: nn.Module, x0: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Karras Eq. 8 with ln(sigma) ~ N(P_mean, P_std^2) and weight lambda = (sigma^2 + sd^2) / (sigma sd)^2."""
+def edm_loss(net: nn.Module, x0: torch.Tensor, generator: Optional[torch.Generator] = None,
+             mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Karras Eq. 8 with ln(sigma) ~ N(P_mean, P_std^2) and weight lambda = (sigma^2 + sd^2) / (sigma sd)^2; the
+    dimensions given as a condition (``mask`` [B, D]) stay clean and add nothing to the loss."""
     n = torch.randn(x0.shape[0], device=x0.device, generator=generator)
     sigma = (P_MEAN + P_STD * n).exp()
     weight = (sigma**2 + SIGMA_DATA**2) / (sigma * SIGMA_DATA) ** 2
     noise = torch.randn(x0.shape, device=x0.device, generator=generator)
-    d = edm_denoise(net, x0 + sigma[:, None] * noise, sigma)
+    x = x0 + sigma[:, None] * noise
+    if mask is not None:
+        x = torch.where(mask.bool(), x0, x)
+    d = edm_denoise(net, x, sigma, mask)
     return (weight[:, None] * (d - x0).pow(2)).mean()
 
 
@@ -763,103 +799,93 @@ GuidanceFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 def edm_sample(net: nn.Module, n: int, dim: int, n_steps: int, generator: torch.Generator, churn: float = 80.0,
                guidance: Optional[GuidanceFn] = None, known: Optional[torch.Tensor] = None,
-               known_mask: Optional[torch.Tensor] = None, stats: Optional[dict] = None) -> torch.Tensor:
-    """Stochastic Heun sampler (Karras Alg. 2) with energy guidance and in-painting.
+               known_mask: Optional[torch.Tensor] = None, stats: Optional[dict] = None,
+               guide_sigma_max: float = math.inf) -> torch.Tensor:
+    """Stochastic Heun sampler (Karras Alg. 2) with energy guidance, unconditional or conditional.
 
-    Guided direction (EDIS Sec. 4 with CEP's exact intermediate energy, Lu et al. 2023): the probability-flow ODE of
-    q = p exp(-E) is dx/dsigma = -sigma grad log q =
+    Guided direction (EDIS Sec. 4 with CEP's exact intermediate energy): the probability-flow ODE of
+    q_sigma = p_sigma exp(-E_sigma) is dx/dsigma = -sigma grad log q_sigma =
         d = (x - D(x; sigma)) / sigma + sigma * grad_x E(x, sigma),
-    with ``guidance(x, sigma)`` returning grad_x of the weighted energies (already masked to their blocks).
-    In-painting: the dimensions where ``known_mask`` is 1 are replaced, at every noise level, by the known values plus
-    noise of that level (the replacement method), so they end exactly at ``known``.
+    with ``guidance(x, sigma)`` returning grad_x of the weighted energies, applied where sigma <= guide_sigma_max.
+    Conditional sampling: the dimensions where ``known_mask`` is 1 are set to ``known`` and given to the denoiser as
+    a condition; D returns them unchanged and no churn noise is added there, so they stay exactly at ``known``.
     """
     device = next(net.parameters()).device
     sigmas = karras_sigmas(n_steps, device)
+    mask = torch.zeros(dim, device=device) if known_mask is None else known_mask.to(device)
     x = torch.randn(n, dim, device=device, generator=generator) * sigmas[0]
+    if known is not None:
+        x = torch.where(mask.bool(), known, x)
 
     def direction(x_: torch.Tensor, sigma: float) -> torch.Tensor:
         sig = torch.full((n,), sigma, device=device)
         with torch.no_grad():
-            d = (x_ - edm_denoise(net, x_, sig)) / sigma
-        if guidance is None:
+            d = (x_ - edm_denoise(net, x_, sig, mask)) / sigma
+        if guidance is None or sigma > guide_sigma_max:
             return d
-        g = sigma * guidance(x_, sig)
+        g = sigma * guidance(x_, sig) * (1.0 - mask)
         if stats is not None:
             stats["guidance_norm"] += g.norm(dim=-1).mean()
             stats["denoiser_norm"] += d.norm(dim=-1).mean()
             stats["n"] += 1
         return d + g
 
-    def inpaint(x_: torch.Tensor, sigma: float) -> torch.Tensor:
-        if known is None:
-            return x_
-        noisy = known + sigma * torch.randn(known.shape, device=device, generator=generator)
-        return torch.where(known_mask.bool(), noisy, x_)
-
-    x = inpaint(x, float(sigmas[0]))
     for i in range(n_steps):
         s_cur, s_next = float(sigmas[i]), float(sigmas[i + 1])
         gamma = min(churn / n_steps, math.sqrt(2.0) - 1.0) if S_TMIN <= s_cur <= S_TMAX else 0.0
         s_hat = s_cur * (1.0 + gamma)
-        if gamma > 0:  # add noise to move from sigma_i up to sigma_hat
-            eps = torch.randn(x.shape, device=device, generator=generator) * S_NOISE
+        if gamma > 0:  # add noise to move from sigma_i up to sigma_hat (not on the given dimensions)
+            eps = torch.randn(x.shape, device=device, generator=generator) * S_NOISE * (1.0 - mask)
             x = x + math.sqrt(s_hat**2 - s_cur**2) * eps
-        x = inpaint(x, s_hat)
         d = direction(x, s_hat)
         x_next = x + (s_next - s_hat) * d  # Euler step
         if s_next > 0:  # Heun correction (2nd order)
             d2 = direction(x_next, s_next)
             x_next = x + (s_next - s_hat) * 0.5 * (d + d2)
-        x = inpaint(x_next, s_next)
+        x = x_next
     return x
 
 
 class EnergyNet(nn.Module):
-    """E_phi(y, sigma): an MLP of a block y of the (noisy, normalised) transition and c_noise(sigma) -> scalar."""
+    """E_phi(x, sigma): an MLP of the full noisy transition, input-scaled like the denoiser (c_in(sigma) x), and
+    c_noise(sigma) -> scalar. Without the scaling, inputs at sigma = 80 are ~80x larger than at sigma ~ 0."""
 
-    def __init__(self, in_dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.net = mlp(in_dim + 1, 1, hidden, n_hidden=3)
+        self.net = mlp(dim + 1, 1, hidden, n_hidden=3)
 
-    def forward(self, y: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.cat([y, sigma.log()[:, None] / 4.0], -1)).squeeze(-1)
-
-
-ENERGY_NAMES = ("state", "policy", "transition")
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        _, _, c_in, c_noise = edm_coefficients(sigma)
+        return self.net(torch.cat([c_in[:, None] * x, c_noise[:, None]], -1)).squeeze(-1)
 
 
-def energy_blocks(codec: TransitionCodec) -> dict:
-    """Inputs of each energy and the block its gradient steers (official code: E_s -> s, E_pi -> a, E_T -> s')."""
-    s, a, s2 = codec.s, codec.a, codec.s2
-    return {"state": ((s,), s), "policy": ((s, a), a), "transition": ((s, a, s2), s2)}
+# The energies of each design (--edis-energies). "factored": the paper's three factors, each the log-ratio of two
+# distributions that differ only in that factor (EDIS Sec. 4). "joint": one energy, online transitions vs the
+# prior, i.e. -log d_on(s) mu_on(a|s) T(s'|s,a) / p(x) with the online data's own (recent) behaviour policy.
+ENERGY_DESIGNS = {"factored": ("state", "policy", "transition"), "joint": ("online",)}
 
 
-def energy_input(x: torch.Tensor, blocks: tuple) -> torch.Tensor:
-    return torch.cat([x[..., b] for b in blocks], -1)
+def guidance_weights(args: Args) -> dict:
+    return {"state": args.guide_state, "policy": args.guide_policy, "transition": args.guide_transition,
+            "online": args.guide_online}
 
 
-def make_energies(codec: TransitionCodec, hidden: int, device: torch.device) -> nn.ModuleDict:
-    sizes = {k: sum(b.stop - b.start for b in ins) for k, (ins, _) in energy_blocks(codec).items()}
-    return nn.ModuleDict({k: EnergyNet(sizes[k], hidden) for k in ENERGY_NAMES}).to(device)
+def make_energies(dim: int, design: str, hidden: int, device: torch.device) -> nn.ModuleDict:
+    return nn.ModuleDict({k: EnergyNet(dim, hidden) for k in ENERGY_DESIGNS[design]}).to(device)
 
 
-def make_guidance(energies: nn.ModuleDict, codec: TransitionCodec, weights: dict) -> Optional[GuidanceFn]:
-    """grad_x sum_k lambda_k E_k(x, sigma), each gradient masked to its own block."""
-    active = {k: w for k, w in weights.items() if w != 0.0}
+def make_guidance(energies: nn.ModuleDict, weights: dict) -> Optional[GuidanceFn]:
+    """grad_x sum_k lambda_k E_k(x, sigma): the full gradient w.r.t. the whole noisy transition (CEP Thm. 3.1)."""
+    active = {k: weights[k] for k in energies if weights[k] != 0.0}
     if not active:
         return None
-    blocks = energy_blocks(codec)
-    masks = {k: codec.mask(blocks[k][1]) for k in active}
 
     def guidance(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
-            grad = torch.zeros_like(x)
-            for k, w in active.items():
-                e = energies[k](energy_input(x, blocks[k][0]), sigma).sum()
-                (g,) = torch.autograd.grad(e, x)
-                grad = grad + w * masks[k] * g
-        return grad
+            e = sum(w * energies[k](x, sigma).sum() for k, w in active.items())
+            (g,) = torch.autograd.grad(e, x)
+        return g
 
     return guidance
 
@@ -869,8 +895,8 @@ def infonce_loss(energy: nn.Module, pos: torch.Tensor, neg: torch.Tensor, sigma:
     """Contrastive energy prediction: one positive, K negatives per group, all noised at the group's sigma.
 
     pos [G, d], neg [G, K, d], sigma [G]. L = -log exp(-E(x+)) / (exp(-E(x+)) + sum_j exp(-E(x-_j))), whose minimiser
-    is E(x, sigma) = -log q_sigma(x) / p_sigma(x) + c(sigma) (CEP, Lu et al. 2023: with unlimited capacity the
-    contrastive objective recovers the exact intermediate energy). Returns (loss, accuracy).
+    is E(x, sigma) = -log q_sigma(x) / p_sigma(x) + c(sigma) (CEP, Lu et al. 2023, Sec. 4: with unlimited capacity
+    the contrastive objective recovers the exact intermediate energy). Returns (loss, accuracy).
     """
     G, K, d = neg.shape
     x = torch.cat([pos[:, None], neg], 1)  # [G, 1 + K, d], the positive first
@@ -880,6 +906,10 @@ def infonce_loss(energy: nn.Module, pos: torch.Tensor, neg: torch.Tensor, sigma:
     loss = F.cross_entropy(-e, target)
     acc = (e.argmin(1) == 0).float().mean()
     return loss, acc
+
+
+# noise bands in which each energy's held-out InfoNCE accuracy is logged (edis/energy_acc_<name>_sigma<lo>-<hi>)
+SIGMA_BANDS = ((0.0, 0.1), (0.1, 1.0), (1.0, 5.0), (5.0, SIGMA_MAX + 1.0))
 
 
 @dataclasses.dataclass
@@ -896,12 +926,28 @@ class EDISState:
 
 def new_edis_state(obs_dim: int, act_dim: int, args: Args, device: torch.device) -> EDISState:
     codec = TransitionCodec(obs_dim, act_dim, device)
-    energies = make_energies(codec, args.energy_hidden, device)
+    energies = make_energies(codec.dim, args.edis_energies, args.energy_hidden, device)
     return EDISState(codec, energies, torch.optim.Adam(energies.parameters(), lr=args.energy_lr))
 
 
-def train_diffusion(x: torch.Tensor, args: Args, generator: torch.Generator) -> tuple:
-    """Fit a fresh denoiser on the normalised transitions x [N, D] (EDM loss, AdamW, cosine lr, grad clip 1, EMA)."""
+def ema_decay(step: int, max_decay: float) -> float:
+    """EMA decay with warm-up, as the EMA library of the official code (ema-pytorch, power 2/3):
+    min(max_decay, 1 - (1 + step)^(-2/3)), 0 at the first step, so the random initialisation is forgotten at once
+    (a constant 0.999 would keep exp(-3) = 5 % of it after 3,000 steps)."""
+    return min(max_decay, 1.0 - (1.0 + step) ** (-2.0 / 3.0))
+
+
+def train_diffusion(x: torch.Tensor, args: Args, generator: torch.Generator,
+                    cond_masks: Optional[torch.Tensor] = None, n_online: int = 0) -> tuple:
+    """Fit a fresh denoiser on the normalised transitions x [N, D] (EDM loss, AdamW, cosine lr, grad clip 1, EMA).
+
+    The last ``n_online`` rows of x are online transitions: a fraction --edis-online-frac of every batch is drawn from
+    them and the rest from the offline rows (0: uniform over all rows, as the official code).
+
+    With ``cond_masks`` [M, D] (row 0 all zero), a fraction --edis-cond-prob of the training rows get one of the
+    other masks (uniformly) as a clean condition, so the same network samples conditionals too.
+    The sampling weights are an EMA with warm-up (``ema_decay``).
+    """
     net = ResidualMLPDenoiser(x.shape[1], args.edis_width, args.edis_depth).to(x.device)
     ema = ResidualMLPDenoiser(x.shape[1], args.edis_width, args.edis_depth).to(x.device)
     ema.load_state_dict(net.state_dict())
@@ -909,79 +955,113 @@ def train_diffusion(x: torch.Tensor, args: Args, generator: torch.Generator) -> 
     opt = torch.optim.AdamW(net.parameters(), lr=args.edis_diffusion_lr, betas=(0.9, 0.99), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.edis_diffusion_steps)
     losses = torch.zeros(args.edis_diffusion_steps, device=x.device)
+    B = args.edis_diffusion_batch
     for step in range(args.edis_diffusion_steps):
-        idx = torch.randint(0, x.shape[0], (args.edis_diffusion_batch,), device=x.device, generator=generator)
-        loss = edm_loss(net, x[idx], generator)
+        if 0 < n_online < x.shape[0] and args.edis_online_frac > 0:  # online rows are x[n_off:]
+            n_off = x.shape[0] - n_online
+            off = torch.randint(0, n_off, (B,), device=x.device, generator=generator)
+            on = torch.randint(n_off, x.shape[0], (B,), device=x.device, generator=generator)
+            idx = torch.where(torch.rand(B, device=x.device, generator=generator) < args.edis_online_frac, on, off)
+        else:
+            idx = torch.randint(0, x.shape[0], (B,), device=x.device, generator=generator)
+        mask = None
+        if cond_masks is not None:  # row 0 (unconditional) with prob 1 - cond_prob, else one of the others
+            u = torch.rand(B, device=x.device, generator=generator)
+            which = torch.randint(1, len(cond_masks), (B,), device=x.device, generator=generator)
+            mask = cond_masks[torch.where(u < args.edis_cond_prob, which, torch.zeros_like(which))]
+        loss = edm_loss(net, x[idx], generator, mask)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
         sched.step()
-        with torch.no_grad():
-            torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1.0 - args.edis_ema)
+        decay = ema_decay(step, args.edis_ema)
+        with torch.no_grad():  # Polyak average: ema <- decay * ema + (1 - decay) * net
+            for p_ema, p in zip(ema.parameters(), net.parameters()):
+                p_ema.mul_(decay).add_(p, alpha=1.0 - decay)
         losses[step] = loss.detach()
     return ema, losses
 
 
 def sample_chunked(net: nn.Module, n: int, dim: int, args: Args, generator: torch.Generator, **kw) -> torch.Tensor:
-    out, known, mask = [], kw.pop("known", None), kw.pop("known_mask", None)
+    out, known = [], kw.pop("known", None)
     for start in range(0, n, args.edis_sample_batch):
         m = min(args.edis_sample_batch, n - start)
         k = known[start:start + m] if known is not None else None
-        out.append(edm_sample(net, m, dim, args.edis_sample_steps, generator, args.edis_churn, known=k,
-                              known_mask=mask, **kw))
+        out.append(edm_sample(net, m, dim, args.edis_sample_steps, generator, args.edis_churn, known=k, **kw))
     return torch.cat(out)
+
+
+def contrastive_sets(design: str, denoiser: nn.Module, codec: TransitionCodec, x_on: torch.Tensor,
+                     x_pi: torch.Tensor, K: int, args: Args, generator: torch.Generator) -> dict:
+    """Positives [M, D] and negatives [M, K, D] of each energy (normalised transitions, clean: noise comes later).
+
+    x_on: M real online transitions; x_pi: the same rows with a ~ pi(.|s) from the current policy (only s, a used).
+    Each energy's positives and negatives share everything except the factor it measures (EDIS Sec. 4):
+      state       d_on(s)/d_p(s):      [s_on, (a,r,s',d) ~ p(.|s_on)]      vs  x ~ p(x)
+      policy      pi(a|s)/mu(a|s):     [s, a_pi, (r,s',d) ~ p(.|s,a_pi)]   vs  [s, (a,r,s',d) ~ p(.|s)]
+      transition  T/T_hat(s'|s,a):     real online (s, a, r, s', d)        vs  [s, a, (r,s',d) ~ p(.|s,a)]
+      online (joint design)            real online (s, a, r, s', d)        vs  x ~ p(x)
+    """
+    M, D = x_on.shape
+    masks = codec.cond_masks()
+
+    def prior(n: int, given: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return sample_chunked(denoiser, n, D, args, generator, known=given, known_mask=mask)
+
+    rep = lambda t: t.repeat_interleave(K, 0)  # noqa: E731  (K copies of each row, one per negative)
+    uncond = prior(M * K).view(M, K, D)
+    if design == "joint":
+        return {"online": (x_on, uncond)}
+    given_s = prior(M * K, rep(x_on), masks[1]).view(M, K, D)  # K draws of (a, r, s', d) | s_on
+    given_s_pi = prior(M, x_pi, masks[2])  # (r, s', d) | s, a_pi
+    given_sa = prior(M * K, rep(x_on), masks[2]).view(M, K, D)  # K draws of (r, s', d) | s, a
+    return {"state": (given_s[:, 0], uncond), "policy": (given_s_pi, given_s), "transition": (x_on, given_sa)}
 
 
 def train_energies(state: EDISState, denoiser: nn.Module, online: ReplayBuffer, policy_sample: Callable, args: Args,
                    generator: torch.Generator) -> dict:
-    """InfoNCE training of E_s, E_pi, E_T at the noise levels the sampler visits (EDIS Sec. 4; docs/edis_iql.md lists
-    where this differs from the official code).
+    """InfoNCE training of the energies at the noise levels the sampler visits (CEP Sec. 4; EDIS Sec. 4).
 
-    Positives: online states (E_s); (s, a ~ pi(s)) with the current policy (E_pi); real online (s, a, s') (E_T).
-    Negatives, K per positive, from the diffusion prior: unconditional samples (E_s); in-paintings of a | s (E_pi);
-    in-paintings of (r, s', terminal) | s, a (E_T).
+    --energy-pool online transitions are drawn; 4/5 of them (with their K negatives each) train the energies for
+    --energy-steps steps, 1/5 are held out to measure each energy's accuracy per noise band.
     """
     codec, K, M = state.codec, args.energy_negatives, args.energy_pool
-    blocks = energy_blocks(codec)
+    device = codec.mean.device
     pos_batch = online.sample(M, generator)
     with torch.no_grad():
-        pos = {"transition": codec.encode(pos_batch)}
-        pol = dict(pos_batch, actions=policy_sample(pos_batch["observations"]))
-        pos["policy"] = codec.encode(pol)
-        pos["state"] = pos["transition"]
-        dim = codec.dim
-        rep = lambda t: t.repeat_interleave(K, 0)  # noqa: E731  (K copies of each positive, for its negatives)
-        neg = {
-            "state": sample_chunked(denoiser, M * K, dim, args, generator),
-            "policy": sample_chunked(denoiser, M * K, dim, args, generator, known=rep(pos["policy"]),
-                                     known_mask=codec.mask(codec.s)),
-            "transition": sample_chunked(denoiser, M * K, dim, args, generator, known=rep(pos["transition"]),
-                                         known_mask=codec.mask(codec.s, codec.a)),
-        }
-    sigmas = karras_sigmas(args.edis_sample_steps, codec.mean.device)[:-1]  # the sampler's noise levels
-    metrics = {f"edis/energy_loss_{k}": torch.zeros((), device=codec.mean.device) for k in ENERGY_NAMES}
-    metrics.update({f"edis/energy_acc_{k}": torch.zeros((), device=codec.mean.device) for k in ENERGY_NAMES})
-    G = min(args.energy_batch, M)
+        x_on = codec.encode(pos_batch)
+        x_pi = codec.encode(dict(pos_batch, actions=policy_sample(pos_batch["observations"])))
+        sets = contrastive_sets(args.edis_energies, denoiser, codec, x_on, x_pi, K, args, generator)
+    sigmas = karras_sigmas(args.edis_sample_steps, device)[:-1]  # the sampler's noise levels
+    n_train = max(M - M // 5, 1)
+    G = min(args.energy_batch, n_train)
+    metrics = {}
+    for k in state.energies:
+        metrics[f"edis/energy_loss_{k}"] = torch.zeros((), device=device)
+        metrics[f"edis/energy_acc_{k}"] = torch.zeros((), device=device)
     for _ in range(args.energy_steps):
-        groups = torch.randint(0, M, (G,), device=codec.mean.device, generator=generator)
-        sigma = sigmas[torch.randint(0, len(sigmas), (G,), device=codec.mean.device, generator=generator)]
+        groups = torch.randint(0, n_train, (G,), device=device, generator=generator)
+        sigma = sigmas[torch.randint(0, len(sigmas), (G,), device=device, generator=generator)]
         loss_total = 0.0
-        for k in ENERGY_NAMES:
-            ins = blocks[k][0]
-            p = energy_input(pos[k][groups], ins)
-            if k == "state":  # unconditional negatives are not tied to a positive: any K from the pool
-                nidx = torch.randint(0, M * K, (G, K), device=codec.mean.device, generator=generator)
-            else:  # the K in-paintings conditioned on this group's own s (or s, a)
-                nidx = groups[:, None] * K + torch.arange(K, device=codec.mean.device)[None]
-            n = energy_input(neg[k][nidx], ins)
-            loss, acc = infonce_loss(state.energies[k], p, n, sigma, generator)
+        for k, (pos, neg) in sets.items():
+            loss, acc = infonce_loss(state.energies[k], pos[groups], neg[groups], sigma, generator)
             loss_total = loss_total + loss
             metrics[f"edis/energy_loss_{k}"] += loss.detach() / args.energy_steps
             metrics[f"edis/energy_acc_{k}"] += acc / args.energy_steps
         state.energy_opt.zero_grad(set_to_none=True)
         loss_total.backward()
         state.energy_opt.step()
+    held = torch.arange(n_train, M, device=device)
+    with torch.no_grad():  # held-out accuracy per noise band (chance: 1 / (K + 1))
+        for lo, hi in SIGMA_BANDS:
+            band = sigmas[(sigmas >= lo) & (sigmas < hi)]
+            if len(held) == 0 or len(band) == 0:
+                continue
+            sigma = band[torch.randint(0, len(band), (len(held),), device=device, generator=generator)]
+            for k, (pos, neg) in sets.items():
+                _, acc = infonce_loss(state.energies[k], pos[held], neg[held], sigma, generator)
+                metrics[f"edis/energy_acc_{k}_sigma{lo:g}-{min(hi, SIGMA_MAX):g}"] = acc
     return metrics
 
 
@@ -1008,12 +1088,13 @@ def edis_retrain(state: EDISState, offline: ReplayBuffer, online: ReplayBuffer, 
     codec = state.codec
     x_raw = torch.cat([codec.raw(offline.rows()), codec.raw(online.rows())])
     codec.fit(x_raw)
-    denoiser, diff_losses = train_diffusion((x_raw - codec.mean) / codec.std, args, generator)
+    cond = codec.cond_masks() if args.edis_energies == "factored" else None  # conditionals only where needed
+    denoiser, diff_losses = train_diffusion((x_raw - codec.mean) / codec.std, args, generator, cond, online.size)
     metrics = train_energies(state, denoiser, online, policy_sample, args, generator)
-    weights = {"state": args.guide_state, "policy": args.guide_policy, "transition": args.guide_transition}
     stats = {"guidance_norm": 0.0, "denoiser_norm": 0.0, "n": 0}
-    guidance = make_guidance(state.energies, codec, weights)
-    x = sample_chunked(denoiser, args.edis_num_samples, codec.dim, args, generator, guidance=guidance, stats=stats)
+    guidance = make_guidance(state.energies, guidance_weights(args))
+    x = sample_chunked(denoiser, args.edis_num_samples, codec.dim, args, generator, guidance=guidance, stats=stats,
+                       guide_sigma_max=args.guide_sigma_max)
     syn = codec.decode(x.detach())
     if args.edis_reward_model:
         model, rm_loss = fit_reward_model(x_raw, codec, args, generator)
@@ -1149,7 +1230,9 @@ RESUME_MAY_CHANGE = {"resume", "output_dir", "overwrite", "device", "torch_deter
                      "eval_only", "edis", "edis_ratio", "edis_retrain_every", "edis_min_online", "edis_num_samples",
                      "edis_diffusion_steps", "edis_diffusion_batch", "edis_diffusion_lr", "edis_width", "edis_depth",
                      "edis_ema", "edis_sample_steps", "edis_sample_batch", "edis_churn", "guide_state",
-                     "guide_policy", "guide_transition", "energy_negatives", "energy_pool", "energy_steps",
+                     "guide_policy", "guide_transition", "guide_online", "guide_sigma_max", "edis_cond_prob",
+                     "edis_online_frac",
+                     "energy_negatives", "energy_pool", "energy_steps",
                      "energy_batch", "energy_lr", "edis_reward_model"} | ALGO_RESUME_MAY_CHANGE
 
 

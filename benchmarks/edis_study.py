@@ -39,6 +39,8 @@ def main() -> None:
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "runs", "edis"))
     for k in BUDGETS["iql"]:
         p.add_argument(f"--{k.replace('_', '-')}", type=int, help=f"override BUDGETS[algo][{k!r}] for every algorithm")
+    p.add_argument("--arms", nargs="+", choices=["edis", "noedis"], default=["edis", "noedis"],
+                   help="which online arms to run (e.g. noedis first, edis later)")
     p.add_argument("--extra", default="", help="more flags for the offline phase (the arms inherit its config), "
                    "e.g. '--hidden-dim 64'")
     a = p.parse_args()
@@ -71,6 +73,8 @@ def main() -> None:
                     "--edis-retrain-every", str(b["retrain_every"]), "--checkpoint-every", str(b["offline_steps"]),
                     *shlex.split(a.extra), *resume], offline_dir + ".log")
             for arm, flag in (("edis", "--edis"), ("noedis", "--no-edis")):
+                if arm not in a.arms:
+                    continue
                 arm_dir = os.path.join(base, arm)
                 if os.path.exists(os.path.join(arm_dir, "summary.json")):
                     print(f"{algo}/seed{seed}/{arm}: done, skipped")

@@ -1,14 +1,18 @@
-"""Study 3 of docs/results.md: how physically correct are EDIS's synthetic transitions, and how close are their states
-to the online state distribution? Unguided diffusion vs EDIS guidance vs real data, on PointMaze.
+"""Study 3 of docs/results.md: how physically correct are EDIS's synthetic transitions, how close are their states to
+the online state distribution and their actions to the current policy? Unguided diffusion vs each energy design of
+EDIS guidance vs real data, on PointMaze.
 
-    python benchmarks/fidelity_study.py --algo iql --seeds 1 2 3     # needs benchmarks/edis_study.py's EDIS runs
+    python benchmarks/fidelity_study.py --algo iql --seeds 1 2 3     # needs benchmarks/edis_study.py's runs
 
-For each seed it loads the final checkpoint of the EDIS arm of the EDIS study (agent, online replay, energies,
-normalisation), rebuilds the offline buffer, and does what the script's next EDIS retrain would do: fit a fresh
-denoiser on offline + online data and continue the three energies' InfoNCE training. Then it draws ``--samples``
-transitions twice from the same initial noise: without guidance and with the script's guidance weights.
+For each seed it loads the final checkpoint of one arm of the EDIS study (default: plain fine-tuning, so the buffer
+does not depend on any EDIS design): the agent (the "current policy"), the online replay and the normalisation. It
+rebuilds the offline buffer and keeps ``--held-out`` online transitions out of every training pool. Then, for each
+energy design, it does what the script's EDIS retrain does (fresh denoiser on offline + online data, fresh energies
+trained for ``--energy-steps`` InfoNCE steps) and draws ``--samples`` transitions from the same initial noise without
+guidance and with guidance restricted to each ``--guide-sigma-max``. The factored design's conditional sampler is
+checked on its own: (r, s', d) generated given real held-out (s, a).
 
-Measured for each set (and for real offline / online transitions, which check the measurement itself):
+Measured for each set (and for real offline / held-out online transitions, which check the measurement itself):
 
 * dynamics error: reset the MuJoCo point to the generated state (qpos = x, y; qvel = vx, vy), apply the generated
   action through the env's own step (action clip, velocity clip, frame skip), and compare the generated next
@@ -16,22 +20,26 @@ Measured for each set (and for real offline / online transitions, which check th
 * reward error: generated reward vs the sparse reward recomputed from the generated s' (|x,y - goal| <= 0.45);
 * states inside walls: generated (x, y) whose maze cell is a wall;
 * closeness to the online states: MMD^2 (Gaussian kernel, median-distance bandwidth of the online states) between the
-  set's states and a sample of online states, in normalised state space; also the mean distance from each state to
-  its nearest online state. Reference values: offline states, and a second disjoint sample of online states.
-* generation speed: transitions per second with and without guidance (one core unless --threads).
+  set's states and half of the held-out online states, in normalised state space; also the mean distance from each
+  state to its nearest online state. The other half of the held-out states gives the noise floor;
+* closeness to the current policy: mean ||a - mean action of pi(s)|| over the set's (s, a);
+* generation speed: transitions per second of each set (one core unless --threads).
 
-Writes ``<out>/seed<k>.json``; ``benchmarks/make_results.py`` turns them into a table.
+Writes ``<out>/<algo>_seed<k>.json``; ``benchmarks/make_results.py`` turns them into a table.
 """
 
-import argparse
+import dataclasses
 import importlib
+import itertools
 import json
+import math
 import os
 import sys
 import time
 
 import numpy as np
 import torch
+import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -72,7 +80,8 @@ def wall_fraction(env, xy: np.ndarray) -> float:
     return float((wall | outside).mean())
 
 
-def measure(name: str, raw: dict, env, online_ref: torch.Tensor, norm_state, bandwidth: float) -> dict:
+def measure(name: str, raw: dict, env, online_ref: torch.Tensor, norm_state, bandwidth: float,
+            policy_mean) -> dict:
     obs, act = raw["observations"], raw["actions"]
     nxt, rew = raw["next_observations"], raw["rewards"]
     sim = simulate(env, obs, act)
@@ -87,29 +96,50 @@ def measure(name: str, raw: dict, env, online_ref: torch.Tensor, norm_state, ban
             "step_size_mean": float(np.linalg.norm(nxt[:, :4] - obs[:, :4], axis=1).mean()),
             "goal_change_mean": float(goal_jump.mean()), "reward_error_mean": float(np.abs(rew - r_true).mean()),
             "states_in_walls": wall_fraction(env, obs[:, :2]), "next_states_in_walls": wall_fraction(env, nxt[:, :2]),
-            "mmd2_to_online": mmd2(s, online_ref, bandwidth), "nn_dist_to_online": float(nn_dist.mean())}
+            "mmd2_to_online": mmd2(s, online_ref, bandwidth), "nn_dist_to_online": float(nn_dist.mean()),
+            "policy_action_dist": float(np.linalg.norm(act - policy_mean(obs), axis=1).mean())}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--algo", choices=["iql", "calql"], default="iql")
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    p.add_argument("--runs", default=os.path.join(ROOT, "benchmarks", "runs", "edis"),
-                   help="output folder of benchmarks/edis_study.py")
-    p.add_argument("--samples", type=int, default=4000, help="generated transitions per set")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "runs", "fidelity"))
-    a = p.parse_args()
+@dataclasses.dataclass
+class Cli:
+    algo: str = "iql"
+    """which script's checkpoints and EDIS functions (iql or calql)"""
+    seeds: tuple[int, ...] = (1, 2, 3)
+    """seeds of benchmarks/edis_study.py whose checkpoints are used"""
+    arm: str = "noedis"
+    """which arm's final checkpoint gives the online buffer and the current policy (noedis: independent of EDIS)"""
+    designs: tuple[str, ...] = ("factored", "joint")
+    """energy designs (--edis-energies) to compare"""
+    online_fracs: tuple[float, ...] = (0.5, 0.0)
+    """--edis-online-frac values to compare (share of online rows in the diffusion batches; 0 = uniform)"""
+    guide_sigma_max: tuple[float, ...] = (80.0, 5.0, 1.0)
+    """noise levels up to which guidance is applied (80 = the whole schedule)"""
+    energy_steps: int = 400
+    """InfoNCE steps of the (fresh) energies: a run's energies persist over its retrains, 4 x 100 at the CPU preset"""
+    runs: str = os.path.join(ROOT, "benchmarks", "runs", "edis")
+    """output folder of benchmarks/edis_study.py"""
+    samples: int = 4000
+    """generated transitions per set"""
+    held_out: int = 2000
+    """online transitions kept out of every training pool (diffusion, energies) and used as the reference"""
+    threads: int = 1
+    """torch threads"""
+    out: str = os.path.join(ROOT, "benchmarks", "runs", "fidelity")
+    """where the per-seed JSON files go"""
+
+
+def main(a: Cli) -> None:
     torch.set_num_threads(a.threads)
     os.makedirs(a.out, exist_ok=True)
     mod = importlib.import_module(f"edis_{a.algo}")
     for seed in a.seeds:
-        ckpt_path = os.path.join(a.runs, a.algo, f"seed{seed}", "edis", mod.CHECKPOINT)
+        ckpt_path = os.path.join(a.runs, a.algo, f"seed{seed}", a.arm, mod.CHECKPOINT)
         if not os.path.exists(ckpt_path):
             sys.exit(f"error: no checkpoint at {ckpt_path}; run benchmarks/edis_study.py --seeds {seed} first")
         t0 = time.time()
         ckpt = mod.safe_torch_load(ckpt_path, "fidelity study")  # never executes code from the file
         args = mod.Args(**ckpt["args"])
+        args.energy_steps = a.energy_steps
         task = mod.get_task(args.env)
         device = torch.device("cpu")
         mod.seed_everything(seed, False)
@@ -124,63 +154,80 @@ def main() -> None:
                            "actions": data.actions, "rewards": rewards,
                            "next_observations": (data.next_observations - norm["obs_mean"]) / norm["obs_std"],
                            "terminals": data.terminals, **mod.offline_extras(data, rewards, args)})
-        online = mod.ReplayBuffer(obs_dim, act_dim, ckpt["online_buffer"]["size"], device, extra=mod.BUFFER_EXTRA)
-        online.load_state_dict(ckpt["online_buffer"])
+        full = mod.ReplayBuffer(obs_dim, act_dim, ckpt["online_buffer"]["size"], device, extra=mod.BUFFER_EXTRA)
+        full.load_state_dict(ckpt["online_buffer"])
+        # the held-out online transitions never enter a training pool: split once, train on the rest
+        perm = torch.randperm(full.size, generator=gen)
+        n_held = min(a.held_out, full.size // 2)
+        held_rows = full.get(perm[:n_held])
+        online = mod.ReplayBuffer(obs_dim, act_dim, full.size - n_held, device, extra=mod.BUFFER_EXTRA)
+        online.add_batch(full.get(perm[n_held:]))
         env = mod.make_env(task, seed=seed)
         agent = mod.Agent(obs_dim, act_dim, args, float(env.action_space.high[0]))
         agent.load_state_dict(ckpt["agent"])
-        edis = mod.new_edis_state(obs_dim, act_dim, args, device)
-        edis.energies.load_state_dict(ckpt["edis"]["energies"])
-        edis.energy_opt.load_state_dict(ckpt["edis"]["energy_opt"])
-
-        # what the next EDIS retrain would do (edis_retrain), keeping the denoiser to sample with and without guidance
-        codec = edis.codec
-        x_raw = torch.cat([codec.raw(offline.rows()), codec.raw(online.rows())])
-        codec.fit(x_raw)
-        denoiser, _ = mod.train_diffusion((x_raw - codec.mean) / codec.std, args, gen)
-        energy_metrics = mod.train_energies(edis, denoiser, online, lambda o: agent.actor.sample(o), args, gen)
-        weights = {"state": args.guide_state, "policy": args.guide_policy, "transition": args.guide_transition}
-        guidance = mod.make_guidance(edis.energies, codec, weights)
-        sets, speed = {}, {}
-        for name, g in (("unguided", None), ("edis", guidance)):
-            noise = torch.Generator().manual_seed(seed + 123)  # the same initial noise for both sets
-            t1 = time.time()
-            x = mod.sample_chunked(denoiser, a.samples, codec.dim, args, noise, guidance=g)
-            speed[name] = a.samples / (time.time() - t1)
-            sets[name] = codec.decode(x.detach())
-            sets[name]["actions"] = sets[name]["actions"].clamp(-1.0, 1.0)  # as edis_retrain stores them
 
         def to_raw(batch: dict) -> dict:  # normalised buffer rows -> env units
             return {"observations": (batch["observations"] * std + mean).numpy(),
-                    "actions": batch["actions"].numpy(),
+                    "actions": batch["actions"].clamp(-1.0, 1.0).numpy(),  # as edis_retrain stores them
                     "rewards": ((batch["rewards"] - norm["reward_bias"]) / norm["reward_scale"]).numpy(),
                     "next_observations": (batch["next_observations"] * std + mean).numpy()}
 
-        n_on = online.size
-        perm = torch.randperm(n_on, generator=gen)
-        ref_idx, held_idx = perm[: n_on // 2][: a.samples], perm[n_on // 2:][: a.samples]
-        online_rows = online.rows()
-        online_ref = online_rows["observations"][ref_idx]
+        half = n_held // 2  # the held-out set: one half is the reference states, the other a real-data row
+        online_ref = held_rows["observations"][:half]
         bandwidth = float(torch.cdist(online_ref, online_ref).median())
         norm_state = lambda o: (torch.as_tensor(o, dtype=torch.float32) - mean) / std  # noqa: E731
+        agent.eval()  # the deterministic evaluation action of the current policy (no dropout)
+        policy_mean = lambda s: agent.actor.act(norm_state(s)).detach().clamp(-1, 1).numpy()  # noqa: E731
         off_idx = torch.randint(0, offline.size, (a.samples,), generator=gen)
-        real = {"offline (real)": {k: v[off_idx] for k, v in offline.rows().items()},
-                "online (real, held out)": {k: v[held_idx] for k, v in online_rows.items()}}
-        rows = [measure(name, to_raw(b), env, online_ref, norm_state, bandwidth) for name, b in
-                {**real, "unguided diffusion": sets["unguided"], "EDIS guided": sets["edis"]}.items()]
+        rows = [measure("offline (real)", to_raw(offline.get(off_idx)), env, online_ref, norm_state, bandwidth,
+                        policy_mean),
+                measure("online (real, held out)", to_raw({k: v[half:] for k, v in held_rows.items()}), env,
+                        online_ref, norm_state, bandwidth, policy_mean)]
+        speed, energy_acc, timing = {}, {}, {}
+        for online_frac, design in itertools.product(a.online_fracs, a.designs):
+            args.edis_energies, args.edis_online_frac = design, online_frac
+            variant = f"{design} energies, online frac {online_frac:g}"
+            edis = mod.new_edis_state(obs_dim, act_dim, args, device)
+            codec = edis.codec
+            x_raw = torch.cat([codec.raw(offline.rows()), codec.raw(online.rows())])
+            codec.fit(x_raw)
+            cond = codec.cond_masks() if design == "factored" else None
+            t1 = time.time()
+            denoiser, _ = mod.train_diffusion((x_raw - codec.mean) / codec.std, args, gen, cond, online.size)
+            t2 = time.time()
+            energy_metrics = mod.train_energies(edis, denoiser, online, lambda o: agent.actor.sample(o), args, gen)
+            timing[variant] = {"diffusion_s": t2 - t1, "energies_s": time.time() - t2}
+            energy_acc[variant] = {k: float(v) for k, v in energy_metrics.items() if "acc" in k}
+            if design == "factored":  # the conditional sampler: (r, s', d) given real held-out (s, a)
+                x_held = codec.encode(held_rows)[: a.samples]
+                with torch.no_grad():
+                    x = mod.sample_chunked(denoiser, len(x_held), codec.dim, args, gen, known=x_held,
+                                           known_mask=codec.mask(codec.s, codec.a))
+                rows.append(measure(f"{variant}: (r, s', d) given real (s, a), conditional sampler",
+                                    to_raw(codec.decode(x)), env, online_ref, norm_state, bandwidth, policy_mean))
+            guidance = mod.make_guidance(edis.energies, mod.guidance_weights(args))
+            for gsm in (None, *a.guide_sigma_max):
+                noise = torch.Generator().manual_seed(seed + 123)  # the same initial noise for every set
+                t1 = time.time()
+                x = mod.sample_chunked(denoiser, a.samples, codec.dim, args, noise,
+                                       guidance=None if gsm is None else guidance,
+                                       guide_sigma_max=math.inf if gsm is None else gsm)
+                name = f"{variant}: " + ("unguided" if gsm is None else f"guided at sigma <= {gsm:g}")
+                speed[name] = a.samples / (time.time() - t1)
+                rows.append(measure(name, to_raw(codec.decode(x.detach())), env, online_ref, norm_state, bandwidth,
+                                    policy_mean))
+                print(f"seed {seed} {name:>60}: dyn err {rows[-1]['dynamics_error_mean']:.4f}  "
+                      f"reward err {rows[-1]['reward_error_mean']:.3f}  walls {rows[-1]['states_in_walls']:.3f}  "
+                      f"MMD2 {rows[-1]['mmd2_to_online']:.4f}  pi {rows[-1]['policy_action_dist']:.3f}", flush=True)
         result = {"algo": a.algo, "seed": seed, "checkpoint": os.path.relpath(ckpt_path, ROOT),
-                  "online_transitions": n_on, "samples": a.samples, "guidance_weights": weights,
-                  "sample_steps": args.edis_sample_steps, "samples_per_s": speed,
-                  "energy_acc": {k: float(v) for k, v in energy_metrics.items() if "acc" in k},
-                  "rows": rows, "wall_s": round(time.time() - t0, 1), **machine_info()}
+                  "online_transitions_train": online.size, "held_out": n_held, "samples": a.samples,
+                  "guidance_weights": mod.guidance_weights(args), "energy_steps": a.energy_steps,
+                  "sample_steps": args.edis_sample_steps, "samples_per_s": speed, "energy_acc": energy_acc,
+                  "timing_s": timing, "rows": rows, "wall_s": round(time.time() - t0, 1), **machine_info()}
         with open(os.path.join(a.out, f"{a.algo}_seed{seed}.json"), "w") as f:
             json.dump(result, f, indent=2)
-        for r in rows:
-            print(f"seed {seed} {r['set']:>24}: dyn err {r['dynamics_error_mean']:.4f}  "
-                  f"walls {r['states_in_walls']:.3f}"
-                  f"  MMD2 {r['mmd2_to_online']:.4f}  NN {r['nn_dist_to_online']:.3f}", flush=True)
-        print(f"seed {seed}: samples/s {speed}, {time.time() - t0:.0f} s", flush=True)
+        print(f"seed {seed}: {time.time() - t0:.0f} s", flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    main(tyro.cli(Cli))

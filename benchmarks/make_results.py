@@ -224,7 +224,7 @@ def llm_figures(data: dict) -> None:
         save(fig, f"llm_{setting}.png")
 
 
-def edis_tables(data: dict) -> dict:
+def edis_tables(data: dict, name: str = "edis") -> dict:
     runs = data["runs"]
     lines = ["| algorithm | arm | seeds | score after offline | final score | mean score over online evals | "
              "training success rate (1 − regret) | EDIS − no-EDIS, final (paired) | "
@@ -261,7 +261,7 @@ def edis_tables(data: dict) -> dict:
                              f"{ms([r['offline_updates_per_s'] for r in rs], '{:.1f}')} | "
                              f"{ms([r['online_wall_s'] for r in rs], '{:.0f}')} | "
                              f"{ms(rt, '{:.1f}') if rt else '–'} |")
-    return {"edis": "\n".join(lines)}
+    return {name: "\n".join(lines)}
 
 
 def edis_figures(data: dict) -> None:
@@ -297,27 +297,72 @@ FID_COLS = [("dynamics_error_mean", "dynamics error ‖s'−sim(s,a)‖", "{:.3f
             ("goal_change_mean", "goal change", "{:.3f}"),
             ("states_in_walls", "states in walls", "{:.3f}"),
             ("mmd2_to_online", "MMD² to online states", "{:.4f}"),
-            ("nn_dist_to_online", "NN distance to online states", "{:.3f}")]
+            ("nn_dist_to_online", "NN distance to online states", "{:.3f}"),
+            ("policy_action_dist", "‖a − π(s)‖ (current policy's mean action)", "{:.3f}")]
 
 
-def fidelity_tables(data: dict) -> dict:
+def flat(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a b": 1}"""
+    out = {}
+    for k, v in d.items():
+        out.update(flat(v, f"{prefix}{k} ") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def fidelity_tables(data: dict, name: str = "fidelity") -> dict:
     seeds = data["seeds"]
     if not seeds:
         return {}
     names = [r["set"] for r in seeds[0]["rows"]]
     lines = ["| transitions | " + " | ".join(c[1] for c in FID_COLS) + " |", "|---" * (len(FID_COLS) + 1) + "|"]
-    for i, name in enumerate(names):
-        lines.append(f"| {name} | " + " | ".join(ms([s["rows"][i][k] for s in seeds], f) for k, _, f in FID_COLS)
-                     + " |")
+    for i, row in enumerate(names):
+        lines.append(f"| {row.replace('|', 'given')} | " + " | ".join(
+            ms([s["rows"][i][k] for s in seeds if k in s["rows"][i]], f) for k, _, f in FID_COLS) + " |")
+    speed, acc = [flat(s["samples_per_s"]) for s in seeds], [flat(s["energy_acc"]) for s in seeds]
     lines.append("")
     lines.append(f"Seeds: {len(seeds)} ({', '.join(str(s['seed']) for s in seeds)}), {seeds[0]['samples']} transitions "
-                 f"per set, {seeds[0]['sample_steps']} Heun steps. Generation speed (1 core): unguided "
-                 f"{ms([s['samples_per_s']['unguided'] for s in seeds], '{:.0f}')} transitions/s, EDIS guided "
-                 f"{ms([s['samples_per_s']['edis'] for s in seeds], '{:.0f}')} transitions/s. Energy InfoNCE accuracy "
-                 "at the last step (chance = 1/(1+K)): " + ", ".join(
-                     f"{k.split('_')[-1]} {ms([s['energy_acc'][k] for s in seeds], '{:.2f}')}"
-                     for k in seeds[0]["energy_acc"]) + ".")
-    return {"fidelity": "\n".join(lines)}
+                 f"per set, {seeds[0]['sample_steps']} Heun steps. Generation speed, transitions/s (1 core): "
+                 + ", ".join(f"{k} {ms([s[k] for s in speed], '{:.0f}')}" for k in speed[0]) + ".")
+    lines.append("")
+    nested = all(isinstance(v, dict) for v in seeds[0]["energy_acc"].values())
+    if not nested:  # one set of energies (the previous design's study)
+        lines.append("Energy InfoNCE accuracy (chance = 1/(1+K) = 0.09): " + ", ".join(
+            f"{k.replace('edis/energy_acc_', '')} {ms([s[k] for s in acc], '{:.2f}')}" for k in acc[0]) + ".")
+        return {name: "\n".join(lines)}
+    bands = ["0-0.1", "0.1-1", "1-5", "5-80"]
+    lines.append("Held-out InfoNCE accuracy of each energy per noise band (chance = 1/(1+K) = 0.09):")
+    lines.append("")
+    lines.append("| variant | energy | " + " | ".join(f"σ in [{b.replace('-', ', ')})" for b in bands) + " |")
+    lines.append("|---" * (len(bands) + 2) + "|")
+    for variant, accs in seeds[0]["energy_acc"].items():
+        for energy in [k.removeprefix("edis/energy_acc_") for k in accs if "sigma" not in k]:
+            cells = [ms([s["energy_acc"][variant][f"edis/energy_acc_{energy}_sigma{b}"] for s in seeds], "{:.2f}")
+                     for b in bands]
+            lines.append(f"| {variant} | {energy} | " + " | ".join(cells) + " |")
+    return {name: "\n".join(lines)}
+
+
+def toy_table(results: list) -> dict:
+    """benchmarks/results/toy_guidance.json (from benchmarks/toy_pointmass.py): one row per energy design and
+    guidance range, unguided -> guided, mean ± std over seeds."""
+    if not results:
+        return {}
+    cols = [("dynamics_error", "dynamics error", "{:.4f}"), ("reward_error", "reward error", "{:.3f}"),
+            ("states_in_wall", "states in wall", "{:.3f}"), ("nn_dist_to_online", "NN distance to online states",
+                                                              "{:.3f}"),
+            ("policy_action_error", "‖a − π(s)‖", "{:.3f}")]
+    lines = ["| energies | guided at σ ≤ | seeds | " + " | ".join(f"{c[1]}: unguided → guided" for c in cols)
+             + " | (r, s′, d) given real (s, a): dynamics error |", "|---" * (len(cols) + 4) + "|"]
+    groups = {}
+    for r in results:
+        groups.setdefault((r["design"], r["guide_sigma_max"]), []).append(r)
+    for (design, gsm), rs in groups.items():
+        cells = [f"{ms([r['unguided'][k] for r in rs], f)} → {ms([r['guided'][k] for r in rs], f)}" for k, _, f in cols]
+        cond = ms([r["conditional_given_sa"]["dynamics_error"] for r in rs], "{:.4f}")
+        if design != "factored":
+            cond += " (denoiser not trained for conditioning)"
+        lines.append(f"| {design} | {gsm:g} | {len(rs)} | " + " | ".join(cells) + f" | {cond} |")
+    return {"toy_guidance": "\n".join(lines)}
 
 
 def round_time_table() -> dict:
@@ -346,7 +391,9 @@ def report() -> None:
         raise SystemExit(f"error: {DOC} does not exist (it holds the <!-- table:NAME --> markers to fill)")
     tables = {}
     loaders = {"llm_study.json": (llm_tables, llm_figures), "edis_study.json": (edis_tables, edis_figures),
-               "fidelity_study.json": (fidelity_tables, None)}
+               "fidelity_study.json": (fidelity_tables, None),
+               "fidelity_study_v1.json": (lambda d: fidelity_tables(d, "fidelity_v1"), None),
+               "edis_study_v1.json": (lambda d: edis_tables(d, "edis_v1"), None)}
     for name, (tab, figs) in loaders.items():
         path = os.path.join(RESULTS, name)
         if not os.path.exists(path):
@@ -357,6 +404,9 @@ def report() -> None:
         if figs is not None:
             figs(data)
     tables.update(round_time_table())
+    toy = os.path.join(RESULTS, "toy_guidance.json")
+    if os.path.exists(toy):
+        tables.update(toy_table(json.load(open(toy))))
     text = open(DOC).read()
     for name, body in tables.items():
         pat = re.compile(rf"(<!-- table:{name} -->\n)(?:.*?\n)?(<!-- /table:{name} -->)", re.S)

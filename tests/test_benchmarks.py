@@ -109,14 +109,21 @@ def test_edis_and_fidelity_pipeline(tiny_pointmaze, tmp_path):
                    tiny_pointmaze)
     assert p.returncode == 0 and p.stdout.count("done, skipped") == 2  # a finished study is not rerun
     p = run_script(["benchmarks/fidelity_study.py", "--algo", "iql", "--seeds", "1", "--runs", str(runs / "edis"),
-                    "--samples", "64", "--out", str(runs / "fidelity")], tiny_pointmaze, timeout=300)
+                    "--samples", "64", "--held-out", "40", "--energy-steps", "3", "--out", str(runs / "fidelity")],
+                   tiny_pointmaze, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     rows = {r["set"]: r for r in json.loads((runs / "fidelity" / "iql_seed1.json").read_text())["rows"]}
     assert rows["offline (real)"]["dynamics_error_mean"] < 1e-5 and rows["online (real, held out)"][
         "dynamics_error_mean"] < 1e-5
-    assert rows["unguided diffusion"]["dynamics_error_mean"] > 1e-3  # a 40-step toy denoiser is far from exact
+    assert rows["factored energies, online frac 0.5: unguided"]["dynamics_error_mean"] > 1e-3  # a 40-step denoiser
+    for design in ("factored", "joint"):  # every variant and guidance range is measured
+        for frac in ("0.5", "0"):
+            for gsm in ("80", "5", "1"):
+                row = rows[f"{design} energies, online frac {frac}: guided at sigma <= {gsm}"]
+                assert row["dynamics_error_mean"] > 0
+    assert "factored energies, online frac 0.5: (r, s', d) given real (s, a), conditional sampler" in rows
     text = fill_doc(tmp_path, runs)
-    assert "| IQL | EDIS | 1 |" in text and "| EDIS guided |" in text
+    assert "| IQL | EDIS | 1 |" in text and "| factored energies, online frac 0.5: guided at sigma <= 5 |" in text
     assert (tmp_path / "img" / "edis_curves.png").stat().st_size > 1000
     assert (tmp_path / "res" / "edis_study.json").exists()
 
