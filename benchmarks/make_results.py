@@ -336,8 +336,8 @@ def fidelity_tables(data: dict, name: str = "fidelity") -> dict:
     lines.append("|---" * (len(bands) + 2) + "|")
     for variant, accs in seeds[0]["energy_acc"].items():
         for energy in [k.removeprefix("edis/energy_acc_") for k in accs if "sigma" not in k]:
-            cells = [ms([s["energy_acc"][variant][f"edis/energy_acc_{energy}_sigma{b}"] for s in seeds], "{:.2f}")
-                     for b in bands]
+            cells = [ms([s["energy_acc"][variant].get(f"edis/energy_acc_{energy}_sigma{b}") for s in seeds],
+                        "{:.2f}") for b in bands]  # a short schedule may have no noise level in a band
             lines.append(f"| {variant} | {energy} | " + " | ".join(cells) + " |")
     return {name: "\n".join(lines)}
 
