@@ -11,12 +11,15 @@ skipped and an interrupted one is resumed, so rerunning the same command continu
 the scripts' CPU presets (see BUDGETS) so that 3 seeds of both algorithms fit in about 1.5 h on one core.
 """
 
-import argparse
+import dataclasses
 import os
 import shlex
 import shutil
 import sys
 import time
+from typing import Literal, Optional
+
+import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -29,21 +32,35 @@ BUDGETS = {
 }
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--algos", nargs="+", choices=list(BUDGETS), default=list(BUDGETS))
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    p.add_argument("--env", default="pointmaze-umaze")
-    p.add_argument("--eval-episodes", type=int, default=10)
-    p.add_argument("--threads", type=int, default=1, help="torch threads per run (OMP_NUM_THREADS)")
-    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "runs", "edis"))
-    for k in BUDGETS["iql"]:
-        p.add_argument(f"--{k.replace('_', '-')}", type=int, help=f"override BUDGETS[algo][{k!r}] for every algorithm")
-    p.add_argument("--arms", nargs="+", choices=["edis", "noedis"], default=["edis", "noedis"],
-                   help="which online arms to run (e.g. noedis first, edis later)")
-    p.add_argument("--extra", default="", help="more flags for the offline phase (the arms inherit its config), "
-                   "e.g. '--hidden-dim 64'")
-    a = p.parse_args()
+@dataclasses.dataclass
+class Cli:
+    algos: tuple[Literal["iql", "calql"], ...] = ("iql", "calql")
+    """algorithms to run"""
+    seeds: tuple[int, ...] = (1, 2, 3)
+    """seeds of every run"""
+    env: str = "pointmaze-umaze"
+    """task of every run"""
+    eval_episodes: int = 10
+    """episodes per evaluation"""
+    threads: int = 1
+    """torch threads per run (OMP_NUM_THREADS)"""
+    out: str = os.path.join(ROOT, "benchmarks", "runs", "edis")
+    """output folder of the study"""
+    offline_steps: Optional[int] = None
+    """override BUDGETS[algo]['offline_steps'] for every algorithm"""
+    online_steps: Optional[int] = None
+    """override BUDGETS[algo]['online_steps'] for every algorithm"""
+    eval_every: Optional[int] = None
+    """override BUDGETS[algo]['eval_every'] for every algorithm"""
+    retrain_every: Optional[int] = None
+    """override BUDGETS[algo]['retrain_every'] for every algorithm"""
+    arms: tuple[Literal["edis", "noedis"], ...] = ("edis", "noedis")
+    """which online arms to run (e.g. noedis first, edis later)"""
+    extra: str = ""
+    """more flags for the offline phase (the arms inherit its config), written with '=': --extra='--hidden-dim 64'"""
+
+
+def main(a: Cli) -> None:
     os.makedirs(a.out, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
     study_command = " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
@@ -87,4 +104,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(tyro.cli(Cli))

@@ -15,11 +15,14 @@ to ``<out>/<setting>/<method>/seed<k>``. Finished runs (summary.json present) ar
 continued by running the same command again. Extract and plot with ``benchmarks/make_results.py``.
 """
 
-import argparse
+import dataclasses
 import os
 import shlex
 import sys
 import time
+from typing import Literal
+
+import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -37,18 +40,29 @@ SETTINGS = {
 }
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    p.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
-    p.add_argument("--rounds", type=int, default=60, help="generation rounds per run")
-    p.add_argument("--eval-every", type=int, default=10)
-    p.add_argument("--eval-prompts", type=int, default=128, help="held-out prompts per evaluation")
-    p.add_argument("--eval-samples", type=int, default=4, help="k of the sampled mean@k accuracy")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per run (OMP_NUM_THREADS)")
-    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "runs", "llm"))
-    p.add_argument("--extra", default="", help="more flags for every run, e.g. '--model path/to/model'")
-    a = p.parse_args()
+@dataclasses.dataclass
+class Cli:
+    seeds: tuple[int, ...] = (1, 2, 3)
+    """seeds of every run"""
+    settings: tuple[Literal["main", "n1"], ...] = ("main", "n1")
+    """which settings to run (see the module docstring)"""
+    rounds: int = 60
+    """generation rounds per run"""
+    eval_every: int = 10
+    """evaluate every this many rounds"""
+    eval_prompts: int = 128
+    """held-out prompts per evaluation"""
+    eval_samples: int = 4
+    """k of the sampled mean@k accuracy"""
+    threads: int = 1
+    """torch threads per run (OMP_NUM_THREADS)"""
+    out: str = os.path.join(ROOT, "benchmarks", "runs", "llm")
+    """output folder of the study"""
+    extra: str = ""
+    """more flags for every run, written with '=': --extra='--model path/to/model'"""
+
+
+def main(a: Cli) -> None:
     os.makedirs(a.out, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads), HF_HUB_OFFLINE="1")
     common = ["--total-rounds", str(a.rounds), "--eval-every", str(a.eval_every), "--eval-prompts",
@@ -73,4 +87,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(tyro.cli(Cli))

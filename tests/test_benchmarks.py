@@ -97,7 +97,7 @@ def test_edis_and_fidelity_pipeline(tiny_pointmaze, tmp_path):
              "--batch-size 32 --log-every 50 --device cpu")
     p = run_script(["benchmarks/edis_study.py", "--algos", "iql", "--seeds", "1", "--out", str(runs / "edis"),
                     "--offline-steps", "100", "--online-steps", "160", "--eval-every", "80", "--retrain-every", "70",
-                    "--eval-episodes", "1", "--extra", extra], tiny_pointmaze, timeout=600)
+                    "--eval-episodes", "1", f"--extra={extra}"], tiny_pointmaze, timeout=600)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     base = runs / "edis" / "iql" / "seed1"
     edis, noedis = (json.loads((base / arm / "summary.json").read_text()) for arm in ("edis", "noedis"))
@@ -132,7 +132,7 @@ def test_llm_pipeline(tiny_model_dir, tmp_path):
     runs = tmp_path / "runs"
     p = run_script(["benchmarks/llm_study.py", "--seeds", "1", "--rounds", "2", "--eval-every", "1",
                     "--eval-prompts", "4", "--eval-samples", "2", "--out", str(runs / "llm"),
-                    "--extra", f"--model {tiny_model_dir} --max-new-tokens 10 --device cpu"], timeout=600)
+                    f"--extra=--model {tiny_model_dir} --max-new-tokens 10 --device cpu"], timeout=600)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     manifest = json.loads((runs / "llm" / "manifest.json").read_text())
     assert set(manifest["runs"]) == {"main/grpo/seed1", "main/reval_k1/seed1", "main/reval_k2/seed1",
