@@ -11,11 +11,15 @@ markers in docs/results.md, so the numbers in the text cannot drift from the dat
 deviations (n - 1) over seeds.
 """
 
+import dataclasses
 import glob
 import json
 import os
 import re
 import statistics
+from typing import Literal
+
+import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = os.path.join(ROOT, "benchmarks", "runs")
@@ -425,24 +429,27 @@ def extract() -> None:
             fn()
 
 
-def main(argv=None) -> None:
-    import argparse
+@dataclasses.dataclass
+class Cli:
+    steps: tyro.conf.Positional[tuple[Literal["extract", "report"], ...]] = ("extract", "report")
+    """extract and/or report"""
+    runs: str = RUNS
+    """the studies' output folders"""
+    results: str = RESULTS
+    """where the extracted JSON goes (committed)"""
+    doc: str = DOC
+    """the markdown file whose table markers are filled"""
+    img: str = IMG
+    """where the figures go"""
 
+
+def main(argv=None) -> None:
     global RUNS, RESULTS, IMG, DOC
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("steps", nargs="*", help="extract and/or report (default: both)")
-    p.add_argument("--runs", default=RUNS, help="the studies' output folders")
-    p.add_argument("--results", default=RESULTS, help="where the extracted JSON goes (committed)")
-    p.add_argument("--doc", default=DOC, help="the markdown file whose table markers are filled")
-    p.add_argument("--img", default=IMG, help="where the figures go")
-    a = p.parse_args(argv)
+    a = tyro.cli(Cli, args=argv, description=__doc__.split("\n\n")[0])
     RUNS, RESULTS, IMG, DOC = a.runs, a.results, a.img, a.doc
-    steps = a.steps or ["extract", "report"]
-    if any(s not in ("extract", "report") for s in steps):
-        p.error(f"unknown step(s) {steps}: use extract and/or report")
-    if "extract" in steps:
+    if "extract" in a.steps:
         extract()
-    if "report" in steps:
+    if "report" in a.steps:
         report()
 
 

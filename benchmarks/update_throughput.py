@@ -8,31 +8,44 @@ actions per set, Lagrange, max-target backup (the script's antmaze preset). Data
 does not depend on values). Prints one JSON line per run; benchmarks/results/throughput.md collects them.
 """
 
-import argparse
+import dataclasses
 import importlib
 import json
 import os
 import platform
 import sys
 import time
+from typing import Literal
 
 import torch
+import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--algo", choices=["iql", "calql"], default="iql")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--updates", type=int, default=2000)
-    p.add_argument("--warmup", type=int, default=200)
-    p.add_argument("--edis-batch", action="store_true", help="compose batches as synthetic + online buffers")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--compile", action="store_true", help="torch.compile the update (as the scripts' --compile)")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (as the scripts' --bf16)")
-    p.add_argument("--fused-update", action="store_true", help="one Adam step for all losses (the scripts' flag)")
-    a = p.parse_args()
+@dataclasses.dataclass
+class Cli:
+    algo: Literal["iql", "calql"] = "iql"
+    """which script's update to time"""
+    threads: int = 2
+    """torch threads"""
+    updates: int = 2000
+    """timed updates"""
+    warmup: int = 200
+    """untimed updates first"""
+    edis_batch: bool = False
+    """compose batches as synthetic + online buffers"""
+    device: str = "cpu"
+    """torch device"""
+    compile: bool = False
+    """torch.compile the update (as the scripts' --compile)"""
+    bf16: bool = False
+    """bfloat16 autocast (as the scripts' --bf16)"""
+    fused_update: bool = False
+    """the scripts' --fused-update"""
+
+
+def main(a: Cli) -> None:
     torch.set_num_threads(a.threads)
     mod = importlib.import_module("edis_iql" if a.algo == "iql" else "edis_calql")
     from utils.tasks import get_task
@@ -88,4 +101,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(tyro.cli(Cli))
