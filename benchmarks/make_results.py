@@ -134,7 +134,8 @@ def paired(diffs: list) -> str:
     if n < 2 or statistics.stdev(diffs) == 0:
         return f"{better}/{n} better"
     res = stats.ttest_1samp(diffs, 0.0)
-    return f"{better}/{n} better, t = {res.statistic:.2f}, p = {res.pvalue:.2f}"
+    p = f"{res.pvalue:.2f}" if res.pvalue >= 0.01 else f"{res.pvalue:.1e}"  # small p: significant digits, not 0.00
+    return f"{better}/{n} better, t = {res.statistic:.2f}, p = {p}"
 
 
 def rounds_to_reach(run: dict, target: float, key: str):

@@ -57,6 +57,8 @@ def test_paired_test_against_textbook_critical_values():
         assert make_results.paired([a - 1, a, a + 1]) == f"3/3 better, t = {t:.2f}, p = {p}"
     assert make_results.paired([1.0, -1.0]).endswith("p = 1.00")  # mean 0
     assert make_results.paired([2.0, 2.0]) == "2/2 better"  # no spread: no test
+    a = 20.0 / math.sqrt(3)  # t = 20, df = 2: p = 0.0025 is written with its digits, not rounded to 0.00
+    assert make_results.paired([a - 1, a, a + 1]) == "3/3 better, t = 20.00, p = 2.5e-03"
 
 
 def test_simulator_reproduces_real_transitions_and_finds_walls(tiny_pointmaze, monkeypatch):
