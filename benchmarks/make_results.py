@@ -134,7 +134,7 @@ def paired(diffs: list) -> str:
     if n < 2 or statistics.stdev(diffs) == 0:
         return f"{better}/{n} better"
     res = stats.ttest_1samp(diffs, 0.0)
-    p = f"{res.pvalue:.2f}" if res.pvalue >= 0.01 else f"{res.pvalue:.1e}"  # small p: significant digits, not 0.00
+    p = f"{res.pvalue:.2f}" if res.pvalue >= 0.005 else f"{res.pvalue:.1e}"  # what would print as 0.00: its digits
     return f"{better}/{n} better, t = {res.statistic:.2f}, p = {p}"
 
 
