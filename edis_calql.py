@@ -1428,8 +1428,13 @@ def main(argv: Optional[list] = None) -> None:
                             f"online steps the checkpoint already holds")
         online.load_state_dict(ckpt["online_buffer"])
         edis.codec.load_state_dict(ckpt["edis"]["codec"])
-        edis.energies.load_state_dict(ckpt["edis"]["energies"])
-        restore_optimizer(edis.energy_opt, ckpt["edis"]["energy_opt"])
+        try:  # a checkpoint of an older version (energies of single blocks) or of the other --edis-energies design
+            edis.energies.load_state_dict(ckpt["edis"]["energies"])
+            restore_optimizer(edis.energy_opt, ckpt["edis"]["energy_opt"])
+        except (RuntimeError, ValueError, KeyError):
+            raise UserError(f"--resume {args.resume}: the checkpoint's EDIS energies do not fit this script's "
+                            f"(--edis-energies {args.edis_energies}); it was written by an older version: start a "
+                            f"new run") from None
         edis.retrains, edis.last_retrain_step = ckpt["edis"]["retrains"], ckpt["edis"]["last_retrain_step"]
         if ckpt["edis"]["synthetic"] is not None:
             edis.synthetic = ReplayBuffer(obs_dim, act_dim, ckpt["edis"]["synthetic"]["size"], device,
