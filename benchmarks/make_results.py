@@ -52,27 +52,36 @@ def finished_runs(study: str, pattern: tuple) -> list:
             for f in sorted(glob.glob(os.path.join(root, *pattern, "summary.json")))]
 
 
+def llm_run_record(run_dir: str, summary: dict) -> dict:
+    """One LLM run: its evaluation curve (with cumulative training time) and median timings."""
+    s = scalars(run_dir)
+    round_s = dict(s["time/round_s"])
+    evals, cum, t = [], 0.0, 0
+    for step, acc in s["eval/accuracy"]:
+        while t < step:  # training time (generation + reward + update) up to this evaluation, evaluation excluded
+            t += 1
+            cum += round_s.get(t, 0.0)
+        evals.append({"round": step, "train_time_s": round(cum, 2), "accuracy": acc,
+                      "accuracy_sampled": dict(s.get("eval/accuracy_sampled", [])).get(step)})
+    med = lambda tag: statistics.median(v for _, v in s[tag])  # noqa: E731
+    return {"evals": evals, "median_round_s": med("time/round_s"), "median_generation_s": med("time/generation_s"),
+            "median_update_s": med("time/update_s"), "generation_tokens_per_s": med("time/generation_tokens_per_s"),
+            "train_tokens_per_s": med("time/train_tokens_per_s"), "wall_time_s": summary["wall_time_s"]}
+
+
 def extract_llm() -> None:
-    runs = []
-    for run_dir, (setting, method, seed), summary in finished_runs("llm", ("*", "*", "seed*")):
-        s = scalars(run_dir)
-        round_s = dict(s["time/round_s"])
-        evals, cum, t = [], 0.0, 0
-        for step, acc in s["eval/accuracy"]:
-            while t < step:  # training time (generation + reward + update) up to this evaluation, evaluation excluded
-                t += 1
-                cum += round_s.get(t, 0.0)
-            evals.append({"round": step, "train_time_s": round(cum, 2), "accuracy": acc,
-                          "accuracy_sampled": dict(s.get("eval/accuracy_sampled", [])).get(step)})
-        med = lambda tag: statistics.median(v for _, v in s[tag])  # noqa: E731
-        runs.append({"setting": setting, "method": method, "seed": int(seed[4:]), "evals": evals,
-                     "median_round_s": med("time/round_s"), "median_generation_s": med("time/generation_s"),
-                     "median_update_s": med("time/update_s"),
-                     "generation_tokens_per_s": med("time/generation_tokens_per_s"),
-                     "train_tokens_per_s": med("time/train_tokens_per_s"),
-                     "wall_time_s": summary["wall_time_s"]})
-    manifest = read_manifest("llm")
-    write_json("llm_study.json", {"manifest": manifest, "runs": runs})
+    runs = [{"setting": setting, "method": method, "seed": int(seed[4:]), **llm_run_record(run_dir, summary)}
+            for run_dir, (setting, method, seed), summary in finished_runs("llm", ("*", "*", "seed*"))]
+    write_json("llm_study.json", {"manifest": read_manifest("llm"), "runs": runs})
+
+
+def extract_llm_tuning() -> None:
+    found = finished_runs("llm_tuning", ("*", "*", "*", "seed*"))
+    runs = [{"phase": phase, "method": method, "config": config, "seed": int(seed[4:]),
+             **llm_run_record(run_dir, summary)} for run_dir, (phase, method, config, seed), summary in found]
+    selections = {os.path.basename(os.path.dirname(f)): json.load(open(f))
+                  for f in sorted(glob.glob(os.path.join(RUNS, "llm_tuning", "*", "selection.json")))}
+    write_json("llm_tuning.json", {"manifest": read_manifest("llm_tuning"), "selections": selections, "runs": runs})
 
 
 def extract_edis() -> None:
@@ -146,36 +155,39 @@ def rounds_to_reach(run: dict, target: float, key: str):
     return None
 
 
+def comparison_table(rs: list, labels: dict) -> str:
+    """Rows per method (labels: method -> label, GRPO first) of runs with "method", "seed" and "evals"."""
+    grpo = {r["seed"]: r for r in rs if r["method"] == "grpo"}
+    lines = ["| method | seeds | sampled: start | sampled: 1st eval | sampled: final | greedy: final | rounds to "
+             "3/4 of GRPO's gain (reached) | training s to it | rounds to GRPO's final (reached) | "
+             "training s to it "
+             "| training s / round |", "|---" * 11 + "|"]
+    for m in [m for m in labels if any(r["method"] == m for r in rs)]:
+        mr = sorted((r for r in rs if r["method"] == m and r["seed"] in grpo), key=lambda r: r["seed"])
+        cells = []
+        for frac in (0.75, 1.0):  # target per seed: start + frac * (GRPO's final - start), sampled accuracy
+            reach = [rounds_to_reach(r, r["evals"][0]["accuracy_sampled"] + frac * (
+                grpo[r["seed"]]["evals"][-1]["accuracy_sampled"] - r["evals"][0]["accuracy_sampled"]),
+                "accuracy_sampled") for r in mr]
+            got = [x for x in reach if x is not None]
+            cells += [f"{ms([x[0] for x in got], '{:.0f}')} ({len(got)}/{len(reach)})",
+                      ms([x[1] for x in got], "{:.0f}")]
+        lines.append(
+            f"| {labels[m]} | {len(mr)} | {ms([r['evals'][0]['accuracy_sampled'] for r in mr])} | "
+            f"{ms([r['evals'][1]['accuracy_sampled'] for r in mr])} | "
+            f"{ms([r['evals'][-1]['accuracy_sampled'] for r in mr])} | "
+            f"{ms([r['evals'][-1]['accuracy'] for r in mr])} | " + " | ".join(cells)
+            + f" | {ms([r['median_round_s'] for r in mr], '{:.2f}')} |")
+    return "\n".join(lines)
+
+
 def llm_tables(data: dict) -> dict:
     tables = {}
     runs = data["runs"]
     for setting in ("main", "n1"):
         rs = [r for r in runs if r["setting"] == setting]
-        if not rs:
-            continue
-        methods = [m for m in LLM_LABELS if any(r["method"] == m for r in rs)]
-        grpo = {r["seed"]: r for r in rs if r["method"] == "grpo"}
-        lines = ["| method | seeds | sampled: start | sampled: 1st eval | sampled: final | greedy: final | rounds to "
-                 "3/4 of GRPO's gain (reached) | training s to it | rounds to GRPO's final (reached) | "
-                 "training s to it "
-                 "| training s / round |", "|---" * 11 + "|"]
-        for m in methods:
-            mr = sorted((r for r in rs if r["method"] == m and r["seed"] in grpo), key=lambda r: r["seed"])
-            cells = []
-            for frac in (0.75, 1.0):  # target per seed: start + frac * (GRPO's final - start), sampled accuracy
-                reach = [rounds_to_reach(r, r["evals"][0]["accuracy_sampled"] + frac * (
-                    grpo[r["seed"]]["evals"][-1]["accuracy_sampled"] - r["evals"][0]["accuracy_sampled"]),
-                    "accuracy_sampled") for r in mr]
-                got = [x for x in reach if x is not None]
-                cells += [f"{ms([x[0] for x in got], '{:.0f}')} ({len(got)}/{len(reach)})",
-                          ms([x[1] for x in got], "{:.0f}")]
-            lines.append(
-                f"| {LLM_LABELS[m]} | {len(mr)} | {ms([r['evals'][0]['accuracy_sampled'] for r in mr])} | "
-                f"{ms([r['evals'][1]['accuracy_sampled'] for r in mr])} | "
-                f"{ms([r['evals'][-1]['accuracy_sampled'] for r in mr])} | "
-                f"{ms([r['evals'][-1]['accuracy'] for r in mr])} | " + " | ".join(cells)
-                + f" | {ms([r['median_round_s'] for r in mr], '{:.2f}')} |")
-        tables[f"llm_{setting}"] = "\n".join(lines)
+        if rs:
+            tables[f"llm_{setting}"] = comparison_table(rs, LLM_LABELS)
     lines = ["| setting | method | generation, s / round | update(s), s / round | generated tokens / s | "
              "train tokens / s |", "|---|---|---|---|---|---|"]
     for r_set in ("main", "n1"):
@@ -190,43 +202,134 @@ def llm_tables(data: dict) -> dict:
     return tables
 
 
-def llm_figures(data: dict) -> None:
+def curve_figure(rs: list, labels: dict, title: str, filename: str) -> None:
+    """Sampled accuracy against rounds and training time, greedy accuracy against rounds; mean ± std over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    for setting in ("main", "n1"):
-        rs = [r for r in data["runs"] if r["setting"] == setting]
-        if not rs:
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for m, label in labels.items():
+        mr = [r for r in rs if r["method"] == m]
+        if not mr:
             continue
-        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-        for m, label in LLM_LABELS.items():
-            mr = [r for r in rs if r["method"] == m]
-            if not mr:
-                continue
-            n = min(len(r["evals"]) for r in mr)
-            rounds = [e["round"] for e in mr[0]["evals"][:n]]
-            for ax, key, xkey in ((axes[0], "accuracy_sampled", "round"), (axes[1], "accuracy_sampled", "time"),
-                                  (axes[2], "accuracy", "round")):
-                ys = [[r["evals"][i][key] for r in mr] for i in range(n)]
-                mean = [statistics.mean(y) for y in ys]
-                sd = [statistics.stdev(y) if len(y) > 1 else 0.0 for y in ys]
-                xs = rounds if xkey == "round" else [statistics.mean(r["evals"][i]["train_time_s"] for r in mr)
-                                                     for i in range(n)]
-                ax.plot(xs, mean, marker="o", ms=3, label=f"{label} ({len(mr)} seeds)")
-                ax.fill_between(xs, [a - b for a, b in zip(mean, sd)], [a + b for a, b in zip(mean, sd)], alpha=0.2)
-        axes[0].set(xlabel="generation rounds", ylabel="sampled accuracy (mean@4)")
-        axes[1].set(xlabel="training wall-clock, s (evaluation excluded; 1 CPU core)",
-                    ylabel="sampled accuracy (mean@4)")
-        axes[2].set(xlabel="generation rounds", ylabel="greedy accuracy")
-        for ax in axes:
-            ax.grid(alpha=0.3)
-        axes[0].legend(fontsize=8)
-        title = {"main": "16 prompts x 8 rollouts per round", "n1": "32 prompts x 1 rollout per round"}[setting]
-        fig.suptitle(f"ReVal vs GRPO, built-in task and model, {title} (mean ± std over seeds)")
-        fig.tight_layout()
-        save(fig, f"llm_{setting}.png")
+        n = min(len(r["evals"]) for r in mr)
+        rounds = [e["round"] for e in mr[0]["evals"][:n]]
+        for ax, key, xkey in ((axes[0], "accuracy_sampled", "round"), (axes[1], "accuracy_sampled", "time"),
+                              (axes[2], "accuracy", "round")):
+            ys = [[r["evals"][i][key] for r in mr] for i in range(n)]
+            mean = [statistics.mean(y) for y in ys]
+            sd = [statistics.stdev(y) if len(y) > 1 else 0.0 for y in ys]
+            xs = rounds if xkey == "round" else [statistics.mean(r["evals"][i]["train_time_s"] for r in mr)
+                                                 for i in range(n)]
+            ax.plot(xs, mean, marker="o", ms=3, label=f"{label} ({len(mr)} seeds)")
+            ax.fill_between(xs, [a - b for a, b in zip(mean, sd)], [a + b for a, b in zip(mean, sd)], alpha=0.2)
+    axes[0].set(xlabel="generation rounds", ylabel="sampled accuracy (mean@4)")
+    axes[1].set(xlabel="training wall-clock, s (evaluation excluded; 1 CPU core)", ylabel="sampled accuracy (mean@4)")
+    axes[2].set(xlabel="generation rounds", ylabel="greedy accuracy")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{title} (mean ± std over seeds)")
+    fig.tight_layout()
+    save(fig, filename)
+
+
+SETTING_TITLES = {"main": "16 prompts x 8 rollouts per round", "n1": "32 prompts x 1 rollout per round"}
+
+
+def llm_figures(data: dict) -> None:
+    for setting, title in SETTING_TITLES.items():
+        rs = [r for r in data["runs"] if r["setting"] == setting]
+        if rs:
+            curve_figure(rs, LLM_LABELS, f"ReVal vs GRPO, built-in task and model, {title}", f"llm_{setting}.png")
+
+
+def describe(cfg: dict) -> str:
+    """A tuning configuration in words: 'lr 5e-05, beta 0.1, K 2, ...'."""
+    return ", ".join(str(v) if k in ("loss-type", "reward-mode") else f"{k.replace('-', ' ')} {v}"
+                     .replace("learning rate", "lr").replace("updates per round", "K")
+                     .replace("ref reset every", "reset every") for k, v in cfg.items())
+
+
+def tuned_labels(data: dict, tune_phase: str) -> dict:
+    best = {m: r["best"] for m, r in data["selections"].get(tune_phase, {}).items()}
+    return {m: f"{name} ({describe(best[m])})" for m, name in (("grpo", "GRPO"), ("reval", "ReVal")) if m in best}
+
+
+def llm_tuning_tables(data: dict) -> dict:
+    tables, runs = {}, data["runs"]
+    lines = ["| setting | method | configuration | validation score (mean of last 3 evals) | validation sampled, "
+             "final | validation greedy, final | selected |", "|---" * 7 + "|"]
+    for phase, setting in (("tune", "main"), ("n1-tune", "n1")):
+        sel = data["selections"].get(phase, {})
+        for method, r in sel.items():
+            by_name = {x["config"]: x for x in runs if x["phase"] == phase and x["method"] == method}
+            for name, score in sorted(r["scores"].items(), key=lambda kv: -kv[1]):
+                run = by_name.get(name)
+                chosen = "**yes**" if name == r["best_name"] else ""
+                final = run["evals"][-1] if run else {"accuracy_sampled": None, "accuracy": None}
+                lines.append(f"| {setting} | {'GRPO' if method == 'grpo' else 'ReVal'} | {name} | {score:.3f} | "
+                             f"{ms([final['accuracy_sampled']])} | {ms([final['accuracy']])} | {chosen} |")
+    tables["llm_tune"] = "\n".join(lines)
+    for phase, tune_phase, name in (("final", "tune", "llm_tuned_main"), ("n1-final", "n1-tune", "llm_tuned_n1")):
+        rs = [r for r in runs if r["phase"] == phase]
+        if rs:
+            tables[name] = comparison_table(rs, tuned_labels(data, tune_phase))
+    rows = beta_rows(data)
+    if rows:
+        lines = ["| beta | seeds | sampled: final | greedy: final | sampled: 1st eval |", "|---" * 5 + "|"]
+        for beta, rs in rows:
+            lines.append(f"| {beta:g} | {', '.join(str(r['seed']) for r in rs)} | "
+                         f"{ms([r['evals'][-1]['accuracy_sampled'] for r in rs])} | "
+                         f"{ms([r['evals'][-1]['accuracy'] for r in rs])} | "
+                         f"{ms([r['evals'][1]['accuracy_sampled'] for r in rs])} |")
+        tables["llm_beta"] = "\n".join(lines)
+    return tables
+
+
+def beta_rows(data: dict) -> list:
+    """[(beta, runs)]: the beta phase's runs plus the tuned beta's final runs, by beta."""
+    best = data["selections"].get("tune", {}).get("reval", {}).get("best")
+    if best is None:
+        return []
+    by_beta: dict = {}
+    for r in data["runs"]:
+        if r["method"] == "reval" and r["phase"] in ("beta", "final"):
+            beta = float(re.search(r"beta([0-9.e-]+?)(?:_|$)", r["config"]).group(1))
+            by_beta.setdefault(beta, []).append(r)
+    return sorted((b, sorted(rs, key=lambda r: r["seed"])) for b, rs in by_beta.items())
+
+
+def llm_tuning_figures(data: dict) -> None:
+    for phase, tune_phase, setting in (("final", "tune", "main"), ("n1-final", "n1-tune", "n1")):
+        rs = [r for r in data["runs"] if r["phase"] == phase]
+        if rs:
+            curve_figure(rs, tuned_labels(data, tune_phase), f"Tuned ReVal vs tuned GRPO, 120 rounds, "
+                         f"{SETTING_TITLES[setting]}", f"llm_tuned_{setting}.png")
+    rows = beta_rows(data)
+    if not rows:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("accuracy_sampled", "sampled (mean@4)"), ("accuracy", "greedy")):
+        ys = [[r["evals"][-1][key] for r in rs] for _, rs in rows]
+        ax.errorbar([b for b, _ in rows], [statistics.mean(y) for y in ys],
+                    yerr=[statistics.stdev(y) if len(y) > 1 else 0.0 for y in ys], marker="o", capsize=3,
+                    label=label)
+    ax.axhline(rows[0][1][0]["evals"][0]["accuracy"], color="gray", ls=":", lw=1, label="greedy at the start")
+    ax.axhline(rows[0][1][0]["evals"][0]["accuracy_sampled"], color="gray", ls="--", lw=1, label="sampled at the start")
+    ax.set(xscale="log", xlabel="beta (reward enters Eq. 2 as r / beta)", ylabel="final accuracy (eval split)",
+           title="ReVal's beta sensitivity, 120 rounds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save(fig, "llm_beta.png")
 
 
 def edis_tables(data: dict, name: str = "edis") -> dict:
@@ -395,7 +498,8 @@ def report() -> None:
     if not os.path.exists(DOC):
         raise SystemExit(f"error: {DOC} does not exist (it holds the <!-- table:NAME --> markers to fill)")
     tables = {}
-    loaders = {"llm_study.json": (llm_tables, llm_figures), "edis_study.json": (edis_tables, edis_figures),
+    loaders = {"llm_study.json": (llm_tables, llm_figures), "llm_tuning.json": (llm_tuning_tables, llm_tuning_figures),
+               "edis_study.json": (edis_tables, edis_figures),
                "fidelity_study.json": (fidelity_tables, None),
                "fidelity_study_v1.json": (lambda d: fidelity_tables(d, "fidelity_v1"), None),
                "edis_study_v1.json": (lambda d: edis_tables(d, "edis_v1"), None)}
@@ -425,7 +529,8 @@ def report() -> None:
 
 
 def extract() -> None:
-    for fn, folder in ((extract_llm, "llm"), (extract_edis, "edis"), (extract_fidelity, "fidelity")):
+    for fn, folder in ((extract_llm, "llm"), (extract_llm_tuning, "llm_tuning"), (extract_edis, "edis"),
+                       (extract_fidelity, "fidelity")):
         if os.path.isdir(os.path.join(RUNS, folder)):
             fn()
 

@@ -144,3 +144,48 @@ def test_llm_pipeline(tiny_model_dir, tmp_path):
     text = fill_doc(tmp_path, runs)
     assert "| GRPO | 1 |" in text and "| ReVal K=8 | 1 |" in text and "old" not in text
     assert (tmp_path / "img" / "llm_main.png").exists() and (tmp_path / "img" / "llm_n1.png").exists()
+
+
+def test_llm_tuning_pipeline(tiny_model_dir, tmp_path, monkeypatch):
+    """The tuning protocol end to end at toy size (2 configurations per method): tuning runs are scored on the
+    validation split, the selection is the argmax of the validation scores, and the final, 1-rollout and beta runs use
+    the selected configurations on the eval split."""
+    import llm_tuning
+
+    grid = {"grpo": [{"learning-rate": 5e-5, "loss-type": "grpo"}, {"learning-rate": 1e-4, "loss-type": "dapo"}],
+            "reval": [dict(llm_tuning.REVAL_BASE), dict(llm_tuning.REVAL_BASE, beta=0.3)]}
+    monkeypatch.setattr(llm_tuning, "tune_grid", lambda: grid)
+    monkeypatch.setattr(llm_tuning, "n1_grid", lambda best: {m: [dict(c, **{"learning-rate": 2e-5})]
+                                                             for m, c in best.items()})
+    runs = tmp_path / "runs"
+    out = runs / "llm_tuning"
+    monkeypatch.setattr(sys, "argv", ["benchmarks/llm_tuning.py"])
+    llm_tuning.main(llm_tuning.Cli(seeds=(1,), betas=(0.1, 1.0), rounds=3, eval_every=1, eval_prompts=4,
+                                   eval_samples=2, out=str(out),
+                                   extra=f"--model {tiny_model_dir} --max-new-tokens 8 --device cpu"))
+    sel = json.loads((out / "tune" / "selection.json").read_text())
+    for method, cfgs in grid.items():
+        scores = sel[method]["scores"]
+        assert set(scores) == {llm_tuning.name_of(c) for c in cfgs}
+        for c in cfgs:  # the score: mean sampled accuracy of the last three evaluations, from the run's own log
+            evals = make_results.scalars(str(out / "tune" / method / llm_tuning.name_of(c) / "seed11"))
+            assert scores[llm_tuning.name_of(c)] == pytest.approx(
+                np.mean([v for _, v in evals["eval/accuracy_sampled"][-3:]]))
+        best = max(cfgs, key=lambda c: scores[llm_tuning.name_of(c)])
+        assert sel[method]["best"] == best
+        tuned = json.loads((out / "final" / method / llm_tuning.name_of(best) / "seed1" / "config.json").read_text())
+        assert tuned["eval_split"] == "test" and tuned["learning_rate"] == best["learning-rate"]
+        tuning = json.loads((out / "tune" / method / llm_tuning.name_of(best) / "seed11" / "config.json").read_text())
+        assert tuning["eval_split"] == "validation" and tuning["total_rounds"] == 3
+    assert (out / "n1-final" / "reval").is_dir() and (out / "n1-tune" / "selection.json").exists()
+    best = sel["reval"]["best"]
+    assert {p.name for p in (out / "beta" / "reval").iterdir() if p.is_dir()} == {
+        llm_tuning.name_of(dict(best, beta=b)) for b in (0.1, 1.0) if b != best["beta"]}
+    text = (tmp_path / "doc.md")
+    text.write_text("<!-- table:llm_tune -->\n<!-- /table:llm_tune -->\n<!-- table:llm_tuned_main -->\n"
+                    "<!-- /table:llm_tuned_main -->\n<!-- table:llm_beta -->\n<!-- /table:llm_beta -->\n")
+    make_results.main(["--runs", str(runs), "--results", str(tmp_path / "res"), "--doc", str(text),
+                       "--img", str(tmp_path / "img")])
+    doc = text.read_text()
+    assert doc.count("**yes**") == 4 and "| GRPO (lr" in doc and "| 1 |" in doc
+    assert (tmp_path / "img" / "llm_tuned_main.png").exists() and (tmp_path / "img" / "llm_beta.png").exists()

@@ -119,9 +119,12 @@ def test_math_rewards_batch_and_bad_timeout():
 
 
 def test_builtin_task_is_deterministic_correct_and_disjoint():
-    train, evals = builtin_split("train", 2000, 0), builtin_split("eval", 256, 0)
+    train, evals, valid = (builtin_split("train", 2000, 0), builtin_split("eval", 256, 0),
+                           builtin_split("validation", 256, 0))
     assert train == builtin_split("train", 2000, 0) and train != builtin_split("train", 2000, 1)
-    assert not {p["question"] for p in evals} & {p["question"] for p in train}
+    assert len(evals) == 256 and len(builtin_split("eval", 10_000, 0)) == 256 and len(valid) > 200
+    questions = [{p["question"] for p in x} for x in (train, evals, valid)]
+    assert not questions[0] & questions[1] and not questions[0] & questions[2] and not questions[1] & questions[2]
     for p in train[:500]:  # the chain of thought computes the answer, step by step
         steps = re.findall(r"(\d+)([+\-*])(\d+)=(\d+)\.", p["solution"])
         assert steps and steps[-1][3] == p["answer"]

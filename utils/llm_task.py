@@ -31,7 +31,8 @@ from utils.common import UserError, current_umask, env_flag, hub_go_offline, hub
 # Built-in task: seeded GSM8K-style word problems with a short chain of thought and a \boxed{} answer
 # ---------------------------------------------------------------------------------------------------------------
 BUILTIN = "builtin"  # --dataset value of the built-in task
-BUILTIN_SPLITS = ("train", "eval")  # its two disjoint splits ("test" is accepted as a name for "eval")
+BUILTIN_SPLITS = ("train", "validation", "eval")  # disjoint splits ("test" is accepted as a name for "eval")
+HELD_OUT = 256  # problems in each of the validation and eval splits
 NAMES = ["Leo", "Mia", "Sam", "Ava", "Noah", "Zoe", "Eli", "Ivy", "Max", "Lily", "Ben", "Ruby"]
 ITEMS = ["cookies", "apples", "marbles", "stickers", "books", "coins", "pencils", "cards", "shells", "stamps"]
 
@@ -64,12 +65,16 @@ def make_problem(rng: random.Random, max_num: int = 50, max_steps: int = 3) -> d
 
 
 def builtin_split(split: str, n: int, seed: int = 0) -> list:
-    """Deterministic train/eval splits; eval questions never appear in train (train skips them)."""
+    """Deterministic, pairwise disjoint splits: eval (the first 256 held-out problems), validation (the next 256 less
+    those repeating an eval question, for choosing hyperparameters) and train (which skips every held-out question)."""
     eval_rng = random.Random(f"eval-{seed}")
-    eval_set = [make_problem(eval_rng) for _ in range(512)]
-    if split != "train":
-        return eval_set[:n]
-    held_out = {p["question"] for p in eval_set}
+    held = [make_problem(eval_rng) for _ in range(2 * HELD_OUT)]
+    if split == "eval":
+        return held[:HELD_OUT][:n]
+    if split == "validation":  # the rest, less repeats of an eval question
+        seen = {p["question"] for p in held[:HELD_OUT]}
+        return [p for p in held[HELD_OUT:] if p["question"] not in seen][:n]
+    held_out = {p["question"] for p in held}
     rng, out = random.Random(f"train-{seed}"), []
     while len(out) < n:
         p = make_problem(rng)
@@ -169,7 +174,7 @@ def load_prompts(name: str, split: str, question_field: str = "question", answer
         if split not in BUILTIN_SPLITS:
             raise UserError(f"the built-in task has no split {split!r}; its splits are {', '.join(BUILTIN_SPLITS)}")
         return [{"question": p["question"], "answer": p["answer"]}
-                for p in builtin_split(split, n or (20_000 if split == "train" else 256), seed)]
+                for p in builtin_split(split, n or (20_000 if split == "train" else HELD_OUT), seed)]
     looks_local = is_local(name)
     if looks_local and not os.path.exists(os.path.expanduser(name)):
         raise UserError(f"cannot load dataset {name!r}: no such file")
