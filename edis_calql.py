@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
+from tqdm import tqdm
 
 from utils.common import (
     SEED_RANGE,
@@ -687,9 +688,8 @@ def calql_update(agent: Agent, opts: dict, batch: dict, args: Args, calibrate: b
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# ALGO LOGIC: how Cal-QL plugs into the training loop (the loop itself is shared with edis_iql.py)
+# ALGO LOGIC: Cal-QL's calibration bound in the replay buffers (main() calls calql_update directly)
 # ---------------------------------------------------------------------------------------------------------------
-UPDATE = calql_update  # the gradient step (torch.compile'd with --compile)
 BUFFER_EXTRA: dict = {"mc_returns": -INF}  # per-row Monte-Carlo return; -inf = no calibration bound (synthetic data)
 
 
@@ -698,29 +698,9 @@ def failure_reward(args: Args, norm: dict) -> Optional[float]:
     return norm["reward_bias"] if args.is_sparse_reward else None
 
 
-def offline_extras(data: OfflineData, rewards: np.ndarray, args: Args) -> dict:
-    """Monte-Carlo returns-to-go of the (transformed) offline rewards, per dataset episode."""
-    fail = float(np.float32(args.reward_bias)) if args.is_sparse_reward else None  # a raw 0, transformed
-    return {"mc_returns": mc_returns(rewards, data.episode_ends, args.gamma, fail)}
-
-
-def train_step(agent: Agent, opts: dict, batch: dict, args: Args, step: int, update: Callable) -> dict:
-    """One gradient update at global step ``step``: calibration and the offline CQL weight in the offline phase; the
-    online weight, and calibration only with --calibration-online, afterwards (CORL switches calibration off)."""
-    offline_phase = step < args.offline_steps
-    calibrate = args.calibration and (offline_phase or args.calibration_online)
-    return update(agent, opts, batch, args, calibrate, args.cql_alpha if offline_phase else args.cql_alpha_online)
-
-
-def finetune_batch(offline: ReplayBuffer, online: ReplayBuffer, args: Args, gen: torch.Generator) -> dict:
-    """Online batch without synthetic data: ``mixing_ratio`` offline + the rest online (CORL's Cal-QL fine-tuning)."""
-    n_off = int(args.batch_size * args.mixing_ratio)
-    return concat_batches(offline.sample(n_off, gen), online.sample(args.batch_size - n_off, gen))
-
-
-def episode_done(online: ReplayBuffer, rows: torch.Tensor, args: Args, norm: dict) -> None:
-    """With --calibration-online: write the finished episode's Monte-Carlo returns into its buffer rows (official
-    Cal-QL). Rows of unfinished episodes keep -inf, i.e. no bound."""
+def online_mc_returns(online: ReplayBuffer, rows: torch.Tensor, args: Args, norm: dict) -> None:
+    """With --calibration-online: write a finished online episode's Monte-Carlo returns into its buffer rows (official
+    Cal-QL). Rows of unfinished episodes keep -inf, i.e. no bound; without the flag nothing is written (CORL)."""
     if not (args.calibration and args.calibration_online) or len(rows) == 0:
         return
     rewards = online.data["rewards"][rows].cpu().numpy()
@@ -1347,6 +1327,36 @@ def load_checkpoint(args: Args, argv: Optional[list]) -> tuple:
     return ckpt, args
 
 
+def restore_checkpoint(ckpt: dict, args: Args, agent: Agent, opts: dict, online: ReplayBuffer, edis: EDISState,
+                       gen: torch.Generator) -> tuple:
+    """The inverse of save_checkpoint: load weights, optimizers, buffers, EDIS state and RNG states in place;
+    returns (progress, step)."""
+    agent.load_state_dict(ckpt["agent"])
+    for k, o in opts.items():
+        restore_optimizer(o, ckpt["optimizers"][k])
+    if ckpt["online_buffer"]["size"] > online.capacity:
+        raise UserError(f"--online-steps {args.online_steps} is smaller than the {ckpt['online_buffer']['size']} "
+                        f"online steps the checkpoint already holds")
+    online.load_state_dict(ckpt["online_buffer"])
+    edis.codec.load_state_dict(ckpt["edis"]["codec"])
+    try:  # a checkpoint of an older version (energies of single blocks) or of the other --edis-energies design
+        edis.energies.load_state_dict(ckpt["edis"]["energies"])
+        restore_optimizer(edis.energy_opt, ckpt["edis"]["energy_opt"])
+    except (RuntimeError, ValueError, KeyError):
+        raise UserError(f"--resume {args.resume}: the checkpoint's EDIS energies do not fit this script's "
+                        f"(--edis-energies {args.edis_energies}); it was written by an older version: start a "
+                        f"new run") from None
+    edis.retrains, edis.last_retrain_step = ckpt["edis"]["retrains"], ckpt["edis"]["last_retrain_step"]
+    if ckpt["edis"]["synthetic"] is not None:
+        obs_dim, act_dim = online.data["observations"].shape[1], online.data["actions"].shape[1]
+        edis.synthetic = ReplayBuffer(obs_dim, act_dim, ckpt["edis"]["synthetic"]["size"], online.device,
+                                      extra=BUFFER_EXTRA)
+        edis.synthetic.load_state_dict(ckpt["edis"]["synthetic"])
+    set_rng_state(ckpt["rng"])
+    gen.set_state(ckpt["batch_generator"])
+    return ckpt["progress"], ckpt["step"]
+
+
 def restore_optimizer(opt: torch.optim.Optimizer, state: dict) -> None:
     """Load a saved optimizer state, keeping the learning rates of the current flags (a --resume may change them)."""
     lrs = [g["lr"] for g in opt.param_groups]
@@ -1404,11 +1414,15 @@ def main(argv: Optional[list] = None) -> None:
         norm = {k: v.numpy() if v.dim() else float(v) for k, v in ckpt["normalization"].items()}
     norm_obs = lambda o: (o - norm["obs_mean"]) / norm["obs_std"]  # noqa: E731
     norm_rew = lambda r: r * norm["reward_scale"] + norm["reward_bias"]  # noqa: E731
-    offline = ReplayBuffer(obs_dim, act_dim, len(data), device, extra=BUFFER_EXTRA)
     rewards = norm_rew(data.rewards)
-    offline.add_batch({"observations": norm_obs(data.observations), "actions": data.actions, "rewards": rewards,
-                       "next_observations": norm_obs(data.next_observations), "terminals": data.terminals,
-                       **offline_extras(data, rewards, args)})
+    rows = {"observations": norm_obs(data.observations), "actions": data.actions, "rewards": rewards,
+            "next_observations": norm_obs(data.next_observations), "terminals": data.terminals}
+    # >>> algo: Cal-QL's rows carry their Monte-Carlo return-to-go, the reference value of the calibration (Eq. 6)
+    fail = float(np.float32(args.reward_bias)) if args.is_sparse_reward else None  # a raw reward of 0, transformed
+    rows["mc_returns"] = mc_returns(rewards, data.episode_ends, args.gamma, fail)
+    # <<< algo
+    offline = ReplayBuffer(obs_dim, act_dim, len(data), device, extra=BUFFER_EXTRA)
+    offline.add_batch(rows)
     online = ReplayBuffer(obs_dim, act_dim, max(args.online_steps, 1), device, extra=BUFFER_EXTRA)
 
     env = make_env(task, seed=args.seed)
@@ -1420,29 +1434,7 @@ def main(argv: Optional[list] = None) -> None:
                 "episode_scores": []}  # (step, normalized score) of each online training episode
     start_step = 0
     if ckpt is not None:
-        agent.load_state_dict(ckpt["agent"])
-        for k, o in opts.items():
-            restore_optimizer(o, ckpt["optimizers"][k])
-        if ckpt["online_buffer"]["size"] > online.capacity:
-            raise UserError(f"--online-steps {args.online_steps} is smaller than the {ckpt['online_buffer']['size']} "
-                            f"online steps the checkpoint already holds")
-        online.load_state_dict(ckpt["online_buffer"])
-        edis.codec.load_state_dict(ckpt["edis"]["codec"])
-        try:  # a checkpoint of an older version (energies of single blocks) or of the other --edis-energies design
-            edis.energies.load_state_dict(ckpt["edis"]["energies"])
-            restore_optimizer(edis.energy_opt, ckpt["edis"]["energy_opt"])
-        except (RuntimeError, ValueError, KeyError):
-            raise UserError(f"--resume {args.resume}: the checkpoint's EDIS energies do not fit this script's "
-                            f"(--edis-energies {args.edis_energies}); it was written by an older version: start a "
-                            f"new run") from None
-        edis.retrains, edis.last_retrain_step = ckpt["edis"]["retrains"], ckpt["edis"]["last_retrain_step"]
-        if ckpt["edis"]["synthetic"] is not None:
-            edis.synthetic = ReplayBuffer(obs_dim, act_dim, ckpt["edis"]["synthetic"]["size"], device,
-                                          extra=BUFFER_EXTRA)
-            edis.synthetic.load_state_dict(ckpt["edis"]["synthetic"])
-        progress, start_step = ckpt["progress"], ckpt["step"]
-        set_rng_state(ckpt["rng"])
-        gen.set_state(ckpt["batch_generator"])
+        progress, start_step = restore_checkpoint(ckpt, args, agent, opts, online, edis, gen)
     make_output_dir(out_dir)  # only now: a run that fails on its flags or data leaves no folder behind
 
     def policy_eval(o: np.ndarray) -> np.ndarray:
@@ -1468,7 +1460,9 @@ def main(argv: Optional[list] = None) -> None:
     if ckpt is not None:
         print(f"resumed {out_dir} at step {start_step}")
 
-    update = torch.compile(UPDATE) if args.compile else UPDATE
+    # >>> algo: the gradient step
+    update = torch.compile(calql_update) if args.compile else calql_update
+    # <<< algo
     amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)  # noqa: E731
     logger = Logger(out_dir, args, run_name)
 
@@ -1483,17 +1477,18 @@ def main(argv: Optional[list] = None) -> None:
         save_checkpoint(os.path.join(out_dir, CHECKPOINT), args, step, agent, opts, online, edis, norm, progress, gen)
 
     total = args.offline_steps + args.online_steps
-    from tqdm import tqdm
-
     bar = tqdm(total=total, initial=start_step, desc=task.name, unit="step", dynamic_ncols=True, mininterval=2.0)
     t_start, t_sps, n_sps = time.time(), time.time(), 0
     print(f"{task.name}: {len(data)} offline transitions ({data.source}); logging to {out_dir}")
 
     # ALGO LOGIC: offline phase: the base algorithm on the offline dataset
     for step in range(start_step, args.offline_steps):
+        batch = offline.sample(args.batch_size, gen)
         with amp():
-            logger.accumulate(train_step(agent, opts, offline.sample(args.batch_size, gen), args, step, update),
-                              step + 1)
+            # >>> algo: one Cal-QL update (Alg. 1): calibrated CQL (Eq. 6) with the offline CQL weight
+            metrics = update(agent, opts, batch, args, args.calibration, args.cql_alpha)
+            # <<< algo
+        logger.accumulate(metrics, step + 1)
         progress["updates"] += 1
         n_sps += 1
         bar.update(1)
@@ -1531,13 +1526,15 @@ def main(argv: Optional[list] = None) -> None:
         if episode_over:
             progress["episodes"] += 1
             progress["train_successes"].append(ep_success)
-            ep_stats = {"charts/episodic_return": ep_ret,
+            ep_stats = {"charts/episodic_return": ep_ret, "charts/episodic_length": online.size - ep_start,
                         "charts/episodic_normalized_score": float(normalized_score(task, ep_ret))}
             progress.setdefault("episode_scores", []).append([step + 1, ep_stats["charts/episodic_normalized_score"]])
             if task.goal_reaching:  # CORL's regret: 1 - mean success over the online training episodes
                 ep_stats["charts/regret"] = 1.0 - float(np.mean(progress["train_successes"]))
             logger.scalars(ep_stats, step + 1)
-            episode_done(online, torch.arange(ep_start, online.size, device=device), args, norm)
+            # >>> algo: with --calibration-online the finished episode's rows get their Monte-Carlo returns
+            online_mc_returns(online, torch.arange(ep_start, online.size, device=device), args, norm)
+            # <<< algo
             obs, _ = env.reset(seed=reset_seed(args, progress["episodes"]))
             ep_ret, ep_success, ep_start = 0.0, False, online.size
         # EDIS: retrain every edis_retrain_every online steps, first once the online buffer is large enough (never on
@@ -1554,9 +1551,16 @@ def main(argv: Optional[list] = None) -> None:
                 n_syn = int(round(args.batch_size * args.edis_ratio))
                 batch = concat_batches(edis.synthetic.sample(n_syn, gen), online.sample(args.batch_size - n_syn, gen))
             else:  # no EDIS, or before its first retrain: the base algorithm's own fine-tuning batches
-                batch = finetune_batch(offline, online, args, gen)
+                # >>> algo: mixing_ratio offline + the rest online (Cal-QL Sec. 6, CORL's fine-tuning)
+                n_off = int(args.batch_size * args.mixing_ratio)
+                batch = concat_batches(offline.sample(n_off, gen), online.sample(args.batch_size - n_off, gen))
+                # <<< algo
             with amp():
-                logger.accumulate(train_step(agent, opts, batch, args, step, update), step + 1)
+                # >>> algo: Cal-QL update with the online CQL weight; calibration only with --calibration-online (CORL)
+                metrics = update(agent, opts, batch, args, args.calibration and args.calibration_online,
+                                 args.cql_alpha_online)
+                # <<< algo
+            logger.accumulate(metrics, step + 1)
             progress["updates"] += 1
             n_sps += 1
         bar.update(1)

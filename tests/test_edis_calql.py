@@ -233,19 +233,19 @@ def test_every_parameter_changes(fused):
         assert not torch.equal(before[k], v), f"{k} did not change"
 
 
-def test_online_calibration_hook_writes_mc_returns():
+def test_online_calibration_writes_mc_returns():
     args = make_args(calibration_online=True)
     buf = m.ReplayBuffer(2, 1, 10, torch.device("cpu"), extra=m.BUFFER_EXTRA)
     for rew in (-5.0, -5.0, 5.0):
         buf.add(np.zeros(2, np.float32), np.zeros(1, np.float32), rew, np.zeros(2, np.float32), 0.0)
     assert torch.all(torch.isinf(buf.data["mc_returns"][:3]))  # unfinished episode: no bound
-    m.episode_done(buf, torch.arange(0, 3), args, {"reward_bias": -5.0})
+    m.online_mc_returns(buf, torch.arange(0, 3), args, {"reward_bias": -5.0})
     np.testing.assert_allclose(buf.data["mc_returns"][:3].numpy(), slow_mc([-5.0, -5.0, 5.0], [0, 0, 1], 0.99),
                                rtol=1e-6)
     off = make_args()  # CORL's default: calibration off online, so nothing is written
     buf2 = m.ReplayBuffer(2, 1, 10, torch.device("cpu"), extra=m.BUFFER_EXTRA)
     buf2.add(np.zeros(2, np.float32), np.zeros(1, np.float32), -5.0, np.zeros(2, np.float32), 0.0)
-    m.episode_done(buf2, torch.arange(0, 1), off, {"reward_bias": -5.0})
+    m.online_mc_returns(buf2, torch.arange(0, 1), off, {"reward_bias": -5.0})
     assert torch.isinf(buf2.data["mc_returns"][0])
 
 
