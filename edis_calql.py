@@ -29,7 +29,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import tyro
 from tqdm import tqdm
 
 from utils.common import (
@@ -41,9 +40,11 @@ from utils.common import (
     check_finite,
     check_flags,
     check_output_dir,
+    cli_with_presets,
     config_table,
     get_rng_state,
     make_output_dir,
+    peek_args,
     resumed_args,
     run_cli,
     safe_torch_load,
@@ -58,6 +59,9 @@ from utils.tasks import TaskSpec, get_task, make_env, normalized_score
 # >>> shared:args_common
 @dataclasses.dataclass
 class Args:
+    # The defaults written here are pointmaze-umaze's on CPU. For another --env or --device the presets below
+    # (DEVICE_PRESETS, PRESETS, TASK_PRESETS) replace them, flags given on the command line win over everything, and
+    # `--env X --help` prints the values a run on X would use.
     # --- run -----------------------------------------------------------------------------------------------------
     # Tasks: antmaze-{umaze,umaze-diverse,medium-play,medium-diverse,large-play,large-diverse} (antmaze-large =
     # antmaze-large-diverse), {pen,door,hammer,relocate}-{human,cloned,expert}, {hopper,halfcheetah,walker2d}-
@@ -67,7 +71,7 @@ class Args:
     seed: int = 1
     """seed of python, numpy, torch, the env resets and the batch sampling"""
     device: str = "auto"
-    """auto (cuda when available, else cpu), cpu, cuda or cuda:N; on cpu, unset budgets and sizes use the CPU preset"""
+    """auto (cuda when available, else cpu), cpu, cuda or cuda:N; selects the device preset (GPU or CPU scale)"""
     torch_deterministic: bool = True
     """set torch.backends.cudnn.deterministic"""
     output_dir: Optional[str] = None
@@ -88,18 +92,18 @@ class Args:
     """torch.compile the update step (worth it on GPU for long runs)"""
     # bf16 autocast: weights, optimizer states and losses stay fp32. On CPUs with AVX512-BF16/AMX it is 2x faster but
     # rounds Q-values of a few hundred to ~1, so the CPU preset leaves it off (docs/edis_iql.md, Speed).
-    bf16: Optional[bool] = None
+    bf16: bool = False
     """matrix products of the updates and EDIS in bfloat16 (preset: on for CUDA GPUs with bf16, off on CPU)"""
     # --- budget, evaluation, logging -----------------------------------------------------------------------------
-    offline_steps: Optional[int] = None
+    offline_steps: int = 20_000
     """gradient updates on the offline dataset (preset: 1,000,000 on GPU, 20,000 on CPU)"""
-    online_steps: Optional[int] = None
+    online_steps: int = 20_000
     """environment steps of online fine-tuning (preset: 200,000 on GPU as EDIS, 20,000 on CPU)"""
     utd: int = 1
     """online updates per environment step (update-to-data ratio)"""
-    eval_every: Optional[int] = None
+    eval_every: int = 5000
     """evaluate every this many steps (offline updates and online env steps alike), and after each phase"""
-    eval_episodes: Optional[int] = None
+    eval_episodes: int = 5
     """episodes per evaluation (preset: AntMaze 100, others 10; CPU preset 5)"""
     checkpoint_every: int = 10_000
     """write checkpoint.pt (atomically) every this many steps, and at the end of each phase"""
@@ -112,38 +116,38 @@ class Args:
     # --- data ----------------------------------------------------------------------------------------------------
     batch_size: int = 256
     """transitions per gradient update"""
-    normalize_states: Optional[bool] = None
+    normalize_states: bool = True
     """standardise states with the offline dataset's mean and std, stored in checkpoints (preset per task family)"""
-    reward_scale: Optional[float] = None
+    reward_scale: float = 1.0
     """rewards become reward_scale * r + reward_bias, offline and online (preset per task family)"""
-    reward_bias: Optional[float] = None
+    reward_bias: float = -1.0
     """see --reward-scale (preset per task family: IQL AntMaze r - 1, Cal-QL AntMaze 10 r - 5)"""
-    reward_normalize_returns: Optional[bool] = None
+    reward_normalize_returns: bool = False
     """locomotion convention: multiply rewards by 1000 / (max - min episode return of the dataset) first"""
     # --- EDIS ----------------------------------------------------------------------------------------------------
     edis: bool = True
     """use EDIS in the online phase; --no-edis runs plain fine-tuning on offline + online replay (the ablation)"""
-    edis_ratio: Optional[float] = None
+    edis_ratio: float = 0.5
     """fraction of synthetic transitions in every online batch (the rest are online transitions)"""
-    edis_retrain_every: Optional[int] = None
+    edis_retrain_every: int = 5000
     """retrain diffusion + energies and regenerate synthetic data every this many online env steps"""
     edis_min_online: Optional[int] = None
     """first retrain only once the online buffer holds this many transitions (default: --edis-retrain-every)"""
-    edis_num_samples: Optional[int] = None
+    edis_num_samples: int = 20_000
     """synthetic transitions generated at each retrain (the synthetic buffer is replaced)"""
-    edis_diffusion_steps: Optional[int] = None
+    edis_diffusion_steps: int = 3000
     """gradient steps of each (fresh) diffusion model training"""
     edis_diffusion_batch: int = 256
     """batch size of diffusion training"""
     edis_diffusion_lr: float = 3e-4
     """AdamW learning rate of the denoiser (cosine-decayed over --edis-diffusion-steps)"""
-    edis_width: Optional[int] = None
+    edis_width: int = 256
     """width of the residual-MLP denoiser (preset: 1024 on GPU as the paper, 256 on CPU)"""
-    edis_depth: Optional[int] = None
+    edis_depth: int = 3
     """residual blocks of the denoiser (preset: 6 on GPU as the paper, 3 on CPU)"""
     edis_ema: float = 0.999
     """EMA decay of the denoiser weights used for sampling"""
-    edis_sample_steps: Optional[int] = None
+    edis_sample_steps: int = 32
     """Heun steps of the EDM sampler (preset: 128 on GPU as the paper, 32 on CPU)"""
     edis_sample_batch: int = 10_000
     """transitions generated per sampler call"""
@@ -167,9 +171,9 @@ class Args:
     """guide only at noise levels sigma <= this (80 = everywhere); above it the energies are near chance"""
     energy_negatives: int = 10
     """K: negatives per positive in each InfoNCE group"""
-    energy_pool: Optional[int] = None
+    energy_pool: int = 256
     """positives (online transitions) per retrain for which K negatives are generated"""
-    energy_steps: Optional[int] = None
+    energy_steps: int = 100
     """gradient steps of each energy per retrain (energies persist across retrains)"""
     energy_batch: int = 256
     """InfoNCE groups per energy gradient step"""
@@ -188,25 +192,25 @@ class Args:
     """Polyak rate of the target critics"""
 # <<< shared:args_common
     # --- Cal-QL / CQL --------------------------------------------------------------------------------------------
-    cql_alpha: Optional[float] = None
+    cql_alpha: float = 5.0
     """weight of the CQL regulariser in the offline phase (preset: AntMaze 5, Adroit 1, locomotion 5)"""
-    cql_alpha_online: Optional[float] = None
+    cql_alpha_online: float = 5.0
     """weight of the CQL regulariser in the online phase (preset: the offline value, as the CORL/EDIS configs)"""
-    cql_lagrange: Optional[bool] = None
+    cql_lagrange: bool = True
     """tune the CQL weight with a Lagrange multiplier alpha' that keeps the action gap near --cql-target-action-gap"""
     cql_target_action_gap: float = 0.8
     """target of logsumexp Q(s, .) - Q(s, a_data) with --cql-lagrange"""
-    cql_n_actions: Optional[int] = None
+    cql_n_actions: int = 4
     """actions sampled per state for each of the three CQL sets (uniform, pi(s), pi(s')) (preset: 10, CPU 4)"""
     cql_temp: float = 1.0
     """temperature of the CQL logsumexp"""
     cql_importance_sample: bool = True
     """importance-weight the logsumexp by the sampling densities (CQL(H) with importance sampling, as CORL)"""
-    cql_clip_diff_min: Optional[float] = None
+    cql_clip_diff_min: float = -200.0
     """lower clip of logsumexp Q - Q(s, a_data) (preset: AntMaze -200, else -inf)"""
     cql_clip_diff_max: float = float("inf")
     """upper clip of logsumexp Q - Q(s, a_data)"""
-    cql_max_target_backup: Optional[bool] = None
+    cql_max_target_backup: bool = True
     """TD target uses the max over --cql-n-actions next actions of the min target Q (preset: on for AntMaze/Adroit)"""
     backup_entropy: bool = False
     """subtract alpha * log pi(a'|s') in the TD target (off in CORL and the official Cal-QL)"""
@@ -214,11 +218,11 @@ class Args:
     """Cal-QL: lower-bound the policy-action Q-values in the regulariser by the Monte-Carlo return (offline phase)"""
     calibration_online: bool = False
     """keep calibration on online, with returns of finished online episodes (official Cal-QL); off = CORL and EDIS"""
-    is_sparse_reward: Optional[bool] = None
+    is_sparse_reward: bool = True
     """MC returns: an episode whose rewards are all the failure reward (raw 0) gets r / (1 - gamma) at every step"""
     mixing_ratio: float = 0.5
     """without EDIS (or before its first retrain): fraction of offline data in online batches (CORL's 0.5)"""
-    q_layers: Optional[int] = None
+    q_layers: int = 2
     """hidden layers of each critic (preset: AntMaze 5 as CORL, Adroit 3, locomotion 2, PointMaze 3)"""
     policy_layers: int = 3
     """hidden layers of the tanh-Gaussian actor (CORL: 3 x 256)"""
@@ -229,12 +233,12 @@ class Args:
     orthogonal_init: bool = True
     """orthogonal initialisation (gain sqrt(2) hidden, 1e-2 output), as CORL's Cal-QL"""
     fused_update: bool = False
-    """one Adam step for all four parameter groups, each loss routed to its own: the same updates (tested)"""
+    """fast forms: one Adam step for the four losses' groups, both critics in one batched matmul (tested equal)"""
 
 
 # Per-family presets (CORL's configs/finetune/cal_ql/*.yaml, the official Cal-QL scripts (nakamotoo/Cal-QL) and the
-# official EDIS code's Cal-QL gin files), applied to every flag the command line left unset. Per-task entries refine
-# them.
+# official EDIS code's Cal-QL gin files): the defaults of every flag the command line does not give. Per-task
+# entries refine them.
 INF = float("inf")
 PRESETS = {
     "antmaze": dict(normalize_states=False, reward_scale=10.0, reward_bias=-5.0, reward_normalize_returns=False,
@@ -296,24 +300,34 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def apply_presets(args: Args, task: TaskSpec, device: torch.device) -> Args:
-    """Fill every flag left at None: device preset, then family preset, then task preset (later ones win)."""
+def preset_values(args: Args) -> dict:
+    """Defaults for --env on --device: the device preset, then the task family's, then the task's (later ones win;
+    on CPU the device's small budgets win over the family's GPU-scale sizes, and the algorithm's CPU sizes over
+    both). Flags given on the command line win over all of them (main() parses them over these values)."""
+    task, device = get_task(args.env), resolve_device(args.device)
     merged = {**DEVICE_PRESETS["cuda" if device.type == "cuda" else "cpu"]}
-    family = {**PRESETS[task.family], **TASK_PRESETS.get(task.name, {})}
-    for k, v in family.items():  # the CPU preset's smaller budgets win over the family's GPU-scale sizes
+    for k, v in {**PRESETS[task.family], **TASK_PRESETS.get(task.name, {})}.items():
         if not (device.type != "cuda" and k in merged):
             merged[k] = v
-    if device.type != "cuda":  # and the algorithm's own CPU sizes win over both
+    if device.type != "cuda":
         merged.update(ALGO_CPU_PRESETS)
-    for k, v in merged.items():
-        if hasattr(args, k) and getattr(args, k) is None:
-            setattr(args, k, v)
+    merged["bf16"] = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return {k: v for k, v in merged.items() if hasattr(args, k)}
+
+
+def finish_args(args: Args) -> Args:
+    """The one derived default, then every flag's range (checked before anything loads)."""
     if args.edis_min_online is None:
         args.edis_min_online = args.edis_retrain_every
-    if args.bf16 is None:
-        args.bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     check_flags(args, {**COMMON_RANGES, **ALGO_RANGES}, INFINITE_OK)
     return args
+
+
+def make_args(**flags) -> Args:
+    """Args as the command line would give them (presets of flags["env"] on flags["device"], then the flags): for
+    using this file from Python (tests, benchmarks)."""
+    given = Args(**flags)
+    return finish_args(dataclasses.replace(given, **{**preset_values(given), **flags}))
 
 
 COMMON_RANGES = {  # allowed values of the shared flags, as intervals
@@ -435,63 +449,51 @@ def adam(params, lr: float) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=lr)
 
 
-class EnsembleLinear(nn.Module):
-    """``n`` independent linear layers applied in one batched matmul: x [n, B, in] -> [n, B, out]."""
-
-    def __init__(self, n: int, in_features: int, out_features: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(n, in_features, out_features))
-        self.bias = nn.Parameter(torch.empty(n, 1, out_features))
-        bound = 1.0 / math.sqrt(in_features)  # nn.Linear's default init, member by member
-        nn.init.uniform_(self.weight, -bound, bound)
-        nn.init.uniform_(self.bias, -bound, bound)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.baddbmm(self.bias, x, self.weight)
-
-
 class TwinQ(nn.Module):
-    """Both critics Q_1, Q_2 in one forward pass (batched matmuls)."""
+    """The two critics of clipped double Q-learning (Fujimoto et al. 2018): two independent MLPs Q_i of [s; a]."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden: int, n_hidden: int = 2):
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int, n_hidden: int = 2, batched: bool = False):
         super().__init__()
-        self.obs_dim = obs_dim
-        layers, d = [], obs_dim + act_dim
-        for _ in range(n_hidden):
-            layers += [EnsembleLinear(2, d, hidden), nn.ReLU()]
-            d = hidden
-        self.net = nn.Sequential(*layers, EnsembleLinear(2, d, 1))
+        self.obs_dim, self.batched = obs_dim, batched
+        self.q1 = mlp(obs_dim + act_dim, 1, hidden, n_hidden)
+        self.q2 = mlp(obs_dim + act_dim, 1, hidden, n_hidden)
 
     def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
-        """obs [B, S], act [B, A] -> [2, B]."""
+        """obs [B, S], act [B, A] -> [2, B]: Q_1(s, a) and Q_2(s, a)."""
         return self.forward_multi(obs, act[:, None])[..., 0]
 
     def forward_multi(self, obs: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
-        """Q_i(s_b, a_bn) for N actions per state: obs [B, S], acts [B, N, A] -> [2, B, N]. The first layer's state
-        half W_s s is computed once per state and broadcast over its N actions (W [s; a] = W_s s + W_a a)."""
+        """Q_i(s_b, a_bn) for N actions per state: obs [B, S], acts [B, N, A] -> [2, B, N]."""
+        if self.batched:
+            return self.forward_batched(obs, acts)
+        x = torch.cat([obs.unsqueeze(1).expand(-1, acts.shape[1], -1), acts], -1)  # [B, N, S + A]
+        return torch.stack([self.q1(x)[..., 0], self.q2(x)[..., 0]])
+
+    def forward_batched(self, obs: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
+        """``forward_multi`` with both critics in one batched matmul per layer (--fused-update; tested equal), and the
+        first layer's state half W_s s computed once per state for its N actions (W [s; a] = W_s s + W_a a)."""
         (B, N, A), S = acts.shape, self.obs_dim
-        first = self.net[0]
-        hs = torch.baddbmm(first.bias, obs.unsqueeze(0).expand(2, B, S), first.weight[:, :S])  # [2, B, H]
-        ha = torch.bmm(acts.reshape(1, B * N, A).expand(2, B * N, A), first.weight[:, S:])  # [2, B*N, H]
+        pairs = [(l1, l2) for l1, l2 in zip(self.q1, self.q2) if isinstance(l1, nn.Linear)]
+        w = [torch.stack([l1.weight.T, l2.weight.T]) for l1, l2 in pairs]  # [2, in, out] per layer
+        b = [torch.stack([l1.bias, l2.bias]).unsqueeze(1) for l1, l2 in pairs]  # [2, 1, out]
+        hs = torch.baddbmm(b[0], obs.unsqueeze(0).expand(2, B, S), w[0][:, :S])  # [2, B, H]
+        ha = torch.bmm(acts.reshape(1, B * N, A).expand(2, B * N, A), w[0][:, S:])  # [2, B*N, H]
         h = (ha.view(2, B, N, -1) + hs.unsqueeze(2)).view(2, B * N, -1)
-        return self.net[1:](h).view(2, B, N)
+        for wi, bi in zip(w[1:], b[1:]):
+            h = torch.baddbmm(bi, torch.relu(h), wi)
+        return h.view(2, B, N)
 
 
 # <<< shared:networks
 
 
 def orthogonal_init_(module: nn.Module, last_gain: float = 1e-2) -> None:
-    """CORL's init_module_weights(orthogonal_init=True): hidden layers orthogonal with gain sqrt(2), the output layer
-    with gain 1e-2, zero biases. Ensemble layers are initialised member by member."""
-    linears = [m for m in module.modules() if isinstance(m, (nn.Linear, EnsembleLinear))]
+    """CORL's init_module_weights(orthogonal_init=True) of one MLP: hidden layers orthogonal with gain sqrt(2), the
+    output layer with gain 1e-2, zero biases."""
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
     for i, layer in enumerate(linears):
-        gain = last_gain if i == len(linears) - 1 else math.sqrt(2.0)
         with torch.no_grad():
-            if isinstance(layer, EnsembleLinear):
-                for w in layer.weight:  # [in, out] per member; orthogonal_ on its transpose = nn.Linear's layout
-                    nn.init.orthogonal_(w.T, gain=gain)
-            else:
-                nn.init.orthogonal_(layer.weight, gain=gain)
+            nn.init.orthogonal_(layer.weight, gain=last_gain if i == len(linears) - 1 else math.sqrt(2.0))
             layer.bias.zero_()
 
 
@@ -538,12 +540,13 @@ class Agent(nn.Module):
 
     def __init__(self, obs_dim: int, act_dim: int, args: Args, max_action: float):
         super().__init__()
-        self.qf = TwinQ(obs_dim, act_dim, args.hidden_dim, args.q_layers)
+        self.qf = TwinQ(obs_dim, act_dim, args.hidden_dim, args.q_layers, batched=args.fused_update)
         self.actor = TanhGaussianActor(obs_dim, act_dim, args.hidden_dim, max_action, args.policy_layers)
         if args.orthogonal_init:
-            orthogonal_init_(self.qf)
+            orthogonal_init_(self.qf.q1)
+            orthogonal_init_(self.qf.q2)
             orthogonal_init_(self.actor.net)
-        self.q_target = TwinQ(obs_dim, act_dim, args.hidden_dim, args.q_layers)
+        self.q_target = TwinQ(obs_dim, act_dim, args.hidden_dim, args.q_layers, batched=args.fused_update)
         self.q_target.load_state_dict(self.qf.state_dict())
         self.q_target.requires_grad_(False)
         self.log_alpha = nn.Parameter(torch.zeros(()))  # SAC entropy temperature, alpha = exp(log_alpha)
@@ -1331,7 +1334,11 @@ def restore_checkpoint(ckpt: dict, args: Args, agent: Agent, opts: dict, online:
                        gen: torch.Generator) -> tuple:
     """The inverse of save_checkpoint: load weights, optimizers, buffers, EDIS state and RNG states in place;
     returns (progress, step)."""
-    agent.load_state_dict(ckpt["agent"])
+    try:  # a checkpoint of an older version, whose critics were one ensemble module
+        agent.load_state_dict(ckpt["agent"])
+    except RuntimeError:
+        raise UserError(f"--resume {args.resume}: the checkpoint's networks do not fit this script's; it was written "
+                        f"by an older version: start a new run") from None
     for k, o in opts.items():
         restore_optimizer(o, ckpt["optimizers"][k])
     if ckpt["online_buffer"]["size"] > online.capacity:
@@ -1374,13 +1381,15 @@ def reset_seed(args: Args, episode: int) -> int:
 # Main: offline phase, then online phase
 # ---------------------------------------------------------------------------------------------------------------
 def main(argv: Optional[list] = None) -> None:
-    args = tyro.cli(Args, args=argv)
+    args = peek_args(Args, argv)  # --help is answered below, showing the resolved defaults
     ckpt = None
     if args.resume:  # continue a killed run: its saved config, overridden by the flags given now (e.g. a longer budget)
         ckpt, args = load_checkpoint(args, argv)
+    else:  # the presets of --env on --device as defaults; flags given now win; `--env X --help` shows X's values
+        args = cli_with_presets(Args, argv, preset_values)
     task = get_task(args.env)
     device = resolve_device(args.device)
-    args = apply_presets(args, task, device)  # also checks every flag's range
+    args = finish_args(args)  # also checks every flag's range
     if args.eval_only and ckpt is None:
         raise UserError("--eval-only evaluates a checkpoint: give the run with --resume DIR")
     if args.edis and not args.eval_only and args.online_steps > 0 and args.edis_min_online + 1 >= args.online_steps:

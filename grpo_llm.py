@@ -30,7 +30,7 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
-import tyro
+from tqdm import tqdm
 
 from utils.common import (
     SEED_RANGE,
@@ -41,11 +41,13 @@ from utils.common import (
     check_finite,
     check_flags,
     check_output_dir,
+    cli_with_presets,
     config_table,
     current_umask,
     get_rng_state,
     hub_offline,
     make_output_dir,
+    peek_args,
     resumed_args,
     run_cli,
     safe_torch_load,
@@ -130,8 +132,8 @@ class Args:
     reward_timeout: float = 1.0
     """time limit in seconds of one math-verify check; it runs in a worker process that is killed at the limit (0)"""
     # --- optimisation --------------------------------------------------------------------------------------------
-    learning_rate: Optional[float] = None
-    """AdamW learning rate (default: 5e-5 for the built-in model, 1e-6 otherwise as the ReVal paper)"""
+    learning_rate: float = 5e-5
+    """AdamW learning rate (5e-5 for the built-in model, else 1e-6 as the ReVal paper; --help shows the resolved one)"""
     weight_decay: float = 0.01
     """AdamW weight decay (verl default)"""
     max_grad_norm: float = 1.0
@@ -437,36 +439,8 @@ def algo_normalizer(batch: dict, args: Args) -> torch.Tensor:
     return loss_normalizer(batch["completion_mask"], args.loss_type, args.max_new_tokens)
 
 
-def algo_round(model, ref_model, tok, opt, batch: dict, rewards: torch.Tensor, state: dict, args: Args, world: int,
-               amp) -> dict:
-    """GRPO round: advantages and old log-probs, then mu updates on the fresh rollouts (nothing is replayed)."""
-    batch = prepare_round(model, ref_model, tok, batch, rewards, args)
-    metrics = {}
-    for _ in range(args.num_iterations):
-        metrics = optimizer_step(model, opt, batch, args, world, amp)
-        state["updates"] += 1
-    return metrics
-
-
-def algo_state(args: Args) -> dict:
-    return {"updates": 0}
-
-
-def needs_reference(args: Args) -> bool:
-    return args.beta > 0
-
-
-def algo_configure(args: Args, argv: Optional[list]) -> Args:
-    """Algorithm-specific defaults before anything is loaded: none for GRPO (its ranges are in ALGO_RANGES)."""
-    return args
-
-
 ALGO_RANGES = {"epsilon_low": "[0, 1)", "epsilon_high": "[0, inf)", "num_iterations": "[1, inf)", "beta": "[0, inf)"}
 ALGO_RESUME_MAY_CHANGE: set = set()  # GRPO flags a --resume may change beyond the shared ones: none
-
-
-def algo_resume(ref_model, state: dict) -> None:
-    """Restore algorithm state that lives outside the trainer state: nothing for GRPO (its reference never moves)."""
 
 
 # >>> shared:eval
@@ -594,23 +568,30 @@ COMMON_RANGES = {"seed": SEED_RANGE, "temperature": "(0, inf)", "reward_timeout"
                                                   "eval_prompts", "eval_batch_size", "checkpoint_every")}}
 
 
+def model_defaults(args: Args) -> dict:
+    """Defaults that depend on --model: the learning rate (the built-in 1M-parameter model trains at 5e-5; real
+    models at the ReVal paper's 1e-6)."""
+    return {"learning_rate": 5e-5 if args.model == BUILTIN else 1e-6}
+
+
 def main(argv: Optional[list] = None) -> None:
-    args = tyro.cli(Args, args=argv)
+    args = peek_args(Args, argv)  # --help is answered below, showing the resolved defaults
     resume_dir = saved = None
     if args.resume:  # the saved config, overridden by the flags given now
         resume_dir, saved, args = load_checkpoint(args, argv)
+    else:
+        # >>> algo: defaults that depend on the model (flags given now win; --help shows them resolved)
+        args = cli_with_presets(Args, argv, model_defaults)
+        # <<< algo
     check_flags(args, COMMON_RANGES)
     if args.eval_only and saved is None:
         raise UserError("--eval-only evaluates a checkpoint: give the run with --resume DIR")
-    args = algo_configure(args, argv)
     check_flags(args, ALGO_RANGES)
     rank, world, device = setup_distributed(args.device)
     if args.prompts_per_round % world:
         raise UserError(f"--prompts-per-round {args.prompts_per_round} must be divisible by the {world} ranks")
     if args.bf16 is None:
         args.bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    if args.learning_rate is None:
-        args.learning_rate = 5e-5 if args.model == BUILTIN else 1e-6
     if args.prompt_template == "auto":
         args.prompt_template = "plain" if args.model == BUILTIN else "r1"
     log = print if rank == 0 else (lambda *a, **k: None)
@@ -638,20 +619,22 @@ def main(argv: Optional[list] = None) -> None:
     system = QWEN_MATH_SYSTEM if args.qwen_math_system else None
     to_prompt = lambda q: format_prompt(tok, q, args.prompt_template, system)  # noqa: E731
     eval_prompts, eval_golds = [to_prompt(r["question"]) for r in evalset], [r["answer"] for r in evalset]
+    # >>> algo: GRPO needs pi_ref only for its KL term (beta > 0)
+    use_ref = args.beta > 0
+    # <<< algo
     ref_model = None
-    if needs_reference(args):
+    if use_ref:
         _, ref_model = load_model(args.model, device, args.bf16, log)
         ref_model.eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(0.9, 0.99),
                             weight_decay=args.weight_decay)
-    state = {"round": 0, "generated": 0, "initial_eval": None, "evals": [], "wall_time_s": 0.0, **algo_state(args)}
+    state = {"round": 0, "generated": 0, "initial_eval": None, "evals": [], "wall_time_s": 0.0, "updates": 0}
     if saved is not None:
         opt.load_state_dict(saved["optimizer"])
         for g in opt.param_groups:  # the learning rate of the current flags (a --resume may change it)
             g["lr"] = args.learning_rate
         state.update(saved["state"])
         set_rng_state(saved["rng"])
-        algo_resume(ref_model, state)
     if rank == 0:  # only now: a run that fails on its flags, data or model leaves no folder behind
         make_output_dir(out_dir)
     if rank == 0 and not args.eval_only:
@@ -688,8 +671,6 @@ def main(argv: Optional[list] = None) -> None:
         logger.scalars(res, 0)
         log(f"round 0: eval accuracy {res['eval/accuracy']:.3f}"
             + (f", sampled mean@{args.eval_samples} {res['eval/accuracy_sampled']:.3f}" if args.eval_samples else ""))
-    from tqdm import tqdm
-
     bar = tqdm(total=args.total_rounds, initial=state["round"], desc=exp_name, unit="round", disable=rank != 0,
                dynamic_ncols=True)
     for rnd in range(state["round"], args.total_rounds):
@@ -715,27 +696,31 @@ def main(argv: Optional[list] = None) -> None:
         t_rew = time.time()
         # 3. the algorithm's update(s)
         updates_before = state["updates"]
-        metrics = algo_round(model, ref_model, tok, opt, batch, rewards, state, args, world, amp)
+        # >>> algo: GRPO: group-relative advantages (Eq. 3), then mu updates on these rollouts only (on-policy)
+        batch = prepare_round(model, ref_model, tok, batch, rewards, args)
+        for _ in range(args.num_iterations):
+            metrics = optimizer_step(model, opt, batch, args, world, amp)
+            state["updates"] += 1
+        # <<< algo
         check_finite({k: v for k, v in metrics.items() if k in ("train/loss", "train/grad_norm")}, f"round {rnd + 1}")
         if not all(torch.isfinite(p).all() for p in policy.parameters()):
             raise Diverged(f"non-finite model parameters after round {rnd + 1}; the run stops, its last checkpoint "
                            f"is kept")
         t_upd = time.time()
         state["round"], state["generated"] = rnd + 1, state["generated"] + args.prompts_per_round * args.group_size
-        lengths = batch["completion_mask"].sum(1).float()
-        stats = all_reduce_sum(torch.stack([rewards.sum(), torch.tensor(float(len(rewards_list)), device=device),
-                                            lengths.sum(), batch["truncated"].float().sum(),
-                                            torch.tensor(fmt * len(rewards_list), device=device),
-                                            batch["prompt_mask"].sum().float()]))
-        n = stats[1].clamp(min=1)
-        gen_tokens = float(stats[2])
+        local = {"reward": rewards.sum(), "completions": torch.tensor(float(len(rewards_list)), device=device),
+                 "tokens": batch["completion_mask"].sum().float(), "truncated": batch["truncated"].float().sum(),
+                 "formatted": torch.tensor(fmt * len(rewards_list), device=device),
+                 "prompt_tokens": batch["prompt_mask"].sum().float()}
+        sums = dict(zip(local, all_reduce_sum(torch.stack(list(local.values()))).tolist()))  # over ranks
+        n, gen_tokens = max(sums["completions"], 1.0), sums["tokens"]
         metrics.update({
-            "train/reward": float(stats[0] / n), "train/format_rate": float(stats[4] / n),
-            "completions/mean_length": float(stats[2] / n), "completions/clipped_ratio": float(stats[3] / n),
+            "train/reward": sums["reward"] / n, "train/format_rate": sums["formatted"] / n,
+            "completions/mean_length": gen_tokens / n, "completions/clipped_ratio": sums["truncated"] / n,
             "time/generation_s": t_gen - t0, "time/reward_s": t_rew - t_gen, "time/update_s": t_upd - t_rew,
             "time/round_s": t_upd - t0, "time/generation_tokens_per_s": gen_tokens / max(t_gen - t0, 1e-9),
             # tokens through forward + backward in the update phase (old/ref log-prob passes not counted)
-            "time/train_tokens_per_s": (gen_tokens + float(stats[5])) * (state["updates"] - updates_before)
+            "time/train_tokens_per_s": (gen_tokens + sums["prompt_tokens"]) * (state["updates"] - updates_before)
             / max(t_upd - t_rew, 1e-9),
         })
         logger.scalars(metrics, rnd + 1)

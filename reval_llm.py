@@ -30,7 +30,7 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
-import tyro
+from tqdm import tqdm
 
 from utils.common import (
     SEED_RANGE,
@@ -41,11 +41,13 @@ from utils.common import (
     check_finite,
     check_flags,
     check_output_dir,
+    cli_with_presets,
     config_table,
     current_umask,
     get_rng_state,
     hub_offline,
     make_output_dir,
+    peek_args,
     resumed_args,
     run_cli,
     safe_torch_load,
@@ -130,8 +132,8 @@ class Args:
     reward_timeout: float = 1.0
     """time limit in seconds of one math-verify check; it runs in a worker process that is killed at the limit (0)"""
     # --- optimisation --------------------------------------------------------------------------------------------
-    learning_rate: Optional[float] = None
-    """AdamW learning rate (default: 5e-5 for the built-in model, 1e-6 otherwise as the ReVal paper)"""
+    learning_rate: float = 5e-5
+    """AdamW learning rate (5e-5 for the built-in model, else 1e-6 as the ReVal paper; --help shows the resolved one)"""
     weight_decay: float = 0.01
     """AdamW weight decay (verl default)"""
     max_grad_norm: float = 1.0
@@ -159,8 +161,8 @@ class Args:
     """the paper's settings (ReVal Sec. 5.1, App. A); flags given on the command line still override them"""
     # Paper: 0.002 for DeepSeek-R1-Distill-1.5B (~5K-token answers), 0.02 for Qwen2.5-Math-7B (~600 tokens);
     # default 0.1 for the built-in model's ~30-token answers.
-    beta: Optional[float] = None
-    """reward scale: the verifier reward enters Eq. 2 as r / beta (default 0.1; paper 0.002 for 1.5B, 0.02 for 7B)"""
+    beta: float = 0.1
+    """reward scale: the verifier reward enters Eq. 2 as r / beta (paper 0.002 for 1.5B, 0.02 for 7B)"""
     updates_per_round: int = 2
     """K: one update on the fresh rollouts, then K - 1 on uniform samples of the same size from the replay buffer"""
     buffer_size: Optional[int] = None
@@ -308,7 +310,8 @@ def score(texts: list, golds: list, args: Args) -> tuple:
 # ---------------------------------------------------------------------------------------------------------------
 # ALGO LOGIC: ReVal (arXiv 2603.23355, Eq. 2, Algorithm 1)
 # ---------------------------------------------------------------------------------------------------------------
-PRESETS = {
+PRESETS = {  # --preset NAME: flags given on the command line still win (utils/common.py: cli_with_presets)
+    "none": {},
     "paper-1.5b": dict(model="deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B",
                        dataset="agentica-org/DeepScaleR-Preview-Dataset",
                        question_field="problem", answer_field="answer", eval_dataset="HuggingFaceH4/MATH-500",
@@ -494,68 +497,9 @@ def reset_reference(model, ref_model, tok, state: dict, args: Args) -> None:
             it["ref_v1"], it["ref_logp"] = a, b
 
 
-def algo_round(model, ref_model, tok, opt, batch: dict, rewards: torch.Tensor, state: dict, args: Args, world: int,
-               amp) -> dict:
-    """Algorithm 1: cache the reference terms of the fresh rollouts, push them to the FIFO buffer, then K updates:
-    one on the fresh batch (on-policy), K - 1 on uniform buffer samples of the same size (off-policy)."""
-    batch["reward"] = shaped_rewards(rewards, args.group_size, args.reward_mode)
-    batch["ref_v1"], batch["ref_logp"] = reference_terms(ref_model, batch, args)
-    n_local = batch["completion_ids"].shape[0]
-    buffer_add(state["buffer"], split_items(batch), state["algo_rounds"])
-    metrics = optimizer_step(model, opt, batch, args, world, amp)
-    state["updates"] += 1
-    rng = random.Random(f"{args.seed}-replay-{state['algo_rounds']}-{int(os.environ.get('RANK', '0'))}")
-    ages = []
-    for _ in range(args.updates_per_round - 1):
-        items = buffer_sample(state["buffer"], n_local, rng)
-        ages += [state["algo_rounds"] - it["round"] for it in items]
-        policy = model.module if hasattr(model, "module") else model
-        metrics = optimizer_step(model, opt, collate(items, tok.pad_token_id, policy.device), args, world, amp)
-        state["updates"] += 1
-        state["replay_updates"] += 1
-    state["algo_rounds"] += 1
-    if args.ref_reset_every and state["algo_rounds"] % args.ref_reset_every == 0:
-        reset_reference(model, ref_model, tok, state, args)
-    uses = state["buffer"]["evicted_uses"]
-    metrics.update({"replay/size": len(state["buffer"]["items"]), "replay/ref_resets": state["ref_resets"],
-                    "replay/mean_age_rounds": float(np.mean(ages)) if ages else 0.0,
-                    "replay/uses_per_evicted_trajectory": float(np.mean(uses)) if uses else 0.0})
-    return metrics
-
-
-def algo_state(args: Args) -> dict:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return {"updates": 0, "replay_updates": 0, "algo_rounds": 0, "ref_resets": 0, "ref_weights": None,
-            "buffer": new_buffer(max(args.buffer_size // world, 1))}
-
-
-def needs_reference(args: Args) -> bool:
-    return True  # log pi_ref and V_ref are part of every residual
-
-
-def algo_configure(args: Args, argv: Optional[list]) -> Args:
-    """Presets (flags given on the command line win), ReVal's defaults, and its one requirement on sampling."""
-    if args.preset != "none" and not args.resume:  # a resumed run keeps its saved (preset-filled) flags
-        args = tyro.cli(Args, args=argv, default=dataclasses.replace(Args(), **PRESETS[args.preset],
-                                                                      preset=args.preset))
-    if args.beta is None:
-        args.beta = 0.1
-    if args.buffer_size is None:
-        args.buffer_size = 5 * args.prompts_per_round * args.group_size
-    if args.temperature != 1.0:
-        raise UserError("ReVal's behaviour policy is softmax(Q) itself: --temperature must be 1.0")
-    return args
-
-
 ALGO_RANGES = {"beta": "(0, inf)", "updates_per_round": "[1, inf)", "buffer_size": "[1, inf)",
                "ref_reset_every": "[0, inf)"}
 ALGO_RESUME_MAY_CHANGE: set = set()  # ReVal flags a --resume may change beyond the shared ones: none
-
-
-def algo_resume(ref_model, state: dict) -> None:
-    """After a reference reset the reference is no longer the initial model: restore its saved weights."""
-    if state.get("ref_weights") is not None:
-        ref_model.load_state_dict(state["ref_weights"])
 
 
 # >>> shared:eval
@@ -683,23 +627,36 @@ COMMON_RANGES = {"seed": SEED_RANGE, "temperature": "(0, inf)", "reward_timeout"
                                                   "eval_prompts", "eval_batch_size", "checkpoint_every")}}
 
 
+def model_defaults(args: Args) -> dict:
+    """Defaults that depend on --model: the learning rate (the built-in 1M-parameter model trains at 5e-5; real
+    models at the ReVal paper's 1e-6)."""
+    return {"learning_rate": 5e-5 if args.model == BUILTIN else 1e-6}
+
+
 def main(argv: Optional[list] = None) -> None:
-    args = tyro.cli(Args, args=argv)
+    args = peek_args(Args, argv)  # --help is answered below, showing the resolved defaults
     resume_dir = saved = None
     if args.resume:  # the saved config, overridden by the flags given now
         resume_dir, saved, args = load_checkpoint(args, argv)
+    else:
+        # >>> algo: the model's defaults, then the paper's settings with --preset (flags given now win)
+        args = cli_with_presets(Args, argv, lambda a: {**model_defaults(a), **PRESETS[a.preset]})
+        # <<< algo
     check_flags(args, COMMON_RANGES)
     if args.eval_only and saved is None:
         raise UserError("--eval-only evaluates a checkpoint: give the run with --resume DIR")
-    args = algo_configure(args, argv)
+    # >>> algo: ReVal's derived default and its one requirement on sampling
+    if args.buffer_size is None:  # M: five rounds of rollouts (the paper's 5,120 = 5 x 128 prompts x 8)
+        args.buffer_size = 5 * args.prompts_per_round * args.group_size
+    if args.temperature != 1.0:
+        raise UserError("ReVal's behaviour policy is softmax(Q) itself: --temperature must be 1.0")
+    # <<< algo
     check_flags(args, ALGO_RANGES)
     rank, world, device = setup_distributed(args.device)
     if args.prompts_per_round % world:
         raise UserError(f"--prompts-per-round {args.prompts_per_round} must be divisible by the {world} ranks")
     if args.bf16 is None:
         args.bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    if args.learning_rate is None:
-        args.learning_rate = 5e-5 if args.model == BUILTIN else 1e-6
     if args.prompt_template == "auto":
         args.prompt_template = "plain" if args.model == BUILTIN else "r1"
     log = print if rank == 0 else (lambda *a, **k: None)
@@ -727,20 +684,30 @@ def main(argv: Optional[list] = None) -> None:
     system = QWEN_MATH_SYSTEM if args.qwen_math_system else None
     to_prompt = lambda q: format_prompt(tok, q, args.prompt_template, system)  # noqa: E731
     eval_prompts, eval_golds = [to_prompt(r["question"]) for r in evalset], [r["answer"] for r in evalset]
+    # >>> algo: log pi_ref and V_ref are part of every residual (Eq. 2)
+    use_ref = True
+    # <<< algo
     ref_model = None
-    if needs_reference(args):
+    if use_ref:
         _, ref_model = load_model(args.model, device, args.bf16, log)
         ref_model.eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(0.9, 0.99),
                             weight_decay=args.weight_decay)
-    state = {"round": 0, "generated": 0, "initial_eval": None, "evals": [], "wall_time_s": 0.0, **algo_state(args)}
+    state = {"round": 0, "generated": 0, "initial_eval": None, "evals": [], "wall_time_s": 0.0, "updates": 0}
+    # >>> algo: the FIFO replay buffer of M trajectories (Sec. 4.3; per rank) and the reference-reset bookkeeping
+    state.update(replay_updates=0, algo_rounds=0, ref_resets=0, ref_weights=None,
+                 buffer=new_buffer(max(args.buffer_size // world, 1)))
+    # <<< algo
     if saved is not None:
         opt.load_state_dict(saved["optimizer"])
         for g in opt.param_groups:  # the learning rate of the current flags (a --resume may change it)
             g["lr"] = args.learning_rate
         state.update(saved["state"])
         set_rng_state(saved["rng"])
-        algo_resume(ref_model, state)
+        # >>> algo: after a reference reset pi_ref is no longer the initial model: its saved weights
+        if state["ref_weights"] is not None:
+            ref_model.load_state_dict(state["ref_weights"])
+        # <<< algo
     if rank == 0:  # only now: a run that fails on its flags, data or model leaves no folder behind
         make_output_dir(out_dir)
     if rank == 0 and not args.eval_only:
@@ -777,8 +744,6 @@ def main(argv: Optional[list] = None) -> None:
         logger.scalars(res, 0)
         log(f"round 0: eval accuracy {res['eval/accuracy']:.3f}"
             + (f", sampled mean@{args.eval_samples} {res['eval/accuracy_sampled']:.3f}" if args.eval_samples else ""))
-    from tqdm import tqdm
-
     bar = tqdm(total=args.total_rounds, initial=state["round"], desc=exp_name, unit="round", disable=rank != 0,
                dynamic_ncols=True)
     for rnd in range(state["round"], args.total_rounds):
@@ -804,27 +769,49 @@ def main(argv: Optional[list] = None) -> None:
         t_rew = time.time()
         # 3. the algorithm's update(s)
         updates_before = state["updates"]
-        metrics = algo_round(model, ref_model, tok, opt, batch, rewards, state, args, world, amp)
+        # >>> algo: ReVal, Algorithm 1: cache the fresh rollouts' reference terms and push them to the FIFO buffer;
+        # one update (Eq. 2) on them, K - 1 on uniform buffer samples of the same size; every ref_reset_every rounds
+        # pi_ref <- pi_theta (Sec. 5.5.3)
+        batch["reward"] = shaped_rewards(rewards, args.group_size, args.reward_mode)
+        batch["ref_v1"], batch["ref_logp"] = reference_terms(ref_model, batch, args)
+        buffer_add(state["buffer"], split_items(batch), state["algo_rounds"])
+        metrics = optimizer_step(model, opt, batch, args, world, amp)
+        state["updates"] += 1
+        replay_rng = random.Random(f"{args.seed}-replay-{state['algo_rounds']}-{rank}")
+        ages = []
+        for _ in range(args.updates_per_round - 1):
+            items = buffer_sample(state["buffer"], batch["completion_ids"].shape[0], replay_rng)
+            ages += [state["algo_rounds"] - it["round"] for it in items]
+            metrics = optimizer_step(model, opt, collate(items, tok.pad_token_id, device), args, world, amp)
+            state["updates"] += 1
+            state["replay_updates"] += 1
+        state["algo_rounds"] += 1
+        if args.ref_reset_every and state["algo_rounds"] % args.ref_reset_every == 0:
+            reset_reference(model, ref_model, tok, state, args)
+        uses = state["buffer"]["evicted_uses"]
+        metrics.update({"replay/size": len(state["buffer"]["items"]), "replay/ref_resets": state["ref_resets"],
+                        "replay/mean_age_rounds": float(np.mean(ages)) if ages else 0.0,
+                        "replay/uses_per_evicted_trajectory": float(np.mean(uses)) if uses else 0.0})
+        # <<< algo
         check_finite({k: v for k, v in metrics.items() if k in ("train/loss", "train/grad_norm")}, f"round {rnd + 1}")
         if not all(torch.isfinite(p).all() for p in policy.parameters()):
             raise Diverged(f"non-finite model parameters after round {rnd + 1}; the run stops, its last checkpoint "
                            f"is kept")
         t_upd = time.time()
         state["round"], state["generated"] = rnd + 1, state["generated"] + args.prompts_per_round * args.group_size
-        lengths = batch["completion_mask"].sum(1).float()
-        stats = all_reduce_sum(torch.stack([rewards.sum(), torch.tensor(float(len(rewards_list)), device=device),
-                                            lengths.sum(), batch["truncated"].float().sum(),
-                                            torch.tensor(fmt * len(rewards_list), device=device),
-                                            batch["prompt_mask"].sum().float()]))
-        n = stats[1].clamp(min=1)
-        gen_tokens = float(stats[2])
+        local = {"reward": rewards.sum(), "completions": torch.tensor(float(len(rewards_list)), device=device),
+                 "tokens": batch["completion_mask"].sum().float(), "truncated": batch["truncated"].float().sum(),
+                 "formatted": torch.tensor(fmt * len(rewards_list), device=device),
+                 "prompt_tokens": batch["prompt_mask"].sum().float()}
+        sums = dict(zip(local, all_reduce_sum(torch.stack(list(local.values()))).tolist()))  # over ranks
+        n, gen_tokens = max(sums["completions"], 1.0), sums["tokens"]
         metrics.update({
-            "train/reward": float(stats[0] / n), "train/format_rate": float(stats[4] / n),
-            "completions/mean_length": float(stats[2] / n), "completions/clipped_ratio": float(stats[3] / n),
+            "train/reward": sums["reward"] / n, "train/format_rate": sums["formatted"] / n,
+            "completions/mean_length": gen_tokens / n, "completions/clipped_ratio": sums["truncated"] / n,
             "time/generation_s": t_gen - t0, "time/reward_s": t_rew - t_gen, "time/update_s": t_upd - t_rew,
             "time/round_s": t_upd - t0, "time/generation_tokens_per_s": gen_tokens / max(t_gen - t0, 1e-9),
             # tokens through forward + backward in the update phase (old/ref log-prob passes not counted)
-            "time/train_tokens_per_s": (gen_tokens + float(stats[5])) * (state["updates"] - updates_before)
+            "time/train_tokens_per_s": (gen_tokens + sums["prompt_tokens"]) * (state["updates"] - updates_before)
             / max(t_upd - t_rew, 1e-9),
         })
         logger.scalars(metrics, rnd + 1)

@@ -23,7 +23,6 @@ import tyro
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import edis_iql as m  # noqa: E402
-from utils.tasks import get_task  # noqa: E402
 
 STEP, GOAL, GOAL_RADIUS = 0.15, (0.7, 0.7), 0.2
 WALL_X, WALL_Y = 0.1, 0.3  # the wall: |x| <= WALL_X and y <= WALL_Y
@@ -81,8 +80,7 @@ def buffer(data: dict) -> m.ReplayBuffer:
 def toy_args(**kw) -> m.Args:
     sizes = dict(edis_width=128, edis_depth=2, edis_diffusion_steps=3000, edis_diffusion_lr=1e-3,
                  edis_sample_steps=32, energy_pool=512, energy_steps=500, energy_hidden=128, edis_num_samples=2000)
-    args = m.Args(env="pointmaze-umaze", offline_steps=0, online_steps=0, **{**sizes, **kw})
-    return m.apply_presets(args, get_task("pointmaze-umaze"), torch.device("cpu"))
+    return m.make_args(env="pointmaze-umaze", device="cpu", offline_steps=0, online_steps=0, **{**sizes, **kw})
 
 
 def measure(x: torch.Tensor, codec: m.TransitionCodec, online_states: torch.Tensor) -> dict:

@@ -54,8 +54,7 @@ def main(a: Cli) -> None:
     dev = torch.device(a.device)
     sizes = {"q_layers": 5, "cql_n_actions": 10} if a.algo == "calql" else {}  # AntMaze sizes, not the CPU preset's
     sizes["fused_update"] = a.fused_update
-    args = mod.apply_presets(mod.Args(env=task.name, offline_steps=10**6, online_steps=0, bf16=a.bf16, **sizes), task,
-                             dev)
+    args = mod.make_args(env=task.name, device=a.device, offline_steps=10**6, online_steps=0, bf16=a.bf16, **sizes)
     obs_dim, act_dim, n = 29, 8, 100_000
     gen = torch.Generator(device=dev)
     gen.manual_seed(0)

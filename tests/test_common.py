@@ -35,3 +35,54 @@ def test_help_works(script):
     p = run_script([script, "--help"])
     assert p.returncode == 0, p.stderr
     assert "--seed" in p.stdout
+
+
+def test_cli_with_presets_precedence_chaining_and_help(capsys):
+    """The one preset mechanism of the four scripts: presets replace the written defaults, a flag given on the command
+    line always wins, a preset may set the flag another preset depends on, and --help shows the resolved values."""
+    import dataclasses
+
+    from utils.common import cli_with_presets
+
+    @dataclasses.dataclass
+    class A:
+        preset: str = "none"
+        """a named preset"""
+        model: str = "small"
+        """the model"""
+        lr: float = 1.0
+        """the learning rate"""
+        steps: int = 10
+        """the budget"""
+
+    def presets(a: A) -> dict:  # the named preset sets the model; the model sets the learning rate
+        return {**({"model": "big", "steps": 99} if a.preset == "paper" else {}),
+                "lr": 0.001 if a.model == "big" else 1.0}
+
+    assert cli_with_presets(A, [], presets) == A()
+    assert cli_with_presets(A, ["--preset", "paper"], presets) == A("paper", "big", 0.001, 99)  # chained
+    assert cli_with_presets(A, ["--preset", "paper", "--steps", "5", "--lr", "0.5"], presets) == A(
+        "paper", "big", 0.5, 5)  # explicit flags win over both presets
+    assert cli_with_presets(A, ["--model", "big"], presets).lr == 0.001
+    assert cli_with_presets(A, ["--preset", "paper", "--model", "small"], presets).lr == 1.0
+    with pytest.raises(SystemExit):
+        cli_with_presets(A, ["--preset", "paper", "--help"], presets)
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: big)" in out and "(default: 0.001)" in out and "(default: 99)" in out
+
+
+@pytest.mark.parametrize("argv,shown", [
+    (["edis_iql.py", "--env", "antmaze-large", "--help"], ["--expectile FLOAT", "(default: 0.9)", "--edis-ratio FLOAT",
+                                                            "(default: 0.1)", "(default: 100)"]),
+    (["edis_calql.py", "--env", "hopper-medium", "--help"], ["(default: 0.2)"]),
+    (["reval_llm.py", "--preset", "paper-7b", "--help"], ["(default: Qwen/Qwen2.5-Math-7B)", "(default: 1e-06)",
+                                                           "(default: 0.02)", "(default: 200)"]),
+    (["grpo_llm.py", "--model", "some/hub-model", "--help"], ["(default: 1e-06)"]),
+])
+def test_help_shows_the_preset_values(argv, shown):
+    """`--help` after a task, device, preset or model prints the values a run with them would use."""
+    p = run_script(argv, {"COLUMNS": "400"})  # one help line per flag
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = " ".join(p.stdout.split())
+    for s in shown:
+        assert s in out, (s, out[:3000])

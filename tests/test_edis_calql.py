@@ -15,8 +15,7 @@ from utils.tasks import get_task
 
 
 def make_args(task="antmaze-umaze", **kw):
-    t = get_task(task)
-    return m.apply_presets(m.Args(env=t.name, offline_steps=100, online_steps=0, **kw), t, torch.device("cpu"))
+    return m.make_args(env=get_task(task).name, device="cpu", offline_steps=100, online_steps=0, **kw)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -97,10 +96,7 @@ def test_cql_logsumexp_hand_value():
 
 def member_q(qf, i, s, a):
     """Critic i as a plain MLP, one state-action pair at a time (slow reference)."""
-    h = torch.cat([s, a], -1)
-    for layer in qf.net:
-        h = h @ layer.weight[i] + layer.bias[i, 0] if isinstance(layer, m.EnsembleLinear) else layer(h)
-    return h.squeeze(-1)
+    return (qf.q1, qf.q2)[i](torch.cat([s, a], -1)).squeeze(-1)
 
 
 def reference_losses(agent, batch, args, calibrate, cql_alpha):

@@ -13,15 +13,12 @@ import torch
 
 import edis_iql as m
 from tests.conftest import read_scalars, run_and_kill, run_script
-from utils.tasks import get_task
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
 
 def make_args(**kw):
-    task = get_task("antmaze-umaze")
-    args = m.Args(env=task.name, offline_steps=100, online_steps=0, **kw)
-    return m.apply_presets(args, task, torch.device("cpu"))
+    return m.make_args(env="antmaze-umaze", device="cpu", offline_steps=100, online_steps=0, **kw)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -140,16 +137,26 @@ def test_every_trainable_parameter_changes(fused):
         assert not torch.equal(before[k], after[k]), f"{k} did not change"
 
 
-def test_twin_q_members_are_independent_linears():
+@pytest.mark.parametrize("n_hidden", [1, 2, 5])
+def test_batched_twin_q_equals_the_two_plain_critics(n_hidden):
+    """--fused-update's batched critic forward (one bmm per layer for both critics, the first layer's state half
+    shared by a state's actions) gives the plain critics' values and gradients; the critics have their own weights."""
     torch.manual_seed(0)
-    q = m.TwinQ(5, 2, 16)
-    s, a = torch.randn(7, 5), torch.randn(7, 2)
-    out = q(s, a)
-    for i in range(2):  # member i is an ordinary MLP with its own weights
-        h = torch.cat([s, a], -1)
-        for layer in q.net:
-            h = h @ layer.weight[i] + layer.bias[i] if isinstance(layer, m.EnsembleLinear) else layer(h)
-        torch.testing.assert_close(out[i], h.squeeze(-1))
+    q = m.TwinQ(5, 2, 16, n_hidden)
+    s, acts = torch.randn(7, 5), torch.randn(7, 3, 2)
+    plain = q.forward_multi(s, acts)  # [2, 7, 3]
+    grads_plain = torch.autograd.grad(plain.square().sum(), list(q.parameters()))
+    q.batched = True
+    batched = q.forward_multi(s, acts)
+    grads_batched = torch.autograd.grad(batched.square().sum(), list(q.parameters()))
+    torch.testing.assert_close(batched, plain, rtol=1e-5, atol=1e-6)
+    for g1, g2 in zip(grads_batched, grads_plain):
+        torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-6)
+    for i, member in enumerate((q.q1, q.q2)):  # member i, one state-action pair at a time
+        for n in range(3):
+            torch.testing.assert_close(plain[i, :, n], member(torch.cat([s, acts[:, n]], -1))[:, 0])
+    torch.testing.assert_close(q(s, acts[:, 0]), plain[..., 0])
+    assert not torch.equal(q.q1[0].weight, q.q2[0].weight)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -394,18 +401,25 @@ def test_kill_and_resume(tiny_pointmaze, tmp_path):
     assert summary["updates"] == offline + 300 and summary["online_env_steps"] == 300 and summary["edis_retrains"] == 2
 
 
-def test_resume_of_checkpoint_with_other_energies_is_one_line(tiny_pointmaze, tmp_path):
-    """A checkpoint whose energies have other shapes (the previous version's block energies) is refused in one line."""
+def test_resume_of_checkpoint_with_other_networks_is_one_line(tiny_pointmaze, tmp_path):
+    """A checkpoint of an older version (block energies, or ensemble critics) is refused in one line."""
     out = tmp_path / "run"
     p = run_script(["edis_iql.py", *SMOKE, "--offline-steps", "20", "--online-steps", "0", "--output-dir", str(out)],
                    tiny_pointmaze, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    energies = ckpt["edis"]["energies"]
     ckpt["edis"]["energies"] = m.make_energies(5, "factored", 8, torch.device("cpu")).state_dict()
     torch.save(ckpt, out / "checkpoint.pt")
     p = run_script(["edis_iql.py", "--resume", str(out), "--online-steps", "300"], tiny_pointmaze, timeout=600)
     assert p.returncode == 2 and "EDIS energies do not fit" in p.stderr and "Traceback" not in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
+    # and one of the older version whose twin critics were one ensemble module (qf.net.* instead of qf.q1/q2.*)
+    ckpt["edis"]["energies"] = energies
+    ckpt["agent"] = {k.replace(".q1.", ".net."): v for k, v in ckpt["agent"].items() if ".q2." not in k}
+    torch.save(ckpt, out / "checkpoint.pt")
+    p = run_script(["edis_iql.py", "--resume", str(out), "--online-steps", "300"], tiny_pointmaze, timeout=600)
+    assert p.returncode == 2 and "networks do not fit" in p.stderr and len(p.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("flags, text", [

@@ -172,10 +172,9 @@ def test_every_trainable_parameter_changes_after_one_update(tiny_model_dir):
     torch.manual_seed(0)
     batch = g.generate(model, tok, ["Question: a\nAnswer:", "Question: b\nAnswer:"], 4, args)
     rewards = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0, 0.0])
-    state = g.algo_state(args)
-    metrics = g.algo_round(model, None, tok, opt, batch, rewards, state, args, 1, lambda: torch.autocast(
-        "cpu", enabled=False))
-    assert state["updates"] == 1 and math.isfinite(metrics["train/loss"])
+    batch = g.prepare_round(model, None, tok, batch, rewards, args)  # main()'s GRPO region, mu = 1
+    metrics = g.optimizer_step(model, opt, batch, args, 1, lambda: torch.autocast("cpu", enabled=False))
+    assert math.isfinite(metrics["train/loss"])
     for k, v in model.named_parameters():
         assert not torch.equal(before[k], v), f"{k} did not change"
 

@@ -89,6 +89,33 @@ def resumed_args(args_cls, argv, checkpoint, folder: str, may_change: set, what:
     return args
 
 
+def peek_args(args_cls, argv: Optional[list], default=None):
+    """The flags of ``argv`` parsed without answering ``--help``: what decides how the real parse is done (--resume,
+    the task, a preset), before the parse that prints the help with the resolved defaults."""
+    import tyro
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return tyro.cli(args_cls, args=[a for a in argv if a not in ("-h", "--help")], default=default)
+
+
+def cli_with_presets(args_cls, argv: Optional[list], presets: Callable[[Any], dict]):
+    """Parse the command line over preset defaults, the one preset mechanism of all four scripts.
+
+    ``presets(args)`` maps parsed flags (the task, the device, a --preset name, the model) to default values of
+    other flags. The command line is parsed over them, so a flag given explicitly always wins, and again until the
+    defaults stop changing (a preset may set the flag another one depends on: a paper preset sets --model, which sets
+    the learning rate). ``--help`` is answered by the last parse, so it shows the values this run would use."""
+    import tyro
+
+    defaults = args_cls()
+    for _ in range(5):
+        new = dataclasses.replace(args_cls(), **presets(peek_args(args_cls, argv, defaults)))
+        if new == defaults:
+            break
+        defaults = new
+    return tyro.cli(args_cls, args=list(sys.argv[1:] if argv is None else argv), default=defaults)
+
+
 def check_resume_flags(saved: dict, now: dict, may_change: set) -> list:
     """Flags given together with ``--resume`` that differ from the checkpoint's: a UserError for those outside
     ``may_change`` (network sizes, data, the algorithm's definition), else the list of changed names (applied)."""

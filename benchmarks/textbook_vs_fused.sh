@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The textbook updates (the defaults: separate losses and optimizers, two plain critics) against --fused-update (one
+# backward / one Adam, both critics in one batched matmul) at AntMaze sizes, 3 alternating runs each, on an otherwise
+# idle machine. Usage: bash benchmarks/textbook_vs_fused.sh   (about 5 minutes on 2 CPU cores)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+: > benchmarks/results/iql_textbook_vs_fused.jsonl
+: > benchmarks/results/calql_textbook_vs_fused.jsonl
+for rep in 1 2 3; do
+  for f in "" --fused-update; do
+    python benchmarks/update_throughput.py --algo iql $f >> benchmarks/results/iql_textbook_vs_fused.jsonl
+    python benchmarks/update_throughput.py --algo calql --updates 40 --warmup 5 $f \
+      >> benchmarks/results/calql_textbook_vs_fused.jsonl
+  done
+done
