@@ -153,7 +153,7 @@ def main(a: Cli) -> None:
         offline.add_batch({"observations": (data.observations - norm["obs_mean"]) / norm["obs_std"],
                            "actions": data.actions, "rewards": rewards,
                            "next_observations": (data.next_observations - norm["obs_mean"]) / norm["obs_std"],
-                           "terminals": data.terminals, **mod.offline_extras(data, rewards, args)})
+                           "terminals": data.terminals})  # EDIS models (s, a, r, s', d) only: no extras
         full = mod.ReplayBuffer(obs_dim, act_dim, ckpt["online_buffer"]["size"], device, extra=mod.BUFFER_EXTRA)
         full.load_state_dict(ckpt["online_buffer"])
         # the held-out online transitions never enter a training pool: split once, train on the rest

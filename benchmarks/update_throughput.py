@@ -76,11 +76,13 @@ def main(a: Cli) -> None:
             return mod.concat_batches(synthetic.sample(k, gen), offline.sample(args.batch_size - k, gen))
         return offline.sample(args.batch_size, gen)
 
-    update = torch.compile(mod.UPDATE) if a.compile else mod.UPDATE
+    fn = mod.iql_update if a.algo == "iql" else mod.calql_update
+    update = torch.compile(fn) if a.compile else fn
+    extra = () if a.algo == "iql" else (args.calibration, args.cql_alpha)  # main()'s offline-phase call
 
-    def step():  # the scripts' own train_step: offline phase (Cal-QL: calibration on, offline CQL weight)
+    def step():
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.bf16):
-            return mod.train_step(agent, opts, batch(), args, 0, update)
+            return update(agent, opts, batch(), args, *extra)
 
     for _ in range(a.warmup):
         step()
