@@ -97,7 +97,7 @@ def main(a: Cli) -> None:
                       "fused_update": a.fused_update,
                       "threads": a.threads,
                       "device": a.device,
-                      "updates": a.updates, "updates_per_s": round(a.updates / dt, 1),
+                      "updates": a.updates, "updates_per_s": round(a.updates / dt, 3),
                       "cpu": platform.processor() or platform.machine(), "torch": torch.__version__}))
 
 
