@@ -279,9 +279,9 @@ def llm_tuning_tables(data: dict) -> dict:
             tables[name] = comparison_table(rs, tuned_labels(data, tune_phase))
     rows = beta_rows(data)
     if rows:
-        lines = ["| beta | seeds | sampled: final | greedy: final | sampled: 1st eval |", "|---" * 5 + "|"]
-        for beta, rs in rows:
-            lines.append(f"| {beta:g} | {', '.join(str(r['seed']) for r in rs)} | "
+        lines = ["| beta | split | seeds | sampled: final | greedy: final | sampled: round 10 |", "|---" * 6 + "|"]
+        for beta, split, rs in rows:
+            lines.append(f"| {beta:g} | {split} | {', '.join(str(r['seed']) for r in rs)} | "
                          f"{ms([r['evals'][-1]['accuracy_sampled'] for r in rs])} | "
                          f"{ms([r['evals'][-1]['accuracy'] for r in rs])} | "
                          f"{ms([r['evals'][1]['accuracy_sampled'] for r in rs])} |")
@@ -289,17 +289,26 @@ def llm_tuning_tables(data: dict) -> dict:
     return tables
 
 
+def beta_of(config: str) -> float:
+    return float(re.search(r"beta([0-9.e-]+?)(?:_|$)", config).group(1))
+
+
 def beta_rows(data: dict) -> list:
-    """[(beta, runs)]: the beta phase's runs plus the tuned beta's final runs, by beta."""
-    best = data["selections"].get("tune", {}).get("reval", {}).get("best")
+    """[(beta, split, runs)] of ReVal's tuned configuration at each beta: on the eval split the beta phase's runs and
+    the tuned beta's final runs; on the validation split the tuning runs that differ from it only in beta."""
+    best = data["selections"].get("tune", {}).get("reval", {}).get("best_name")
     if best is None:
         return []
-    by_beta: dict = {}
+    same_but_beta = re.compile("^" + re.escape(best).replace(re.escape(f"beta{beta_of(best):g}"), r"beta[0-9.e-]+")
+                               + "$")
+    by_key: dict = {}
     for r in data["runs"]:
-        if r["method"] == "reval" and r["phase"] in ("beta", "final"):
-            beta = float(re.search(r"beta([0-9.e-]+?)(?:_|$)", r["config"]).group(1))
-            by_beta.setdefault(beta, []).append(r)
-    return sorted((b, sorted(rs, key=lambda r: r["seed"])) for b, rs in by_beta.items())
+        if r["method"] != "reval" or not same_but_beta.match(r["config"]):
+            continue
+        split = {"beta": "eval", "final": "eval", "tune": "validation"}.get(r["phase"])
+        if split is not None:
+            by_key.setdefault((beta_of(r["config"]), split), []).append(r)
+    return [(b, split, sorted(rs, key=lambda r: r["seed"])) for (b, split), rs in sorted(by_key.items())]
 
 
 def llm_tuning_figures(data: dict) -> None:
@@ -317,17 +326,22 @@ def llm_tuning_figures(data: dict) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label in (("accuracy_sampled", "sampled (mean@4)"), ("accuracy", "greedy")):
-        ys = [[r["evals"][-1][key] for r in rs] for _, rs in rows]
-        ax.errorbar([b for b, _ in rows], [statistics.mean(y) for y in ys],
-                    yerr=[statistics.stdev(y) if len(y) > 1 else 0.0 for y in ys], marker="o", capsize=3,
-                    label=label)
-    ax.axhline(rows[0][1][0]["evals"][0]["accuracy"], color="gray", ls=":", lw=1, label="greedy at the start")
-    ax.axhline(rows[0][1][0]["evals"][0]["accuracy_sampled"], color="gray", ls="--", lw=1, label="sampled at the start")
-    ax.set(xscale="log", xlabel="beta (reward enters Eq. 2 as r / beta)", ylabel="final accuracy (eval split)",
-           title="ReVal's beta sensitivity, 120 rounds")
+    for split, marker in (("eval", "o"), ("validation", "s")):
+        pts = [(b, rs) for b, sp, rs in rows if sp == split]
+        for key, label in (("accuracy_sampled", "sampled (mean@4)"), ("accuracy", "greedy")):
+            if not pts:
+                continue
+            ys = [[r["evals"][-1][key] for r in rs] for _, rs in pts]
+            ax.errorbar([b for b, _ in pts], [statistics.mean(y) for y in ys],
+                        yerr=[statistics.stdev(y) if len(y) > 1 else 0.0 for y in ys], marker=marker, capsize=3,
+                        ls="-" if split == "eval" else "--", label=f"{label}, {split} split")
+    start = next((rs for _, sp, rs in rows if sp == "eval"), rows[0][2])[0]["evals"][0]
+    ax.axhline(start["accuracy"], color="gray", ls=":", lw=1, label="greedy at the start (eval split)")
+    ax.axhline(start["accuracy_sampled"], color="gray", ls="-.", lw=1, label="sampled at the start (eval split)")
+    ax.set(xscale="log", xlabel="beta (reward enters Eq. 2 as r / beta)", ylabel="accuracy after 120 rounds",
+           title="ReVal's beta sensitivity")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     save(fig, "llm_beta.png")
 
