@@ -762,7 +762,8 @@ def main(argv: Optional[list] = None) -> None:
         log(f"eval accuracy (greedy) {summary['initial_eval_accuracy']:.3f} -> {summary['final_eval_accuracy']:.3f}"
             f"{sampled} after {summary['rounds']} rounds; {out_dir}/summary.json")
     logger.close()
-    if dist.is_initialized():
+    if dist.is_initialized():  # wait for rank 0's checkpoint and summary: a rank leaving early can abort the group
+        dist.barrier()
         dist.destroy_process_group()
 # <<< shared:main
 
