@@ -279,9 +279,11 @@ def llm_tuning_tables(data: dict) -> dict:
             tables[name] = comparison_table(rs, tuned_labels(data, tune_phase))
     rows = beta_rows(data)
     if rows:
-        lines = ["| beta | split | seeds | sampled: final | greedy: final | sampled: round 10 |", "|---" * 6 + "|"]
+        lines = ["| beta | split (configuration) | seeds | sampled: final | greedy: final | sampled: round 10 |",
+                 "|---" * 6 + "|"]
         for beta, split, rs in rows:
-            lines.append(f"| {beta:g} | {split} | {', '.join(str(r['seed']) for r in rs)} | "
+            what = "eval (tuned)" if split == "eval" else "validation (grid's base: ReVal's defaults)"
+            lines.append(f"| {beta:g} | {what} | {', '.join(str(r['seed']) for r in rs)} | "
                          f"{ms([r['evals'][-1]['accuracy_sampled'] for r in rs])} | "
                          f"{ms([r['evals'][-1]['accuracy'] for r in rs])} | "
                          f"{ms([r['evals'][1]['accuracy_sampled'] for r in rs])} |")
@@ -294,20 +296,23 @@ def beta_of(config: str) -> float:
 
 
 def beta_rows(data: dict) -> list:
-    """[(beta, split, runs)] of ReVal's tuned configuration at each beta: on the eval split the beta phase's runs and
-    the tuned beta's final runs; on the validation split the tuning runs that differ from it only in beta."""
-    best = data["selections"].get("tune", {}).get("reval", {}).get("best_name")
-    if best is None:
+    """[(beta, split, runs)] for ReVal: on the eval split the tuned configuration (the beta phase's runs and the tuned
+    beta's final runs); on the validation split the tuning runs of the grid's base configuration (the first of the
+    grid) and those that differ from it only in beta."""
+    sel = data["selections"].get("tune", {}).get("reval")
+    if sel is None:
         return []
-    same_but_beta = re.compile("^" + re.escape(best).replace(re.escape(f"beta{beta_of(best):g}"), r"beta[0-9.e-]+")
-                               + "$")
+
+    def like(name: str):
+        return re.compile("^" + re.escape(name).replace(re.escape(f"beta{beta_of(name):g}"), r"beta[0-9.e-]+") + "$")
+
+    wanted = {"eval": (like(sel["best_name"]), ("beta", "final")), "validation": (like(next(iter(sel["scores"]))),
+                                                                                   ("tune",))}
     by_key: dict = {}
     for r in data["runs"]:
-        if r["method"] != "reval" or not same_but_beta.match(r["config"]):
-            continue
-        split = {"beta": "eval", "final": "eval", "tune": "validation"}.get(r["phase"])
-        if split is not None:
-            by_key.setdefault((beta_of(r["config"]), split), []).append(r)
+        for split, (pattern, phases) in wanted.items():
+            if r["method"] == "reval" and r["phase"] in phases and pattern.match(r["config"]):
+                by_key.setdefault((beta_of(r["config"]), split), []).append(r)
     return [(b, split, sorted(rs, key=lambda r: r["seed"])) for (b, split), rs in sorted(by_key.items())]
 
 
@@ -334,7 +339,8 @@ def llm_tuning_figures(data: dict) -> None:
             ys = [[r["evals"][-1][key] for r in rs] for _, rs in pts]
             ax.errorbar([b for b, _ in pts], [statistics.mean(y) for y in ys],
                         yerr=[statistics.stdev(y) if len(y) > 1 else 0.0 for y in ys], marker=marker, capsize=3,
-                        ls="-" if split == "eval" else "--", label=f"{label}, {split} split")
+                        ls="-" if split == "eval" else "--",
+                        label=f"{label}, " + ("eval, tuned" if split == "eval" else "validation, defaults"))
     start = next((rs for _, sp, rs in rows if sp == "eval"), rows[0][2])[0]["evals"][0]
     ax.axhline(start["accuracy"], color="gray", ls=":", lw=1, label="greedy at the start (eval split)")
     ax.axhline(start["accuracy_sampled"], color="gray", ls="-.", lw=1, label="sampled at the start (eval split)")
