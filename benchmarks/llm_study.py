@@ -17,7 +17,6 @@ continued by running the same command again. Extract and plot with ``benchmarks/
 
 import dataclasses
 import os
-import shlex
 import sys
 import time
 from typing import Literal
@@ -26,7 +25,7 @@ import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-from study_common import record_run, run_logged  # noqa: E402
+from study_common import llm_run_flags, record_run, run_logged  # noqa: E402
 
 SETTINGS = {
     "main": {"flags": ["--prompts-per-round", "16", "--group-size", "8"],
@@ -65,9 +64,7 @@ class Cli:
 def main(a: Cli) -> None:
     os.makedirs(a.out, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads), HF_HUB_OFFLINE="1")
-    common = ["--total-rounds", str(a.rounds), "--eval-every", str(a.eval_every), "--eval-prompts",
-              str(a.eval_prompts), "--eval-samples", str(a.eval_samples), "--checkpoint-every", str(a.rounds),
-              *shlex.split(a.extra)]
+    common = llm_run_flags(a.rounds, a.eval_every, a.eval_prompts, a.eval_samples, a.extra)
     study_command = " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
     for seed in a.seeds:  # seed-major: a study cut short still has every method for the seeds it finished
         for setting in a.settings:

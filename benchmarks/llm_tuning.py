@@ -25,7 +25,6 @@ import dataclasses
 import json
 import os
 import queue
-import shlex
 import statistics
 import sys
 import threading
@@ -36,7 +35,7 @@ import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-from study_common import record_run, run_logged  # noqa: E402
+from study_common import llm_run_flags, record_run, run_logged  # noqa: E402
 
 MAIN = ["--prompts-per-round", "16", "--group-size", "8"]
 N1 = ["--prompts-per-round", "32", "--group-size", "1"]
@@ -133,9 +132,7 @@ def select(a: Cli, phase: str, grid: dict) -> dict:
 def run_jobs(a: Cli, jobs: list) -> None:
     """jobs: (key, script, flags); up to a.workers at a time, worker i on core i; longest-looking first."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    common = ["--total-rounds", str(a.rounds), "--eval-every", str(a.eval_every), "--eval-samples",
-              str(a.eval_samples), "--eval-prompts", str(a.eval_prompts), "--checkpoint-every", str(a.rounds),
-              *shlex.split(a.extra)]
+    common = llm_run_flags(a.rounds, a.eval_every, a.eval_prompts, a.eval_samples, a.extra)
     study_command = " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
     todo: queue.Queue = queue.Queue()
     for job in sorted(jobs, key=lambda j: -int(dict(zip(j[2][::2], j[2][1::2])).get("--updates-per-round", 1))):

@@ -27,6 +27,14 @@ def machine_info() -> dict:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
+def llm_run_flags(rounds: int, eval_every: int, eval_prompts: int, eval_samples: int, extra: str) -> list:
+    """The flags every run of an LLM study shares: budget, evaluation, one checkpoint at the end, and --extra."""
+    import shlex
+
+    return ["--total-rounds", str(rounds), "--eval-every", str(eval_every), "--eval-prompts", str(eval_prompts),
+            "--eval-samples", str(eval_samples), "--checkpoint-every", str(rounds), *shlex.split(extra)]
+
+
 def run_logged(cmd: list, log_path: str, env: dict, cwd: str = ROOT) -> None:
     """Run cmd with stdout and stderr going to log_path; exit with a one-line message if it fails."""
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
