@@ -157,7 +157,11 @@ class Args:
     edis_online_frac: float = 0.5
     """fraction of every diffusion training batch drawn from online transitions (0: uniform over offline + online)"""
     edis_cond_prob: float = 0.5
-    """fraction of denoiser training rows that get s or (s, a) as a clean condition (for the factored energies)"""
+    """fraction of denoiser training rows that get s or (s, a) as a clean condition (factored energies or the
+    sequential sampler)"""
+    edis_sampler: Literal["joint", "sequential"] = "joint"
+    """joint: one guided pass over the whole transition (EDIS Sec. 4); sequential: (s, a) guided by E_s and E_pi,
+    then (r, s', d) from the conditional denoiser given (s, a), guided by E_T (docs/edis_iql.md, detail 15)"""
     guide_state: float = 1.0
     """weight of the state energy E_s (online state distribution); 1 = the exact product p * exp(-E) of the paper"""
     guide_policy: float = 1.0
@@ -166,12 +170,16 @@ class Args:
     """weight of the transition energy E_T (true dynamics)"""
     guide_online: float = 1.0
     """weight of the joint design's energy (online transitions vs the prior)"""
+    guide_realism: float = 1.0
+    """weight of the realism energy E_real: the denoiser's training data vs its own samples, -log p_data/p
+    (discriminator guidance, Kim et al. 2023; not in EDIS); 0 = not trained, the paper's three energies only"""
     guide_sigma_max: float = 5.0
     """guide only at noise levels sigma <= this (80 = everywhere); above it the energies are near chance"""
     energy_negatives: int = 10
     """K: negatives per positive in each InfoNCE group"""
-    energy_pool: int = 256
-    """positives (online transitions) per retrain for which K negatives are generated"""
+    energy_pool: int = 2048
+    """positives (online transitions) per retrain for which K negatives are generated (preset: 4096 on GPU, 2048 on
+    CPU; 256 made every energy less accurate and guidance weaker, docs/results.md study 3)"""
     energy_steps: int = 100
     """gradient steps of each energy per retrain (energies persist across retrains)"""
     energy_batch: int = 256
@@ -242,11 +250,11 @@ ALGO_RESUME_MAY_CHANGE: set = set()  # IQL flags a --resume may change: none bey
 # every 10k steps). CPU: small enough that `--env pointmaze-umaze` finishes in minutes on 2 cores.
 DEVICE_PRESETS = {
     "cuda": dict(offline_steps=1_000_000, online_steps=200_000, eval_every=10_000, edis_retrain_every=10_000,
-                 edis_num_samples=100_000, edis_width=1024, edis_depth=6, edis_sample_steps=128, energy_pool=1024,
+                 edis_num_samples=100_000, edis_width=1024, edis_depth=6, edis_sample_steps=128, energy_pool=4096,
                  energy_steps=200),
     "cpu": dict(offline_steps=20_000, online_steps=20_000, eval_every=5_000, edis_retrain_every=5_000,
                 edis_num_samples=20_000, edis_diffusion_steps=3_000, edis_width=256, edis_depth=3,
-                edis_sample_steps=32, energy_pool=256, energy_steps=100, eval_episodes=5),
+                edis_sample_steps=32, energy_pool=2048, energy_steps=100, eval_episodes=5),
 }
 
 
@@ -854,11 +862,16 @@ ENERGY_DESIGNS = {"factored": ("state", "policy", "transition"), "joint": ("onli
 
 def guidance_weights(args: Args) -> dict:
     return {"state": args.guide_state, "policy": args.guide_policy, "transition": args.guide_transition,
-            "online": args.guide_online}
+            "online": args.guide_online, "realism": args.guide_realism}
 
 
-def make_energies(dim: int, design: str, hidden: int, device: torch.device) -> nn.ModuleDict:
-    return nn.ModuleDict({k: EnergyNet(dim, hidden) for k in ENERGY_DESIGNS[design]}).to(device)
+def energy_names(args: Args) -> tuple:
+    """The energies a run trains: its design's, plus the realism energy when it is used."""
+    return ENERGY_DESIGNS[args.edis_energies] + (("realism",) if args.guide_realism != 0.0 else ())
+
+
+def make_energies(dim: int, names: tuple, hidden: int, device: torch.device) -> nn.ModuleDict:
+    return nn.ModuleDict({k: EnergyNet(dim, hidden) for k in names}).to(device)
 
 
 def make_guidance(energies: nn.ModuleDict, weights: dict) -> Optional[GuidanceFn]:
@@ -913,7 +926,7 @@ class EDISState:
 
 def new_edis_state(obs_dim: int, act_dim: int, args: Args, device: torch.device) -> EDISState:
     codec = TransitionCodec(obs_dim, act_dim, device)
-    energies = make_energies(codec.dim, args.edis_energies, args.energy_hidden, device)
+    energies = make_energies(codec.dim, energy_names(args), args.energy_hidden, device)
     return EDISState(codec, energies, torch.optim.Adam(energies.parameters(), lr=args.energy_lr))
 
 
@@ -924,12 +937,22 @@ def ema_decay(step: int, max_decay: float) -> float:
     return min(max_decay, 1.0 - (1.0 + step) ** (-2.0 / 3.0))
 
 
+def diffusion_rows(n_rows: int, n_online: int, n: int, args: Args, generator: torch.Generator,
+                   device: torch.device) -> torch.Tensor:
+    """n row indices of a diffusion training batch: the last n_online rows are online transitions, drawn with
+    probability --edis-online-frac (0: uniform over all rows, as the official code)."""
+    if 0 < n_online < n_rows and args.edis_online_frac > 0:
+        off = torch.randint(0, n_rows - n_online, (n,), device=device, generator=generator)
+        on = torch.randint(n_rows - n_online, n_rows, (n,), device=device, generator=generator)
+        return torch.where(torch.rand(n, device=device, generator=generator) < args.edis_online_frac, on, off)
+    return torch.randint(0, n_rows, (n,), device=device, generator=generator)
+
+
 def train_diffusion(x: torch.Tensor, args: Args, generator: torch.Generator,
                     cond_masks: Optional[torch.Tensor] = None, n_online: int = 0) -> tuple:
     """Fit a fresh denoiser on the normalised transitions x [N, D] (EDM loss, AdamW, cosine lr, grad clip 1, EMA).
 
-    The last ``n_online`` rows of x are online transitions: a fraction --edis-online-frac of every batch is drawn from
-    them and the rest from the offline rows (0: uniform over all rows, as the official code).
+    The last ``n_online`` rows of x are online transitions (batches: ``diffusion_rows``).
 
     With ``cond_masks`` [M, D] (row 0 all zero), a fraction --edis-cond-prob of the training rows get one of the
     other masks (uniformly) as a clean condition, so the same network samples conditionals too.
@@ -944,13 +967,7 @@ def train_diffusion(x: torch.Tensor, args: Args, generator: torch.Generator,
     losses = torch.zeros(args.edis_diffusion_steps, device=x.device)
     B = args.edis_diffusion_batch
     for step in range(args.edis_diffusion_steps):
-        if 0 < n_online < x.shape[0] and args.edis_online_frac > 0:  # online rows are x[n_off:]
-            n_off = x.shape[0] - n_online
-            off = torch.randint(0, n_off, (B,), device=x.device, generator=generator)
-            on = torch.randint(n_off, x.shape[0], (B,), device=x.device, generator=generator)
-            idx = torch.where(torch.rand(B, device=x.device, generator=generator) < args.edis_online_frac, on, off)
-        else:
-            idx = torch.randint(0, x.shape[0], (B,), device=x.device, generator=generator)
+        idx = diffusion_rows(x.shape[0], n_online, B, args, generator, x.device)
         mask = None
         if cond_masks is not None:  # row 0 (unconditional) with prob 1 - cond_prob, else one of the others
             u = torch.rand(B, device=x.device, generator=generator)
@@ -979,16 +996,20 @@ def sample_chunked(net: nn.Module, n: int, dim: int, args: Args, generator: torc
     return torch.cat(out)
 
 
-def contrastive_sets(design: str, denoiser: nn.Module, codec: TransitionCodec, x_on: torch.Tensor,
-                     x_pi: torch.Tensor, K: int, args: Args, generator: torch.Generator) -> dict:
-    """Positives [M, D] and negatives [M, K, D] of each energy (normalised transitions, clean: noise comes later).
+def contrastive_sets(names: tuple, denoiser: nn.Module, codec: TransitionCodec, x_on: torch.Tensor,
+                     x_pi: torch.Tensor, x_data: torch.Tensor, K: int, args: Args, generator: torch.Generator) -> dict:
+    """Positives [M, D] and negatives [M, K, D] of each energy in ``names`` (normalised, clean: noise comes later).
 
-    x_on: M real online transitions; x_pi: the same rows with a ~ pi(.|s) from the current policy (only s, a used).
+    x_on: M real online transitions; x_pi: the same rows with a ~ pi(.|s) from the current policy (only s, a used);
+    x_data: M rows drawn as the denoiser's training batches are (offline and online, --edis-online-frac).
     Each energy's positives and negatives share everything except the factor it measures (EDIS Sec. 4):
       state       d_on(s)/d_p(s):      [s_on, (a,r,s',d) ~ p(.|s_on)]      vs  x ~ p(x)
       policy      pi(a|s)/mu(a|s):     [s, a_pi, (r,s',d) ~ p(.|s,a_pi)]   vs  [s, (a,r,s',d) ~ p(.|s)]
       transition  T/T_hat(s'|s,a):     real online (s, a, r, s', d)        vs  [s, a, (r,s',d) ~ p(.|s,a)]
       online (joint design)            real online (s, a, r, s', d)        vs  x ~ p(x)
+      realism     p_data(x)/p(x):      x ~ the denoiser's training data    vs  x ~ p(x)
+    The realism energy corrects the prior's own errors (states in walls, wrong s' for (s, a)) toward its training
+    data, whatever the online data are (discriminator guidance, Kim et al. 2023).
     """
     M, D = x_on.shape
     masks = codec.cond_masks()
@@ -998,20 +1019,22 @@ def contrastive_sets(design: str, denoiser: nn.Module, codec: TransitionCodec, x
 
     rep = lambda t: t.repeat_interleave(K, 0)  # noqa: E731  (K copies of each row, one per negative)
     uncond = prior(M * K).view(M, K, D)
-    if design == "joint":
-        return {"online": (x_on, uncond)}
+    sets = {"realism": (x_data, uncond)} if "realism" in names else {}
+    if "online" in names:
+        return {"online": (x_on, uncond), **sets}
     given_s = prior(M * K, rep(x_on), masks[1]).view(M, K, D)  # K draws of (a, r, s', d) | s_on
     given_s_pi = prior(M, x_pi, masks[2])  # (r, s', d) | s, a_pi
     given_sa = prior(M * K, rep(x_on), masks[2]).view(M, K, D)  # K draws of (r, s', d) | s, a
-    return {"state": (given_s[:, 0], uncond), "policy": (given_s_pi, given_s), "transition": (x_on, given_sa)}
+    return {"state": (given_s[:, 0], uncond), "policy": (given_s_pi, given_s), "transition": (x_on, given_sa), **sets}
 
 
 def train_energies(state: EDISState, denoiser: nn.Module, online: ReplayBuffer, policy_sample: Callable, args: Args,
-                   generator: torch.Generator) -> dict:
+                   generator: torch.Generator, x_train: torch.Tensor) -> dict:
     """InfoNCE training of the energies at the noise levels the sampler visits (CEP Sec. 4; EDIS Sec. 4).
 
     --energy-pool online transitions are drawn; 4/5 of them (with their K negatives each) train the energies for
-    --energy-steps steps, 1/5 are held out to measure each energy's accuracy per noise band.
+    --energy-steps steps, 1/5 are held out to measure each energy's accuracy per noise band. ``x_train``: the
+    denoiser's normalised training rows (online rows last), the realism energy's positives.
     """
     codec, K, M = state.codec, args.energy_negatives, args.energy_pool
     device = codec.mean.device
@@ -1019,7 +1042,8 @@ def train_energies(state: EDISState, denoiser: nn.Module, online: ReplayBuffer, 
     with torch.no_grad():
         x_on = codec.encode(pos_batch)
         x_pi = codec.encode(dict(pos_batch, actions=policy_sample(pos_batch["observations"])))
-        sets = contrastive_sets(args.edis_energies, denoiser, codec, x_on, x_pi, K, args, generator)
+        x_data = x_train[diffusion_rows(len(x_train), online.size, M, args, generator, device)]
+        sets = contrastive_sets(tuple(state.energies), denoiser, codec, x_on, x_pi, x_data, K, args, generator)
     sigmas = karras_sigmas(args.edis_sample_steps, device)[:-1]  # the sampler's noise levels
     n_train = max(M - M // 5, 1)
     G = min(args.energy_batch, n_train)
@@ -1068,6 +1092,35 @@ def fit_reward_model(x_raw: torch.Tensor, codec: TransitionCodec, args: Args, ge
     return model, loss.detach()
 
 
+def needs_conditionals(args: Args) -> bool:
+    """Whether the denoiser must also learn p(. | s) and p(. | s, a) (conditioning masks in training)."""
+    return args.edis_energies == "factored" or args.edis_sampler == "sequential"
+
+
+def generate(state: EDISState, denoiser: nn.Module, n: int, args: Args, generator: torch.Generator,
+             stats: Optional[dict] = None, guided: bool = True) -> torch.Tensor:
+    """n normalised synthetic transitions from q(s, a, r, s', d) = p(x) exp(-sum_k lambda_k E_k) (EDIS Eq. 5-6).
+
+    joint (the paper's sampler): one guided pass over the whole transition, with grad_x of every energy.
+    sequential: the same target, sampled factor by factor, q = q(s, a) q(r, s', d | s, a):
+      1. (s, a) ~ p(s, a) exp(-E_s - E_pi): a guided joint pass whose (r, s', d) are dropped. E_T is left out because
+         it is a log-ratio of two conditionals of s', so it integrates out of the (s, a) marginal.
+      2. (r, s', d) ~ p(r, s', d | s, a) exp(-E_T): the conditional denoiser (the one trained on all real
+         transitions) given the clean (s, a) of pass 1, guided by E_T on the generated dimensions only.
+    The denoiser's joint samples get the dynamics less right than its conditional ones (docs/results.md, study 3),
+    so pass 2 puts the model's best estimate of T behind every synthetic s'.
+    """
+    codec, weights = state.codec, guidance_weights(args)
+    guide = lambda w: make_guidance(state.energies, w) if guided else None  # noqa: E731
+    kw = dict(stats=stats, guide_sigma_max=args.guide_sigma_max)
+    if args.edis_sampler == "joint":
+        return sample_chunked(denoiser, n, codec.dim, args, generator, guidance=guide(weights), **kw)
+    x_sa = sample_chunked(denoiser, n, codec.dim, args, generator, guidance=guide(dict(weights, transition=0.0)), **kw)
+    only_t = {k: (w if k == "transition" else 0.0) for k, w in weights.items()}
+    return sample_chunked(denoiser, n, codec.dim, args, generator, known=x_sa, known_mask=codec.mask(codec.s, codec.a),
+                          guidance=guide(only_t), **kw)
+
+
 def edis_retrain(state: EDISState, offline: ReplayBuffer, online: ReplayBuffer, policy_sample: Callable, args: Args,
                  generator: torch.Generator) -> dict:
     """One EDIS round: fresh diffusion on offline + online replay, energy training, guided generation."""
@@ -1075,13 +1128,12 @@ def edis_retrain(state: EDISState, offline: ReplayBuffer, online: ReplayBuffer, 
     codec = state.codec
     x_raw = torch.cat([codec.raw(offline.rows()), codec.raw(online.rows())])
     codec.fit(x_raw)
-    cond = codec.cond_masks() if args.edis_energies == "factored" else None  # conditionals only where needed
-    denoiser, diff_losses = train_diffusion((x_raw - codec.mean) / codec.std, args, generator, cond, online.size)
-    metrics = train_energies(state, denoiser, online, policy_sample, args, generator)
+    cond = codec.cond_masks() if needs_conditionals(args) else None  # conditionals only where needed
+    x_train = (x_raw - codec.mean) / codec.std
+    denoiser, diff_losses = train_diffusion(x_train, args, generator, cond, online.size)
+    metrics = train_energies(state, denoiser, online, policy_sample, args, generator, x_train)
     stats = {"guidance_norm": 0.0, "denoiser_norm": 0.0, "n": 0}
-    guidance = make_guidance(state.energies, guidance_weights(args))
-    x = sample_chunked(denoiser, args.edis_num_samples, codec.dim, args, generator, guidance=guidance, stats=stats,
-                       guide_sigma_max=args.guide_sigma_max)
+    x = generate(state, denoiser, args.edis_num_samples, args, generator, stats=stats)
     syn = codec.decode(x.detach())
     if args.edis_reward_model:
         model, rm_loss = fit_reward_model(x_raw, codec, args, generator)
@@ -1217,8 +1269,8 @@ RESUME_MAY_CHANGE = {"resume", "output_dir", "overwrite", "device", "torch_deter
                      "eval_only", "edis", "edis_ratio", "edis_retrain_every", "edis_min_online", "edis_num_samples",
                      "edis_diffusion_steps", "edis_diffusion_batch", "edis_diffusion_lr", "edis_width", "edis_depth",
                      "edis_ema", "edis_sample_steps", "edis_sample_batch", "edis_churn", "guide_state",
-                     "guide_policy", "guide_transition", "guide_online", "guide_sigma_max", "edis_cond_prob",
-                     "edis_online_frac",
+                     "guide_policy", "guide_transition", "guide_online", "guide_realism", "guide_sigma_max",
+                     "edis_cond_prob", "edis_online_frac", "edis_sampler",
                      "energy_negatives", "energy_pool", "energy_steps",
                      "energy_batch", "energy_lr", "edis_reward_model"} | ALGO_RESUME_MAY_CHANGE
 

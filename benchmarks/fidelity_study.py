@@ -36,6 +36,7 @@ import math
 import os
 import sys
 import time
+from typing import Optional
 
 import numpy as np
 import torch
@@ -68,6 +69,11 @@ def simulate(env, obs: np.ndarray, actions: np.ndarray) -> np.ndarray:
 
 def wall_fraction(env, xy: np.ndarray) -> float:
     """Fraction of positions whose maze cell is a wall (cell size = maze_size_scaling, origin at the maze centre)."""
+    return float(in_walls(env, xy).mean())
+
+
+def in_walls(env, xy: np.ndarray) -> np.ndarray:
+    """Whether each position's maze cell is a wall (outside the maze counts as wall)."""
     maze = env.unwrapped.maze
     rows, cols = len(maze.maze_map), len(maze.maze_map[0])
     col = np.floor((xy[:, 0] + maze.x_map_center) / maze.maze_size_scaling).astype(int)
@@ -77,11 +83,12 @@ def wall_fraction(env, xy: np.ndarray) -> float:
     inside = ~outside
     wall = np.zeros(len(xy), bool)
     wall[inside] = grid[row[inside], col[inside]] == 1
-    return float((wall | outside).mean())
+    return wall | outside
 
 
 def measure(name: str, raw: dict, env, online_ref: torch.Tensor, norm_state, bandwidth: float,
-            policy_mean) -> dict:
+            policy_mean, model_rewards: Optional[np.ndarray] = None) -> dict:
+    """``model_rewards``: the same transitions' rewards relabelled by the reward model (--edis-reward-model)."""
     obs, act = raw["observations"], raw["actions"]
     nxt, rew = raw["next_observations"], raw["rewards"]
     sim = simulate(env, obs, act)
@@ -91,13 +98,53 @@ def measure(name: str, raw: dict, env, online_ref: torch.Tensor, norm_state, ban
     r_true = (np.linalg.norm(nxt[:, :2] - obs[:, 4:6], axis=1) <= 0.45).astype(np.float64)
     s = norm_state(obs)
     nn_dist = torch.cdist(s, online_ref).min(1).values
-    return {"set": name, "n": len(obs), "dynamics_error_mean": float(dyn.mean()),
-            "dynamics_error_median": float(np.median(dyn)), "position_error_mean": float(pos.mean()),
+    free = ~(in_walls(env, obs[:, :2]) | in_walls(env, nxt[:, :2]))
+    extra = {} if model_rewards is None else {"reward_model_error_mean": float(np.abs(model_rewards - r_true).mean())}
+    return {**extra, "set": name, "n": len(obs), "dynamics_error_mean": float(dyn.mean()),
+            "dynamics_error_median": float(np.median(dyn)),
+            "dynamics_error_free_mean": float(dyn[free].mean()) if free.any() else None,
+            "position_error_mean": float(pos.mean()),
             "step_size_mean": float(np.linalg.norm(nxt[:, :4] - obs[:, :4], axis=1).mean()),
             "goal_change_mean": float(goal_jump.mean()), "reward_error_mean": float(np.abs(rew - r_true).mean()),
             "states_in_walls": wall_fraction(env, obs[:, :2]), "next_states_in_walls": wall_fraction(env, nxt[:, :2]),
             "mmd2_to_online": mmd2(s, online_ref, bandwidth), "nn_dist_to_online": float(nn_dist.mean()),
             "policy_action_dist": float(np.linalg.norm(act - policy_mean(obs), axis=1).mean())}
+
+
+def generated_rows(a: "Cli", args, mod, edis, denoiser, cond, variant: str, seed: int, reward_model, norm: dict,
+                   speed: dict, measure_set, to_raw, base: dict) -> list:
+    """Generate and measure each (sampler, guidance, energy weights) set of one trained denoiser + energies."""
+    rows, codec = [], edis.codec
+    # energy weight sets: the design's energies (EDIS), + realism, realism alone
+    weight_sets = {"": dict(base, realism=0.0)}
+    if a.realism:
+        off = {k: 0.0 for k in base}
+        r = "realism" if a.realism == 1.0 else f"realism x {a.realism:g}"
+        weight_sets.update({f" + {r}": dict(base, realism=a.realism), f", {r} only": dict(off, realism=a.realism)})
+    cases = [(sampler, gsm, w) for sampler in a.samplers if sampler == "joint" or cond is not None
+             for gsm in (None, *a.guide_sigma_max) for w in (("",) if gsm is None else weight_sets)]
+    for sampler, gsm, w in cases:
+        args.edis_sampler = sampler
+        args.guide_sigma_max = math.inf if gsm is None else gsm
+        for k, v in weight_sets[w].items():
+            setattr(args, f"guide_{k}", v)
+        noise = torch.Generator().manual_seed(seed + 123)  # the same initial noise for every set
+        t1 = time.time()
+        x = mod.generate(edis, denoiser, a.samples, args, noise, guided=gsm is not None).detach()
+        name = (f"{variant}, {sampler} sampler: "
+                + ("unguided" if gsm is None else f"guided at sigma <= {gsm:g}{w}"))
+        speed[name] = a.samples / (time.time() - t1)
+        syn = codec.decode(x)
+        with torch.no_grad():
+            r_model = reward_model(torch.cat([syn["observations"], syn["actions"], syn["next_observations"]],
+                                             -1)).squeeze(-1)
+        r_model = ((r_model - norm["reward_bias"]) / norm["reward_scale"]).numpy()
+        rows.append(measure_set(name, to_raw(syn), r_model))
+        print(f"seed {seed} {name:>60}: dyn err {rows[-1]['dynamics_error_mean']:.4f}  "
+              f"reward err {rows[-1]['reward_error_mean']:.3f}  walls {rows[-1]['states_in_walls']:.3f}  "
+              f"(model {rows[-1]['reward_model_error_mean']:.3f})  MMD2 {rows[-1]['mmd2_to_online']:.4f}  "
+              f"pi {rows[-1]['policy_action_dist']:.3f}", flush=True)
+    return rows
 
 
 @dataclasses.dataclass
@@ -110,10 +157,16 @@ class Cli:
     """which arm's final checkpoint gives the online buffer and the current policy (noedis: independent of EDIS)"""
     designs: tuple[str, ...] = ("factored", "joint")
     """energy designs (--edis-energies) to compare"""
-    online_fracs: tuple[float, ...] = (0.5, 0.0)
+    online_fracs: tuple[float, ...] = (0.5,)
     """--edis-online-frac values to compare (share of online rows in the diffusion batches; 0 = uniform)"""
-    guide_sigma_max: tuple[float, ...] = (80.0, 5.0, 1.0)
+    guide_sigma_max: tuple[float, ...] = (5.0,)
     """noise levels up to which guidance is applied (80 = the whole schedule)"""
+    samplers: tuple[str, ...] = ("joint", "sequential")
+    """--edis-sampler values to compare (sequential needs a denoiser trained for conditionals: factored design)"""
+    realism: float = 1.0
+    """weight of the realism energy (--guide-realism) in the sets that add it, and alone (0: not trained)"""
+    energy_pools: tuple[int, ...] = (256,)
+    """--energy-pool values to compare (positives per retrain; 256 at the CPU preset, 1024 at the GPU preset)"""
     energy_steps: int = 400
     """InfoNCE steps of the (fresh) energies: a run's energies persist over its retrains, 4 x 100 at the CPU preset"""
     runs: str = os.path.join(ROOT, "benchmarks", "runs", "edis")
@@ -132,6 +185,7 @@ def main(a: Cli) -> None:
     torch.set_num_threads(a.threads)
     os.makedirs(a.out, exist_ok=True)
     mod = importlib.import_module(f"edis_{a.algo}")
+    base = mod.guidance_weights(mod.Args())  # the scripts' default weights
     for seed in a.seeds:
         ckpt_path = os.path.join(a.runs, a.algo, f"seed{seed}", a.arm, mod.CHECKPOINT)
         if not os.path.exists(ckpt_path):
@@ -164,7 +218,9 @@ def main(a: Cli) -> None:
         online.add_batch(full.get(perm[n_held:]))
         env = mod.make_env(task, seed=seed)
         agent = mod.Agent(obs_dim, act_dim, args, float(env.action_space.high[0]))
-        agent.load_state_dict(ckpt["agent"])
+        # only the actor is used (the "current policy"); the critics' layout may be an older version's
+        agent.actor.load_state_dict({k.removeprefix("actor."): v for k, v in ckpt["agent"].items()
+                                     if k.startswith("actor.")})
 
         def to_raw(batch: dict) -> dict:  # normalised buffer rows -> env units
             return {"observations": (batch["observations"] * std + mean).numpy(),
@@ -186,18 +242,16 @@ def main(a: Cli) -> None:
         speed, energy_acc, timing = {}, {}, {}
         for online_frac, design in itertools.product(a.online_fracs, a.designs):
             args.edis_energies, args.edis_online_frac = design, online_frac
+            args.guide_realism = a.realism  # trained with the others; the weights pick per set
             variant = f"{design} energies, online frac {online_frac:g}"
-            edis = mod.new_edis_state(obs_dim, act_dim, args, device)
-            codec = edis.codec
+            codec = mod.TransitionCodec(obs_dim, act_dim, device)
             x_raw = torch.cat([codec.raw(offline.rows()), codec.raw(online.rows())])
             codec.fit(x_raw)
             cond = codec.cond_masks() if design == "factored" else None
             t1 = time.time()
-            denoiser, _ = mod.train_diffusion((x_raw - codec.mean) / codec.std, args, gen, cond, online.size)
-            t2 = time.time()
-            energy_metrics = mod.train_energies(edis, denoiser, online, lambda o: agent.actor.sample(o), args, gen)
-            timing[variant] = {"diffusion_s": t2 - t1, "energies_s": time.time() - t2}
-            energy_acc[variant] = {k: float(v) for k, v in energy_metrics.items() if "acc" in k}
+            x_train = (x_raw - codec.mean) / codec.std
+            denoiser, _ = mod.train_diffusion(x_train, args, gen, cond, online.size)
+            diffusion_s = time.time() - t1
             if design == "factored":  # the conditional sampler: (r, s', d) given real held-out (s, a)
                 x_held = codec.encode(held_rows)[: a.samples]
                 with torch.no_grad():
@@ -205,23 +259,23 @@ def main(a: Cli) -> None:
                                            known_mask=codec.mask(codec.s, codec.a))
                 rows.append(measure(f"{variant}: (r, s', d) given real (s, a), conditional sampler",
                                     to_raw(codec.decode(x)), env, online_ref, norm_state, bandwidth, policy_mean))
-            guidance = mod.make_guidance(edis.energies, mod.guidance_weights(args))
-            for gsm in (None, *a.guide_sigma_max):
-                noise = torch.Generator().manual_seed(seed + 123)  # the same initial noise for every set
-                t1 = time.time()
-                x = mod.sample_chunked(denoiser, a.samples, codec.dim, args, noise,
-                                       guidance=None if gsm is None else guidance,
-                                       guide_sigma_max=math.inf if gsm is None else gsm)
-                name = f"{variant}: " + ("unguided" if gsm is None else f"guided at sigma <= {gsm:g}")
-                speed[name] = a.samples / (time.time() - t1)
-                rows.append(measure(name, to_raw(codec.decode(x.detach())), env, online_ref, norm_state, bandwidth,
-                                    policy_mean))
-                print(f"seed {seed} {name:>60}: dyn err {rows[-1]['dynamics_error_mean']:.4f}  "
-                      f"reward err {rows[-1]['reward_error_mean']:.3f}  walls {rows[-1]['states_in_walls']:.3f}  "
-                      f"MMD2 {rows[-1]['mmd2_to_online']:.4f}  pi {rows[-1]['policy_action_dist']:.3f}", flush=True)
+            reward_model, _ = mod.fit_reward_model(x_raw, codec, args, gen)  # as --edis-reward-model
+            for pool in a.energy_pools:
+                args.energy_pool = pool
+                name_v = variant + (f", energy pool {pool}" if len(a.energy_pools) > 1 else "")
+                edis = mod.new_edis_state(obs_dim, act_dim, args, device)
+                edis.codec = codec
+                t2 = time.time()
+                energy_metrics = mod.train_energies(edis, denoiser, online, lambda o: agent.actor.sample(o), args,
+                                                    gen, x_train)
+                timing[name_v] = {"diffusion_s": diffusion_s, "energies_s": time.time() - t2}
+                energy_acc[name_v] = {k: float(v) for k, v in energy_metrics.items() if "acc" in k}
+                rows += generated_rows(a, args, mod, edis, denoiser, cond, name_v, seed, reward_model, norm, speed,
+                                       lambda n, raw, r: measure(n, raw, env, online_ref, norm_state, bandwidth,
+                                                                 policy_mean, r), to_raw, base)
         result = {"algo": a.algo, "seed": seed, "checkpoint": os.path.relpath(ckpt_path, ROOT),
                   "online_transitions_train": online.size, "held_out": n_held, "samples": a.samples,
-                  "guidance_weights": mod.guidance_weights(args), "energy_steps": a.energy_steps,
+                  "guidance_weights": base, "energy_steps": a.energy_steps,
                   "sample_steps": args.edis_sample_steps, "samples_per_s": speed, "energy_acc": energy_acc,
                   "timing_s": timing, "rows": rows, "wall_s": round(time.time() - t0, 1), **machine_info()}
         with open(os.path.join(a.out, f"{a.algo}_seed{seed}.json"), "w") as f:

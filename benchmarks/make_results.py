@@ -230,7 +230,7 @@ def curve_figure(rs: list, labels: dict, title: str, filename: str) -> None:
     axes[2].set(xlabel="generation rounds", ylabel="greedy accuracy")
     for ax in axes:
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=7, loc="lower right")
     fig.suptitle(f"{title} (mean ± std over seeds)")
     fig.tight_layout()
     save(fig, filename)
@@ -419,9 +419,11 @@ def edis_figures(data: dict) -> None:
 
 
 FID_COLS = [("dynamics_error_mean", "dynamics error ‖s'−sim(s,a)‖", "{:.3f}"),
+            ("dynamics_error_free_mean", "dynamics error, s and s' outside walls", "{:.3f}"),
             ("position_error_mean", "position error", "{:.3f}"),
             ("step_size_mean", "‖s'−s‖ (scale)", "{:.3f}"),
             ("reward_error_mean", "reward error", "{:.3f}"),
+            ("reward_model_error_mean", "reward error, relabelled by the reward model", "{:.3f}"),
             ("goal_change_mean", "goal change", "{:.3f}"),
             ("states_in_walls", "states in walls", "{:.3f}"),
             ("mmd2_to_online", "MMD² to online states", "{:.4f}"),
@@ -442,10 +444,11 @@ def fidelity_tables(data: dict, name: str = "fidelity") -> dict:
     if not seeds:
         return {}
     names = [r["set"] for r in seeds[0]["rows"]]
-    lines = ["| transitions | " + " | ".join(c[1] for c in FID_COLS) + " |", "|---" * (len(FID_COLS) + 1) + "|"]
+    cols = [c for c in FID_COLS if any(c[0] in r for s in seeds for r in s["rows"])]  # older studies lack some
+    lines = ["| transitions | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for i, row in enumerate(names):
         lines.append(f"| {row.replace('|', 'given')} | " + " | ".join(
-            ms([s["rows"][i][k] for s in seeds if k in s["rows"][i]], f) for k, _, f in FID_COLS) + " |")
+            ms([s["rows"][i][k] for s in seeds if k in s["rows"][i]], f) for k, _, f in cols) + " |")
     speed, acc = [flat(s["samples_per_s"]) for s in seeds], [flat(s["energy_acc"]) for s in seeds]
     lines.append("")
     lines.append(f"Seeds: {len(seeds)} ({', '.join(str(s['seed']) for s in seeds)}), {seeds[0]['samples']} transitions "
@@ -522,6 +525,7 @@ def report() -> None:
                "edis_study.json": (edis_tables, edis_figures),
                "fidelity_study.json": (fidelity_tables, None),
                "fidelity_study_v1.json": (lambda d: fidelity_tables(d, "fidelity_v1"), None),
+               "fidelity_study_v2.json": (lambda d: fidelity_tables(d, "fidelity_v2"), None),
                "edis_study_v1.json": (lambda d: edis_tables(d, "edis_v1"), None)}
     for name, (tab, figs) in loaders.items():
         path = os.path.join(RESULTS, name)

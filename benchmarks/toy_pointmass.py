@@ -106,11 +106,12 @@ def run(seed: int, args: m.Args, n_eval: int = 2000) -> dict:
     codec = edis.codec
     x_raw = torch.cat([codec.raw(off.rows()), codec.raw(on.rows())])
     codec.fit(x_raw)
-    cond = codec.cond_masks() if args.edis_energies == "factored" else None
+    cond = codec.cond_masks() if m.needs_conditionals(args) else None
     t0 = time.time()
-    denoiser, _ = m.train_diffusion((x_raw - codec.mean) / codec.std, args, g, cond, on.size)  # as edis_retrain
+    x_train = (x_raw - codec.mean) / codec.std
+    denoiser, _ = m.train_diffusion(x_train, args, g, cond, on.size)  # as edis_retrain
     t1 = time.time()
-    metrics = m.train_energies(edis, denoiser, on, lambda o: policy(o, g), args, g)
+    metrics = m.train_energies(edis, denoiser, on, lambda o: policy(o, g), args, g, x_train)
     t2 = time.time()
     out = {"seed": seed, "design": args.edis_energies, "diffusion_s": t1 - t0, "energies_s": t2 - t1,
            "energy_metrics": {k: float(v) for k, v in metrics.items()}}
@@ -121,11 +122,9 @@ def run(seed: int, args: m.Args, n_eval: int = 2000) -> dict:
     online_states = held_out["observations"]
     out["conditional_given_sa"] = measure(x_cond, codec, online_states)
     out["online_real"] = measure(x_held, codec, online_states[n_eval // 2:])
-    guidance = m.make_guidance(edis.energies, m.guidance_weights(args))
-    for name, gd in (("unguided", None), ("guided", guidance)):
+    for name, guided in (("unguided", False), ("guided", True)):
         noise = torch.Generator().manual_seed(seed + 123)  # the same initial noise for both
-        x = m.sample_chunked(denoiser, n_eval, codec.dim, args, noise, guidance=gd,
-                             guide_sigma_max=args.guide_sigma_max)
+        x = m.generate(edis, denoiser, n_eval, args, noise, guided=guided)  # as edis_retrain (--edis-sampler)
         out[name] = measure(x.detach(), codec, online_states)
     return out
 

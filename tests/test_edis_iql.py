@@ -229,7 +229,7 @@ def test_zero_guidance_reproduces_unguided_exactly(toy_denoiser):
     c = m.edm_sample(net, 64, 2, args.edis_sample_steps, torch.Generator().manual_seed(5),
                      guidance=lambda x, s: torch.ones_like(x), guide_sigma_max=1e-4)
     assert torch.equal(a, c)
-    energies = m.make_energies(4, "factored", 8, torch.device("cpu"))
+    energies = m.make_energies(4, m.ENERGY_DESIGNS["factored"], 8, torch.device("cpu"))
     assert m.make_guidance(energies, {"state": 0.0, "policy": 0.0, "transition": 0.0}) is None
 
 
@@ -237,7 +237,7 @@ def test_guidance_is_the_full_gradient_of_the_weighted_energies():
     """CEP's noisy energy depends on the whole noisy transition: guidance is grad_x sum_k w_k E_k over every
     dimension (no block masks), checked against finite differences."""
     torch.manual_seed(0)
-    energies = m.make_energies(5, "factored", 16, torch.device("cpu")).double()
+    energies = m.make_energies(5, m.ENERGY_DESIGNS["factored"], 16, torch.device("cpu")).double()
     weights = {"state": 0.5, "policy": 2.0, "transition": -1.0}
     guidance = m.make_guidance(energies, weights)
     x, sigma = torch.randn(3, 5, dtype=torch.float64), torch.tensor([0.1, 1.0, 10.0], dtype=torch.float64)
@@ -306,6 +306,59 @@ def test_infonce_guidance_moves_samples_to_target(toy_denoiser):
     assert (guided[:, 0] - 2).abs().median().item() < 0.5  # and they land on the target mode
 
 
+def test_energy_names_and_diffusion_batch_rows():
+    assert m.energy_names(make_args()) == ("state", "policy", "transition", "realism")
+    assert m.energy_names(make_args(guide_realism=0.0)) == ("state", "policy", "transition")  # the paper's three
+    assert m.energy_names(make_args(edis_energies="joint", guide_realism=0.0)) == ("online",)
+    g = torch.Generator().manual_seed(0)
+    rows = m.diffusion_rows(1000, 100, 20_000, make_args(edis_online_frac=0.5), g, torch.device("cpu"))
+    assert (rows >= 900).float().mean().item() == pytest.approx(0.5, abs=0.02)  # online rows are the last 100
+    rows = m.diffusion_rows(1000, 100, 20_000, make_args(edis_online_frac=0.0), g, torch.device("cpu"))
+    assert (rows >= 900).float().mean().item() == pytest.approx(0.1, abs=0.01)  # uniform over all rows
+    assert rows.min() >= 0 and rows.max() < 1000
+
+
+def test_contrastive_sets_of_every_energy():
+    """Each energy's positives and negatives (shapes, and the ones that are real rows, exactly those rows)."""
+    codec = m.TransitionCodec(2, 1, torch.device("cpu"))
+    args = make_args(edis_sample_steps=2, edis_sample_batch=1000)
+    net = m.ResidualMLPDenoiser(codec.dim, 8, 1)
+    M, K, D = 6, 3, codec.dim
+    g = torch.Generator().manual_seed(0)
+    x_on, x_pi, x_data = torch.randn(M, D, generator=g), torch.randn(M, D, generator=g), torch.randn(M, D, generator=g)
+    names = m.ENERGY_DESIGNS["factored"] + ("realism",)
+    with torch.no_grad():
+        sets = m.contrastive_sets(names, net, codec, x_on, x_pi, x_data, K, args, g)
+    assert set(sets) == set(names)
+    for pos, neg in sets.values():
+        assert pos.shape == (M, D) and neg.shape == (M, K, D)
+    assert torch.equal(sets["transition"][0], x_on) and torch.equal(sets["realism"][0], x_data)
+    sa = codec.mask(codec.s, codec.a).bool()
+    assert torch.equal(sets["transition"][1][:, :, sa], x_on[:, None, sa].expand(M, K, -1))  # the real (s, a) given
+    assert torch.equal(sets["policy"][0][:, sa], x_pi[:, sa])  # the policy's action at the online state
+    assert torch.equal(sets["state"][0][:, codec.s], x_on[:, codec.s])
+    with torch.no_grad():
+        joint = m.contrastive_sets(("online",), net, codec, x_on, x_pi, x_data, K, args, g)
+    assert set(joint) == {"online"} and torch.equal(joint["online"][0], x_on)
+
+
+def test_sequential_sampler_keeps_the_first_pass_state_action():
+    """--edis-sampler sequential: (s, a) come from a joint pass, (r, s', d) from the conditional denoiser given them.
+    Unguided, with the same generator, its (s, a) are exactly those of a plain joint pass."""
+    codec = m.TransitionCodec(2, 1, torch.device("cpu"))
+    args = make_args(edis_sample_steps=4, edis_sampler="sequential")
+    torch.manual_seed(0)
+    state = m.new_edis_state(2, 1, args, torch.device("cpu"))
+    net = m.ResidualMLPDenoiser(codec.dim, 16, 1)
+    with torch.no_grad():
+        seq = m.generate(state, net, 50, args, torch.Generator().manual_seed(1), guided=False)
+        joint = m.sample_chunked(net, 50, codec.dim, args, torch.Generator().manual_seed(1))
+    sa = codec.mask(codec.s, codec.a).bool()
+    assert torch.equal(seq[:, sa], joint[:, sa])
+    assert not torch.allclose(seq[:, ~sa], joint[:, ~sa])  # the rest was generated again, given (s, a)
+    assert m.needs_conditionals(args) and not m.needs_conditionals(make_args(edis_energies="joint"))
+
+
 def test_codec_roundtrip_blocks_and_binary_terminal():
     codec = m.TransitionCodec(3, 2, torch.device("cpu"))
     b = random_batch(50, 3, 2)
@@ -320,17 +373,18 @@ def test_codec_roundtrip_blocks_and_binary_terminal():
     assert masks.tolist() == [[0] * 10, [1] * 3 + [0] * 7, [1] * 5 + [0] * 5]  # none, s, (s, a)
 
 
-@pytest.mark.parametrize("design", ["factored", "joint"])
-def test_guidance_on_point_mass_toy(design):
+@pytest.mark.parametrize("design,sampler", [("factored", "joint"), ("joint", "joint"), ("factored", "sequential")])
+def test_guidance_on_point_mass_toy(design, sampler):
     """A 2-D point mass with a wall and a goal (benchmarks/toy_pointmass.py; known dynamics): the script's EDIS
     functions fit the prior on offline + online data and train the energies; then, against unguided samples from the
     same noise, guided samples must be closer to the online states, no less physically consistent (dynamics error
     and states inside the wall not above unguided), and closer to the current policy's actions. With the factored
     energies, the conditional sampler's (r, s', d) given real (s, a) must have a dynamics error within 1.5x of joint
-    samples (replacement in-painting had ~10x)."""
+    samples (replacement in-painting had ~10x). The sequential sampler (guided (s, a), then (r, s', d) from the
+    conditional denoiser) must pass the same checks against its own unguided samples."""
     toy = importlib.import_module("toy_pointmass")
-    args = toy.toy_args(edis_energies=design, edis_diffusion_steps=1500, energy_steps=300, energy_pool=256,
-                        guide_sigma_max=80.0)
+    args = toy.toy_args(edis_energies=design, edis_sampler=sampler, edis_diffusion_steps=1500, energy_steps=300,
+                        energy_pool=256, guide_sigma_max=80.0)
     r = toy.run(1, args, n_eval=1000)
     u, g = r["unguided"], r["guided"]
     assert g["nn_dist_to_online"] < 0.5 * u["nn_dist_to_online"]
@@ -409,7 +463,7 @@ def test_resume_of_checkpoint_with_other_networks_is_one_line(tiny_pointmaze, tm
     assert p.returncode == 0, p.stderr[-3000:]
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     energies = ckpt["edis"]["energies"]
-    ckpt["edis"]["energies"] = m.make_energies(5, "factored", 8, torch.device("cpu")).state_dict()
+    ckpt["edis"]["energies"] = m.make_energies(5, m.ENERGY_DESIGNS["factored"], 8, torch.device("cpu")).state_dict()
     torch.save(ckpt, out / "checkpoint.pt")
     p = run_script(["edis_iql.py", "--resume", str(out), "--online-steps", "300"], tiny_pointmaze, timeout=600)
     assert p.returncode == 2 and "EDIS energies do not fit" in p.stderr and "Traceback" not in p.stderr
