@@ -526,7 +526,8 @@ def report() -> None:
                "fidelity_study.json": (fidelity_tables, None),
                "fidelity_study_v1.json": (lambda d: fidelity_tables(d, "fidelity_v1"), None),
                "fidelity_study_v2.json": (lambda d: fidelity_tables(d, "fidelity_v2"), None),
-               "edis_study_v1.json": (lambda d: edis_tables(d, "edis_v1"), None)}
+               "edis_study_v1.json": (lambda d: edis_tables(d, "edis_v1"), None),
+               "edis_study_v2.json": (lambda d: edis_tables(d, "edis_v2"), None)}
     for name, (tab, figs) in loaders.items():
         path = os.path.join(RESULTS, name)
         if not os.path.exists(path):
