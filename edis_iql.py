@@ -1107,8 +1107,8 @@ def generate(state: EDISState, denoiser: nn.Module, n: int, args: Args, generato
          it is a log-ratio of two conditionals of s', so it integrates out of the (s, a) marginal.
       2. (r, s', d) ~ p(r, s', d | s, a) exp(-E_T): the conditional denoiser (the one trained on all real
          transitions) given the clean (s, a) of pass 1, guided by E_T on the generated dimensions only.
-    The denoiser's joint samples get the dynamics less right than its conditional ones (docs/results.md, study 3),
-    so pass 2 puts the model's best estimate of T behind every synthetic s'.
+    Built because the conditional denoiser given *real* (s, a) gets s' 3x more right than joint samples; measured
+    (docs/results.md, study 3), given *generated* (s, a) it is barely better and its rewards are worse: not the default.
     """
     codec, weights = state.codec, guidance_weights(args)
     guide = lambda w: make_guidance(state.energies, w) if guided else None  # noqa: E731
@@ -1328,8 +1328,9 @@ def restore_checkpoint(ckpt: dict, args: Args, agent: Agent, opts: dict, online:
         restore_optimizer(edis.energy_opt, ckpt["edis"]["energy_opt"])
     except (RuntimeError, ValueError, KeyError):
         raise UserError(f"--resume {args.resume}: the checkpoint's EDIS energies do not fit this script's "
-                        f"(--edis-energies {args.edis_energies}); it was written by an older version: start a "
-                        f"new run") from None
+                        f"({', '.join(edis.energies)}): resume with the --edis-energies and --guide-realism it was "
+                        f"started with (0 if it had no realism energy), or start a new run if an older version "
+                        f"wrote it") from None
     edis.retrains, edis.last_retrain_step = ckpt["edis"]["retrains"], ckpt["edis"]["last_retrain_step"]
     if ckpt["edis"]["synthetic"] is not None:
         obs_dim, act_dim = online.data["observations"].shape[1], online.data["actions"].shape[1]
