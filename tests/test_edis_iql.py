@@ -419,7 +419,8 @@ def test_smoke_run_reaches_every_stage(tiny_pointmaze, tmp_path):
     scalars = read_scalars(str(out))
     for tag in ("losses/q_loss", "losses/v_loss", "losses/actor_loss", "eval/normalized_score",
                 "eval/success_rate", "charts/SPS", "edis/diffusion_loss", "edis/energy_loss_state",
-                "edis/energy_loss_policy", "edis/energy_loss_transition", "edis/guidance_norm",
+                "edis/energy_loss_policy", "edis/energy_loss_transition", "edis/energy_loss_realism",
+                "edis/energy_acc_realism_sigma0-0.1", "edis/guidance_norm",
                 "edis/syn_state_mean_dist", "charts/synthetic_fraction"):
         assert tag in scalars, tag
     assert scalars["charts/synthetic_fraction"][-1] == pytest.approx(0.5)  # synthetic data is in the batches
