@@ -157,11 +157,9 @@ class Args:
     edis_online_frac: float = 0.5
     """fraction of every diffusion training batch drawn from online transitions (0: uniform over offline + online)"""
     edis_cond_prob: float = 0.5
-    """fraction of denoiser training rows that get s or (s, a) as a clean condition (factored energies or the
-    sequential sampler)"""
+    """fraction of denoiser rows trained with s or (s, a) as a clean condition (factored energies, sequential)"""
     edis_sampler: Literal["joint", "sequential"] = "joint"
-    """joint: one guided pass over the whole transition (EDIS Sec. 4); sequential: (s, a) guided by E_s and E_pi,
-    then (r, s', d) from the conditional denoiser given (s, a), guided by E_T (docs/edis_iql.md, detail 15)"""
+    """joint: one guided pass (EDIS Sec. 4); sequential: (s, a) first, then (r, s', d) given them (docs detail 15)"""
     guide_state: float = 1.0
     """weight of the state energy E_s (online state distribution); 1 = the exact product p * exp(-E) of the paper"""
     guide_policy: float = 1.0
@@ -171,15 +169,13 @@ class Args:
     guide_online: float = 1.0
     """weight of the joint design's energy (online transitions vs the prior)"""
     guide_realism: float = 1.0
-    """weight of the realism energy E_real: the denoiser's training data vs its own samples, -log p_data/p
-    (discriminator guidance, Kim et al. 2023; not in EDIS); 0 = not trained, the paper's three energies only"""
+    """weight of the realism energy -log p_data/p (discriminator guidance, not in EDIS); 0: the paper's 3 only"""
     guide_sigma_max: float = 5.0
     """guide only at noise levels sigma <= this (80 = everywhere); above it the energies are near chance"""
     energy_negatives: int = 10
     """K: negatives per positive in each InfoNCE group"""
     energy_pool: int = 2048
-    """positives (online transitions) per retrain for which K negatives are generated (preset: 4096 on GPU, 2048 on
-    CPU; 256 made every energy less accurate and guidance weaker, docs/results.md study 3)"""
+    """online positives per retrain, K negatives each (preset: GPU 4096, CPU 2048; 256 starved the energies)"""
     energy_steps: int = 100
     """gradient steps of each energy per retrain (energies persist across retrains)"""
     energy_batch: int = 256
