@@ -166,7 +166,7 @@ class Cli:
     realism: float = 1.0
     """weight of the realism energy (--guide-realism) in the sets that add it, and alone (0: not trained)"""
     energy_pools: tuple[int, ...] = (256,)
-    """--energy-pool values to compare (positives per retrain; 256 at the CPU preset, 1024 at the GPU preset)"""
+    """--energy-pool values to compare (positives per retrain; presets now 2048 CPU, 4096 GPU; 256 before)"""
     energy_steps: int = 400
     """InfoNCE steps of the (fresh) energies: a run's energies persist over its retrains, 4 x 100 at the CPU preset"""
     runs: str = os.path.join(ROOT, "benchmarks", "runs", "edis")
