@@ -1040,7 +1040,10 @@ def train_energies(state: EDISState, denoiser: nn.Module, online: ReplayBuffer, 
         x_pi = codec.encode(dict(pos_batch, actions=policy_sample(pos_batch["observations"])))
         x_data = x_train[diffusion_rows(len(x_train), online.size, M, args, generator, device)]
         sets = contrastive_sets(tuple(state.energies), denoiser, codec, x_on, x_pi, x_data, K, args, generator)
-    sigmas = karras_sigmas(args.edis_sample_steps, device)[:-1]  # the sampler's noise levels
+    # the sampler's noise levels at which guidance is applied (sigma <= --guide-sigma-max): training elsewhere would
+    # spend the energies' capacity and samples on levels whose gradient is never used
+    sigmas = karras_sigmas(args.edis_sample_steps, device)[:-1]
+    sigmas = sigmas[sigmas <= max(args.guide_sigma_max, float(sigmas.min()))]
     n_train = max(M - M // 5, 1)
     G = min(args.energy_batch, n_train)
     metrics = {}

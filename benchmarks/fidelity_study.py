@@ -116,11 +116,10 @@ def generated_rows(a: "Cli", args, mod, edis, denoiser, cond, variant: str, seed
     """Generate and measure each (sampler, guidance, energy weights) set of one trained denoiser + energies."""
     rows, codec = [], edis.codec
     # energy weight sets: the design's energies (EDIS), + realism, realism alone
-    weight_sets = {"": dict(base, realism=0.0)}
-    if a.realism:
-        off = {k: 0.0 for k in base}
-        r = "realism" if a.realism == 1.0 else f"realism x {a.realism:g}"
-        weight_sets.update({f" + {r}": dict(base, realism=a.realism), f", {r} only": dict(off, realism=a.realism)})
+    weight_sets, off = {"": dict(base, realism=0.0)}, {k: 0.0 for k in base}
+    for lam in a.realism:
+        r = "realism" if lam == 1.0 else f"realism x {lam:g}"
+        weight_sets.update({f" + {r}": dict(base, realism=lam), f", {r} only": dict(off, realism=lam)})
     cases = [(sampler, gsm, w) for sampler in a.samplers if sampler == "joint" or cond is not None
              for gsm in (None, *a.guide_sigma_max) for w in (("",) if gsm is None else weight_sets)]
     for sampler, gsm, w in cases:
@@ -163,8 +162,8 @@ class Cli:
     """noise levels up to which guidance is applied (80 = the whole schedule)"""
     samplers: tuple[str, ...] = ("joint", "sequential")
     """--edis-sampler values to compare (sequential needs a denoiser trained for conditionals: factored design)"""
-    realism: float = 1.0
-    """weight of the realism energy (--guide-realism) in the sets that add it, and alone (0: not trained)"""
+    realism: tuple[float, ...] = (1.0,)
+    """weights of the realism energy (--guide-realism) in the sets that add it, and alone (none: not trained)"""
     energy_pools: tuple[int, ...] = (256,)
     """--energy-pool values to compare (positives per retrain; presets now 2048 CPU, 4096 GPU; 256 before)"""
     energy_steps: int = 400
@@ -242,7 +241,8 @@ def main(a: Cli) -> None:
         speed, energy_acc, timing = {}, {}, {}
         for online_frac, design in itertools.product(a.online_fracs, a.designs):
             args.edis_energies, args.edis_online_frac = design, online_frac
-            args.guide_realism = a.realism  # trained with the others; the weights pick per set
+            args.guide_realism = 1.0 if a.realism else 0.0  # trained with the others; the weights pick per set
+            args.guide_sigma_max = max(a.guide_sigma_max)  # energies train at the levels guidance uses
             variant = f"{design} energies, online frac {online_frac:g}"
             codec = mod.TransitionCodec(obs_dim, act_dim, device)
             x_raw = torch.cat([codec.raw(offline.rows()), codec.raw(online.rows())])
