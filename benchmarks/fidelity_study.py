@@ -174,6 +174,8 @@ class Cli:
     """generated transitions per set"""
     held_out: int = 2000
     """online transitions kept out of every training pool (diffusion, energies) and used as the reference"""
+    overrides: tuple[str, ...] = ()
+    """more script flags for every set, as name=value (e.g. edis_diffusion_steps=10000 edis_sample_steps=64)"""
     threads: int = 1
     """torch threads"""
     out: str = os.path.join(ROOT, "benchmarks", "runs", "fidelity")
@@ -193,6 +195,11 @@ def main(a: Cli) -> None:
         ckpt = mod.safe_torch_load(ckpt_path, "fidelity study")  # never executes code from the file
         args = mod.Args(**ckpt["args"])
         args.energy_steps = a.energy_steps
+        for item in a.overrides:
+            name, _, value = item.partition("=")
+            if not hasattr(args, name):
+                sys.exit(f"error: --overrides {item}: the script has no flag {name}")
+            setattr(args, name, type(getattr(args, name))(value))
         task = mod.get_task(args.env)
         device = torch.device("cpu")
         mod.seed_everything(seed, False)
@@ -275,7 +282,7 @@ def main(a: Cli) -> None:
                                                                  policy_mean, r), to_raw, base)
         result = {"algo": a.algo, "seed": seed, "checkpoint": os.path.relpath(ckpt_path, ROOT),
                   "online_transitions_train": online.size, "held_out": n_held, "samples": a.samples,
-                  "guidance_weights": base, "energy_steps": a.energy_steps,
+                  "guidance_weights": base, "energy_steps": a.energy_steps, "overrides": list(a.overrides),
                   "sample_steps": args.edis_sample_steps, "samples_per_s": speed, "energy_acc": energy_acc,
                   "timing_s": timing, "rows": rows, "wall_s": round(time.time() - t0, 1), **machine_info()}
         with open(os.path.join(a.out, f"{a.algo}_seed{seed}.json"), "w") as f:
