@@ -285,7 +285,7 @@ DEVICE_PRESETS = {
                  edis_num_samples=100_000, edis_width=1024, edis_depth=6, edis_sample_steps=128, energy_pool=4096,
                  energy_steps=200),
     "cpu": dict(offline_steps=20_000, online_steps=20_000, eval_every=5_000, edis_retrain_every=5_000,
-                edis_num_samples=20_000, edis_diffusion_steps=3_000, edis_width=256, edis_depth=3,
+                edis_num_samples=20_000, edis_diffusion_steps=12_000, edis_width=256, edis_depth=3,
                 edis_sample_steps=32, energy_pool=2048, energy_steps=100, eval_episodes=5),
 }
 

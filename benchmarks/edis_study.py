@@ -58,6 +58,8 @@ class Cli:
     """which online arms to run (e.g. noedis first, edis later)"""
     extra: str = ""
     """more flags for the offline phase (the arms inherit its config), written with '=': --extra='--hidden-dim 64'"""
+    arm_extra: str = ""
+    """more flags for both online arms (ones a --resume may change): --arm-extra='--edis-diffusion-steps 12000'"""
 
 
 def main(a: Cli) -> None:
@@ -100,7 +102,8 @@ def main(a: Cli) -> None:
                     shutil.copytree(offline_dir, arm_dir)
                     os.remove(os.path.join(arm_dir, "summary.json"))
                 run(f"{algo}/seed{seed}/{arm}", [sys.executable, script, "--resume", arm_dir, "--online-steps",
-                                                 str(b["online_steps"]), flag], arm_dir + ".log")
+                                                 str(b["online_steps"]), flag, *shlex.split(a.arm_extra)],
+                    arm_dir + ".log")
 
 
 if __name__ == "__main__":
