@@ -105,8 +105,28 @@ def extract_edis() -> None:
 
 
 def extract_fidelity() -> None:
-    files = sorted(glob.glob(os.path.join(RUNS, "fidelity", "*_seed*.json")))
-    write_json("fidelity_study.json", {"seeds": [json.load(open(f)) for f in files]})
+    """runs/fidelity/*_seed*.json, or one such set per sub-folder (one per denoiser/energy setting of the same seeds):
+    then each seed's sets are concatenated, their names prefixed with the sub-folder's name (``_`` -> space)."""
+    root = os.path.join(RUNS, "fidelity")
+    files = sorted(glob.glob(os.path.join(root, "*_seed*.json")))
+    if files:
+        write_json("fidelity_study.json", {"seeds": [json.load(open(f)) for f in files]})
+        return
+    merged = {}
+    natural = lambda name: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]  # noqa: E731
+    for sub in sorted((d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))), key=natural):
+        label = sub.replace("_", " ")
+        for f in sorted(glob.glob(os.path.join(root, sub, "*_seed*.json"))):
+            d = json.load(open(f))
+            seed = merged.setdefault(os.path.basename(f), dict(d, rows=[], samples_per_s={}, energy_acc={},
+                                                               timing_s={}, settings={}))
+            seed["settings"][label] = {k: d.get(k) for k in ("energy_steps", "overrides", "commit")}
+            real = [r for r in d["rows"] if "(real" in r["set"]]
+            seed["rows"] += [r for r in real if r["set"] not in {x["set"] for x in seed["rows"]}]
+            seed["rows"] += [dict(r, set=f"{label}: {r['set']}") for r in d["rows"] if r not in real]
+            for key in ("samples_per_s", "energy_acc", "timing_s"):
+                seed[key].update({f"{label}: {k}": v for k, v in d[key].items()})
+    write_json("fidelity_study.json", {"seeds": list(merged.values())})
 
 
 def read_manifest(study: str) -> dict:
@@ -523,11 +543,11 @@ def report() -> None:
     tables = {}
     loaders = {"llm_study.json": (llm_tables, llm_figures), "llm_tuning.json": (llm_tuning_tables, llm_tuning_figures),
                "edis_study.json": (edis_tables, edis_figures),
-               "fidelity_study.json": (fidelity_tables, None),
-               "fidelity_study_v1.json": (lambda d: fidelity_tables(d, "fidelity_v1"), None),
-               "fidelity_study_v2.json": (lambda d: fidelity_tables(d, "fidelity_v2"), None),
-               "edis_study_v1.json": (lambda d: edis_tables(d, "edis_v1"), None),
-               "edis_study_v2.json": (lambda d: edis_tables(d, "edis_v2"), None)}
+               "fidelity_study.json": (fidelity_tables, None)}
+    for path in sorted(glob.glob(os.path.join(RESULTS, "*_study_v*.json"))):  # earlier versions' studies
+        study, version = os.path.basename(path)[:-5].split("_study_")
+        tab = {"fidelity": fidelity_tables, "edis": edis_tables}[study]
+        loaders[os.path.basename(path)] = (lambda d, tab=tab, n=f"{study}_{version}": tab(d, n), None)
     for name, (tab, figs) in loaders.items():
         path = os.path.join(RESULTS, name)
         if not os.path.exists(path):

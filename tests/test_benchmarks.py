@@ -4,6 +4,7 @@ whole pipeline (driver -> runs -> extract -> tables and figures) at toy size."""
 import json
 import math
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -111,7 +112,8 @@ def test_edis_and_fidelity_pipeline(tiny_pointmaze, tmp_path):
                    tiny_pointmaze)
     assert p.returncode == 0 and p.stdout.count("done, skipped") == 2  # a finished study is not rerun
     p = run_script(["benchmarks/fidelity_study.py", "--algo", "iql", "--seeds", "1", "--runs", str(runs / "edis"),
-                    "--samples", "64", "--held-out", "40", "--energy-steps", "3", "--out", str(runs / "fidelity")],
+                    "--samples", "64", "--held-out", "40", "--energy-steps", "3", "--out", str(runs / "fidelity"),
+                    "--overrides", "edis_diffusion_steps=40"],
                    tiny_pointmaze, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     rows = {r["set"]: r for r in json.loads((runs / "fidelity" / "iql_seed1.json").read_text())["rows"]}
@@ -133,6 +135,18 @@ def test_edis_and_fidelity_pipeline(tiny_pointmaze, tmp_path):
     assert "| IQL | EDIS | 1 |" in text and f"| {f}, sequential sampler: guided at sigma <= 5 |" in text
     assert (tmp_path / "img" / "edis_curves.png").stat().st_size > 1000
     assert (tmp_path / "res" / "edis_study.json").exists()
+    # settings of the same seeds in sub-folders: one table, each set prefixed by its folder's name, real rows once
+    fid = runs / "fidelity"
+    assert json.loads((fid / "iql_seed1.json").read_text())["overrides"] == ["edis_diffusion_steps=40"]
+    for sub in ("denoiser_40_steps", "denoiser_80_steps"):
+        (fid / sub).mkdir()
+        shutil.copy(fid / "iql_seed1.json", fid / sub / "iql_seed1.json")
+    (fid / "iql_seed1.json").unlink()
+    make_results.main(["extract", "--runs", str(runs), "--results", str(tmp_path / "res")])
+    merged = json.loads((tmp_path / "res" / "fidelity_study.json").read_text())["seeds"]
+    names = [r["set"] for r in merged[0]["rows"]]
+    assert len(merged) == 1 and names.count("offline (real)") == 1 and len(names) == 2 * len(rows) - 2
+    assert f"denoiser 80 steps: {f}, joint sampler: unguided" in names
 
 
 def test_llm_pipeline(tiny_model_dir, tmp_path):
