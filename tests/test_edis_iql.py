@@ -423,6 +423,8 @@ def test_smoke_run_reaches_every_stage(tiny_pointmaze, tmp_path):
                 "edis/energy_acc_realism_sigma0-0.1", "edis/guidance_norm",
                 "edis/syn_state_mean_dist", "charts/synthetic_fraction"):
         assert tag in scalars, tag
+    # the energies train (and are scored) only at the levels guidance uses: sigma <= --guide-sigma-max (5)
+    assert not [t for t in scalars if t.startswith("edis/energy_acc_") and t.endswith("sigma5-80")]
     assert scalars["charts/synthetic_fraction"][-1] == pytest.approx(0.5)  # synthetic data is in the batches
     assert "offline phase done" in p.stderr + p.stdout
 
