@@ -226,6 +226,8 @@ class Args:
     """MC returns: an episode whose rewards are all the failure reward (raw 0) gets r / (1 - gamma) at every step"""
     mixing_ratio: float = 0.5
     """without EDIS (or before its first retrain): fraction of offline data in online batches (CORL's 0.5)"""
+    cql_synthetic: bool = True
+    """EDIS batches: synthetic rows enter CQL's regulariser as data (the paper); --no-cql-synthetic: TD loss only"""
     q_layers: int = 2
     """hidden layers of each critic (preset: AntMaze 5 as CORL, Adroit 3, locomotion 2, PointMaze 3)"""
     policy_layers: int = 3
@@ -276,7 +278,8 @@ ALGO_RANGES = {"critic_lr": "(0, inf)", "actor_lr": "(0, inf)", "cql_alpha": "[0
                "cql_n_actions": "[1, inf)", "cql_temp": "(0, inf)", "mixing_ratio": "[0, 1]", "q_layers": "[1, inf)",
                "policy_layers": "[1, inf)"}  # allowed values (checked before anything loads)
 INFINITE_OK = ("cql_clip_diff_min", "cql_clip_diff_max")  # float flags that may be +-inf (no clipping)
-ALGO_RESUME_MAY_CHANGE = {"calibration_online", "cql_alpha_online", "mixing_ratio"}  # online-phase choices
+ALGO_RESUME_MAY_CHANGE = {"calibration_online", "cql_alpha_online", "mixing_ratio",
+                         "cql_synthetic"}  # online-phase choices
 # >>> shared:presets_device
 # Budgets and model sizes by device. GPU: the paper's scale (1024x6 denoiser, 128 Heun steps, 100k samples per retrain
 # every 10k steps). CPU: small enough that `--env pointmaze-umaze` finishes in minutes on 2 cores.
@@ -614,8 +617,13 @@ def cql_logsumexp(q_rand, q_curr, q_next, logp_curr, logp_next, act_dim: int, te
     return torch.logsumexp(cat / temp, -1) * temp
 
 
-def calql_update(agent: Agent, opts: dict, batch: dict, args: Args, calibrate: bool, cql_alpha: float) -> dict:
-    """One Cal-QL step: SAC actor and temperature, TD + CQL critics, Lagrange alpha'; Polyak target."""
+def calql_update(agent: Agent, opts: dict, batch: dict, args: Args, calibrate: bool, cql_alpha: float,
+                 cql_from: int = 0) -> dict:
+    """One Cal-QL step: SAC actor and temperature, TD + CQL critics, Lagrange alpha'; Polyak target.
+
+    The CQL regulariser averages over rows ``cql_from:`` of the batch (all by default; EDIS batches put their
+    synthetic rows first, so ``cql_from = n_synthetic`` keeps them out of it: --no-cql-synthetic).
+    """
     s, a, r, s2, d = (batch[k] for k in FIELDS)
     mc = batch["mc_returns"]
     B, A = a.shape
@@ -655,7 +663,7 @@ def calql_update(agent: Agent, opts: dict, batch: dict, args: Args, calibrate: b
     else:
         bound_rate = torch.zeros((), device=a.device)
     ood = cql_logsumexp(q_rand, q_curr, q_next, logp_curr, logp_next, A, args.cql_temp, args.cql_importance_sample)
-    gap = (ood - q_data).clamp(args.cql_clip_diff_min, args.cql_clip_diff_max).mean(1)  # [2]
+    gap = (ood - q_data).clamp(args.cql_clip_diff_min, args.cql_clip_diff_max)[:, cql_from:].mean(1)  # [2]
     if args.cql_lagrange:  # alpha' grows while the gap exceeds the target: max_{alpha'} alpha' (gap - target)
         alpha_prime = agent.log_alpha_prime.exp().clamp(0.0, 1e6)
         cql_loss = (alpha_prime.detach() * cql_alpha * (gap - args.cql_target_action_gap)).sum()
@@ -1618,8 +1626,10 @@ def main(argv: Optional[list] = None) -> None:
                 # <<< algo
             with amp():
                 # >>> algo: Cal-QL update with the online CQL weight; calibration only with --calibration-online (CORL)
+                # (with --no-cql-synthetic the batch's synthetic rows, first in it, stay out of the CQL term)
+                synthetic_rows = n_syn if args.edis and edis.synthetic is not None else 0
                 metrics = update(agent, opts, batch, args, args.calibration and args.calibration_online,
-                                 args.cql_alpha_online)
+                                 args.cql_alpha_online, 0 if args.cql_synthetic else synthetic_rows)
                 # <<< algo
             logger.accumulate(metrics, step + 1)
             progress["updates"] += 1
