@@ -58,6 +58,8 @@ class Cli:
     """which online arms to run (e.g. noedis first, edis later)"""
     extra: str = ""
     """more flags for the offline phase (the arms inherit its config), written with '=': --extra='--hidden-dim 64'"""
+    edis_arm: str = "edis"
+    """folder name of the EDIS arm: another name runs a variant next to the default one (flags in --arm-extra)"""
     arm_extra: str = ""
     """more flags for both online arms (ones a --resume may change): --arm-extra='--edis-diffusion-steps 12000'"""
 
@@ -91,8 +93,8 @@ def main(a: Cli) -> None:
                     "--eval-every", str(b["eval_every"]), "--eval-episodes", str(a.eval_episodes),
                     "--edis-retrain-every", str(b["retrain_every"]), "--checkpoint-every", str(b["offline_steps"]),
                     *shlex.split(a.extra), *resume], offline_dir + ".log")
-            for arm, flag in (("edis", "--edis"), ("noedis", "--no-edis")):
-                if arm not in a.arms:
+            for kind, arm, flag in (("edis", a.edis_arm, "--edis"), ("noedis", "noedis", "--no-edis")):
+                if kind not in a.arms:
                     continue
                 arm_dir = os.path.join(base, arm)
                 if os.path.exists(os.path.join(arm_dir, "summary.json")):

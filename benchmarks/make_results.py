@@ -372,26 +372,36 @@ def llm_tuning_figures(data: dict) -> None:
     save(fig, "llm_beta.png")
 
 
+EDIS_ARMS = {"noedis": "no EDIS", "edis": "EDIS", "edis_cql_real": "EDIS, --no-cql-synthetic"}  # folder -> label
+
+
+def edis_arms(runs: list) -> list:
+    """The arms in a study: no EDIS, EDIS, then the EDIS variants (edis_study.py --edis-arm NAME)."""
+    found = {r["arm"] for r in runs}
+    return [a for a in EDIS_ARMS if a in found] + sorted(found - set(EDIS_ARMS))
+
+
 def edis_tables(data: dict, name: str = "edis") -> dict:
     runs = data["runs"]
+    arms = edis_arms(runs)
     lines = ["| algorithm | arm | seeds | score after offline | final score | mean score over online evals | "
              "training success rate (1 − regret) | EDIS − no-EDIS, final (paired) | "
              "paired test of the final score |",
              "|---" * 9 + "|"]
     for algo in ("iql", "calql"):
         by_arm = {arm: sorted((r for r in runs if r["algo"] == algo and r["arm"] == arm), key=lambda r: r["seed"])
-                  for arm in ("noedis", "edis")}
+                  for arm in arms}
         for arm, rs in by_arm.items():
             if not rs:
                 continue
             online_mean = [statistics.mean(e["score"] for e in r["evals"] if e["step"] > r["offline_steps"])
                            for r in rs]
             diff = test = ""
-            if arm == "edis":
-                base = {r["seed"]: r["final_score"] for r in by_arm["noedis"]}
+            if arm != "noedis":
+                base = {r["seed"]: r["final_score"] for r in by_arm.get("noedis", [])}
                 diffs = [r["final_score"] - base[r["seed"]] for r in rs if r["seed"] in base]
                 diff, test = ms(diffs, "{:.1f}"), paired(diffs)
-            lines.append(f"| {'IQL' if algo == 'iql' else 'Cal-QL'} | {'EDIS' if arm == 'edis' else 'no EDIS'} | "
+            lines.append(f"| {'IQL' if algo == 'iql' else 'Cal-QL'} | {EDIS_ARMS.get(arm, arm)} | "
                          f"{len(rs)} | {ms([r['offline_score'] for r in rs], '{:.1f}')} | "
                          f"{ms([r['final_score'] for r in rs], '{:.1f}')} | {ms(online_mean, '{:.1f}')} | "
                          f"{ms([1 - r['regret'] for r in rs if r['regret'] is not None], '{:.2f}')} | "
@@ -401,11 +411,11 @@ def edis_tables(data: dict, name: str = "edis") -> dict:
                  "EDIS retrain, s each |")
     lines.append("|---|---|---|---|---|")
     for algo in ("iql", "calql"):
-        for arm in ("noedis", "edis"):
+        for arm in arms:
             rs = [r for r in runs if r["algo"] == algo and r["arm"] == arm]
             if rs:
                 rt = [t for r in rs for t in r["retrain_time_s"]]
-                lines.append(f"| {'IQL' if algo == 'iql' else 'Cal-QL'} | {'EDIS' if arm == 'edis' else 'no EDIS'} | "
+                lines.append(f"| {'IQL' if algo == 'iql' else 'Cal-QL'} | {EDIS_ARMS.get(arm, arm)} | "
                              f"{ms([r['offline_updates_per_s'] for r in rs], '{:.1f}')} | "
                              f"{ms([r['online_wall_s'] for r in rs], '{:.0f}')} | "
                              f"{ms(rt, '{:.1f}') if rt else '–'} |")
@@ -417,7 +427,8 @@ def edis_figures(data: dict) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     for ax, algo in zip(axes, ("iql", "calql")):
-        for arm, label in (("noedis", "no EDIS"), ("edis", "EDIS")):
+        for arm in edis_arms(data["runs"]):
+            label = EDIS_ARMS.get(arm, arm)
             rs = [r for r in data["runs"] if r["algo"] == algo and r["arm"] == arm]
             if not rs:
                 continue
