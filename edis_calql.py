@@ -129,6 +129,8 @@ class Args:
     """use EDIS in the online phase; --no-edis runs plain fine-tuning on offline + online replay (the ablation)"""
     edis_ratio: float = 0.5
     """fraction of synthetic transitions in every online batch (the rest are online transitions)"""
+    edis_offline_frac: float = 0.0
+    """fraction of offline transitions kept in every EDIS batch (0: the paper, synthetic data replace them)"""
     edis_retrain_every: int = 5000
     """retrain diffusion + energies and regenerate synthetic data every this many online env steps"""
     edis_min_online: Optional[int] = None
@@ -327,6 +329,9 @@ def finish_args(args: Args) -> Args:
     if args.edis_min_online is None:
         args.edis_min_online = args.edis_retrain_every
     check_flags(args, {**COMMON_RANGES, **ALGO_RANGES}, INFINITE_OK)
+    if args.edis_ratio + args.edis_offline_frac >= 1.0:
+        raise UserError(f"--edis-ratio {args.edis_ratio} + --edis-offline-frac {args.edis_offline_frac} must be < 1 "
+                        "(the rest of every batch is online transitions)")
     return args
 
 
@@ -338,7 +343,8 @@ def make_args(**flags) -> Args:
 
 
 COMMON_RANGES = {  # allowed values of the shared flags, as intervals
-    "seed": SEED_RANGE, "gamma": "[0, 1]", "tau": "[0, 1]", "edis_ratio": "[0, 1)", "edis_ema": "[0, 1)",
+    "seed": SEED_RANGE, "gamma": "[0, 1]", "tau": "[0, 1]", "edis_ratio": "[0, 1)", "edis_offline_frac": "[0, 1)",
+    "edis_ema": "[0, 1)",
     "edis_diffusion_lr": "(0, inf)", "energy_lr": "(0, inf)", "edis_cond_prob": "[0, 1)", "edis_online_frac": "[0, 1]",
     "guide_sigma_max": "(0, inf)", "edis_churn": "[0, inf)", "edis_min_online": "[0, inf)",
     "offline_steps": "[0, inf)", "online_steps": "[0, inf)",
@@ -1348,7 +1354,8 @@ class Logger:
 RESUME_MAY_CHANGE = {"resume", "output_dir", "overwrite", "device", "torch_deterministic", "track",
                      "wandb_project_name", "wandb_entity", "compile", "bf16", "online_steps", "eval_every",
                      "eval_episodes", "checkpoint_every", "log_every", "critic_lr", "actor_lr", "capture_video",
-                     "eval_only", "edis", "edis_ratio", "edis_retrain_every", "edis_min_online", "edis_num_samples",
+                     "eval_only", "edis", "edis_ratio", "edis_offline_frac", "edis_retrain_every", "edis_min_online",
+                     "edis_num_samples",
                      "edis_diffusion_steps", "edis_diffusion_batch", "edis_diffusion_lr", "edis_width", "edis_depth",
                      "edis_ema", "edis_sample_steps", "edis_sample_batch", "edis_churn", "guide_state",
                      "guide_policy", "guide_transition", "guide_online", "guide_realism", "guide_sigma_max",
@@ -1616,9 +1623,13 @@ def main(argv: Optional[list] = None) -> None:
             edis.last_retrain_step = t + 1
             logger.scalars(check_finite({k: float(v) for k, v in metrics.items()}, f"step {step + 1}"), step + 1)
         for _ in range(args.utd):
-            if args.edis and edis.synthetic is not None:  # every batch: ratio synthetic + (1 - ratio) online
-                n_syn = int(round(args.batch_size * args.edis_ratio))
-                batch = concat_batches(edis.synthetic.sample(n_syn, gen), online.sample(args.batch_size - n_syn, gen))
+            if args.edis and edis.synthetic is not None:  # every batch: ratio synthetic + (--edis-offline-frac
+                n_syn = int(round(args.batch_size * args.edis_ratio))  # offline) + the rest online
+                n_off = int(round(args.batch_size * args.edis_offline_frac))
+                n_on = args.batch_size - n_syn - n_off
+                batch = concat_batches(edis.synthetic.sample(n_syn, gen), online.sample(n_on, gen))
+                if n_off:  # (after the online rows: Cal-QL's --no-cql-synthetic counts the synthetic rows first)
+                    batch = concat_batches(batch, offline.sample(n_off, gen))
             else:  # no EDIS, or before its first retrain: the base algorithm's own fine-tuning batches
                 # >>> algo: mixing_ratio offline + the rest online (Cal-QL Sec. 6, CORL's fine-tuning)
                 n_off = int(args.batch_size * args.mixing_ratio)

@@ -408,7 +408,8 @@ SMOKE = ["--env", "pointmaze-umaze", "--offline-steps", "150", "--online-steps",
 
 def test_smoke_run_reaches_every_stage(tiny_pointmaze, tmp_path):
     out = tmp_path / "run"
-    p = run_script(["edis_iql.py", *SMOKE, "--output-dir", str(out)], tiny_pointmaze, timeout=600)
+    p = run_script(["edis_iql.py", *SMOKE, "--edis-offline-frac", "0.25", "--output-dir", str(out)], tiny_pointmaze,
+                   timeout=600)  # (offline rows kept in the EDIS batches: the path the default does not take)
     assert p.returncode == 0, p.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["updates"] == 150 + 260  # every offline and every online step did a gradient update
@@ -482,6 +483,7 @@ def test_resume_of_checkpoint_with_other_networks_is_one_line(tiny_pointmaze, tm
 @pytest.mark.parametrize("flags, text", [
     (["--offline-steps", "-5"], "--offline-steps must be >= 0"),
     (["--edis-ratio", "1.5"], "--edis-ratio must be in [0, 1)"),
+    (["--edis-ratio", "0.6", "--edis-offline-frac", "0.4"], "--edis-offline-frac 0.4 must be < 1"),
     (["--resume", "/nonexistent/run"], "no checkpoint at"),
     (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "nonsense"], "--device"),
 ])
