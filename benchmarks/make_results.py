@@ -372,7 +372,8 @@ def llm_tuning_figures(data: dict) -> None:
     save(fig, "llm_beta.png")
 
 
-EDIS_ARMS = {"noedis": "no EDIS", "edis": "EDIS", "edis_cql_real": "EDIS, --no-cql-synthetic"}  # folder -> label
+EDIS_ARMS = {"noedis": "no EDIS", "edis": "EDIS", "edis_cql_real": "EDIS, --no-cql-synthetic",  # folder -> label
+             "edis_keep_offline": "EDIS, 1/4 synthetic + 1/4 offline"}
 
 
 def edis_arms(runs: list) -> list:
