@@ -1534,8 +1534,9 @@ def main(argv: Optional[list] = None) -> None:
             edis.last_retrain_step = t + 1
             logger.scalars(check_finite({k: float(v) for k, v in metrics.items()}, f"step {step + 1}"), step + 1)
         for _ in range(args.utd):
-            if args.edis and edis.synthetic is not None:  # every batch: ratio synthetic + (--edis-offline-frac
-                n_syn = int(round(args.batch_size * args.edis_ratio))  # offline) + the rest online
+            # EDIS batches: --edis-ratio synthetic (+ --edis-offline-frac offline, 0 in the paper) + the rest online
+            if args.edis and edis.synthetic is not None:
+                n_syn = int(round(args.batch_size * args.edis_ratio))
                 n_off = int(round(args.batch_size * args.edis_offline_frac))
                 n_on = args.batch_size - n_syn - n_off
                 batch = concat_batches(edis.synthetic.sample(n_syn, gen), online.sample(n_on, gen))

@@ -197,9 +197,13 @@ def main(a: Cli) -> None:
         args.energy_steps = a.energy_steps
         for item in a.overrides:
             name, _, value = item.partition("=")
-            if not hasattr(args, name):
-                sys.exit(f"error: --overrides {item}: the script has no flag {name}")
-            setattr(args, name, type(getattr(args, name))(value))
+            old = getattr(args, name, None)
+            if not isinstance(old, (bool, int, float, str)):
+                sys.exit(f"error: --overrides {item}: not a number, text or true/false flag of the script")
+            try:
+                setattr(args, name, value.lower() == "true" if isinstance(old, bool) else type(old)(value))
+            except ValueError:
+                sys.exit(f"error: --overrides {item}: {value!r} is not a {type(old).__name__}")
         task = mod.get_task(args.env)
         device = torch.device("cpu")
         mod.seed_everything(seed, False)

@@ -99,7 +99,10 @@ def extract_edis() -> None:
                      "retrain_time_s": [v for _, v in s.get("edis/retrain_time_s", [])],
                      "offline_updates_per_s": statistics.median(
                          v for st, v in s["charts/SPS"] if st <= cfg["offline_steps"]),
-                     "online_wall_s": summary["wall_time_s"]})
+                     "online_wall_s": summary["wall_time_s"],
+                     # Cal-QL's critic at the end of the online phase (last logged value; absent for IQL)
+                     "end": {k: s[k][-1][1] for k in ("losses/alpha_prime", "losses/cql_loss", "losses/td_loss")
+                             if k in s}})
     manifest = read_manifest("edis")
     write_json("edis_study.json", {"manifest": manifest, "runs": runs})
 
@@ -420,6 +423,16 @@ def edis_tables(data: dict, name: str = "edis") -> dict:
                              f"{ms([r['offline_updates_per_s'] for r in rs], '{:.1f}')} | "
                              f"{ms([r['online_wall_s'] for r in rs], '{:.0f}')} | "
                              f"{ms(rt, '{:.1f}') if rt else '–'} |")
+    ends = [(algo, arm, [r["end"] for r in runs if r["algo"] == algo and r["arm"] == arm and r.get("end")])
+            for algo in ("iql", "calql") for arm in arms]
+    if any(e for _, _, e in ends):  # the critic's state at the end of the online phase (Cal-QL's CQL multiplier)
+        lines += ["", "| algorithm | arm | CQL multiplier α′ at the end | CQL loss at the end | TD loss at the end |",
+                  "|---|---|---|---|---|"]
+        for algo, arm, e in ends:
+            if e:
+                lines.append(f"| {'IQL' if algo == 'iql' else 'Cal-QL'} | {EDIS_ARMS.get(arm, arm)} | " + " | ".join(
+                    ms([x[k] for x in e], "{:.2f}") for k in ("losses/alpha_prime", "losses/cql_loss",
+                                                               "losses/td_loss")) + " |")
     return {name: "\n".join(lines)}
 
 

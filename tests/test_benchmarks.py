@@ -135,6 +135,10 @@ def test_edis_and_fidelity_pipeline(tiny_pointmaze, tmp_path):
     assert "| IQL | EDIS | 1 |" in text and f"| {f}, sequential sampler: guided at sigma <= 5 |" in text
     assert (tmp_path / "img" / "edis_curves.png").stat().st_size > 1000
     assert (tmp_path / "res" / "edis_study.json").exists()
+    for bad, text in (("edis_diffusion_steps=abc", "'abc' is not a int"), ("no_such_flag=1", "not a number")):
+        p = run_script(["benchmarks/fidelity_study.py", "--seeds", "1", "--runs", str(runs / "edis"), "--overrides",
+                        bad, "--out", str(tmp_path / "bad")], tiny_pointmaze)
+        assert p.returncode == 1 and text in p.stderr and "Traceback" not in p.stderr, p.stderr[-500:]
     # settings of the same seeds in sub-folders: one table, each set prefixed by its folder's name, real rows once
     fid = runs / "fidelity"
     assert json.loads((fid / "iql_seed1.json").read_text())["overrides"] == ["edis_diffusion_steps=40"]
