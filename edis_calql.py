@@ -227,9 +227,9 @@ class Args:
     is_sparse_reward: bool = True
     """MC returns: an episode whose rewards are all the failure reward (raw 0) gets r / (1 - gamma) at every step"""
     mixing_ratio: float = 0.5
-    """without EDIS (or before its first retrain): fraction of offline data in online batches (CORL's 0.5)"""
-    cql_synthetic: bool = True
-    """EDIS batches: synthetic rows enter CQL's regulariser as data (the paper); --no-cql-synthetic: TD loss only"""
+    """without EDIS (or before its first retrain): fraction of offline data in online batches, < 1 (CORL's 0.5)"""
+    cql_rows: Literal["all", "real", "base"] = "all"
+    """EDIS: rows of CQL's regulariser and alpha': all of the batch (paper), its real rows, or base (see docs)"""
     q_layers: int = 2
     """hidden layers of each critic (preset: AntMaze 5 as CORL, Adroit 3, locomotion 2, PointMaze 3)"""
     policy_layers: int = 3
@@ -277,11 +277,11 @@ TASK_PRESETS = {  # EDIS Cal-QL gins: synthetic ratio per task
 ALGO_CPU_PRESETS = dict(offline_steps=6_000, online_steps=6_000, eval_every=3_000, edis_retrain_every=2_000,
                         q_layers=2, cql_n_actions=4)
 ALGO_RANGES = {"critic_lr": "(0, inf)", "actor_lr": "(0, inf)", "cql_alpha": "[0, inf)", "cql_alpha_online": "[0, inf)",
-               "cql_n_actions": "[1, inf)", "cql_temp": "(0, inf)", "mixing_ratio": "[0, 1]", "q_layers": "[1, inf)",
+               "cql_n_actions": "[1, inf)", "cql_temp": "(0, inf)", "mixing_ratio": "[0, 1)", "q_layers": "[1, inf)",
                "policy_layers": "[1, inf)"}  # allowed values (checked before anything loads)
 INFINITE_OK = ("cql_clip_diff_min", "cql_clip_diff_max")  # float flags that may be +-inf (no clipping)
 ALGO_RESUME_MAY_CHANGE = {"calibration_online", "cql_alpha_online", "mixing_ratio",
-                         "cql_synthetic"}  # online-phase choices
+                         "cql_rows"}  # online-phase choices
 # >>> shared:presets_device
 # Budgets and model sizes by device. GPU: the paper's scale (1024x6 denoiser, 128 Heun steps, 100k samples per retrain
 # every 10k steps). CPU: small enough that `--env pointmaze-umaze` finishes in minutes on 2 cores.
@@ -624,15 +624,17 @@ def cql_logsumexp(q_rand, q_curr, q_next, logp_curr, logp_next, act_dim: int, te
 
 
 def calql_update(agent: Agent, opts: dict, batch: dict, args: Args, calibrate: bool, cql_alpha: float,
-                 cql_from: int = 0) -> dict:
+                 cql_batch: Optional[dict] = None) -> dict:
     """One Cal-QL step: SAC actor and temperature, TD + CQL critics, Lagrange alpha'; Polyak target.
 
-    The CQL regulariser averages over rows ``cql_from:`` of the batch (all by default; EDIS batches put their
-    synthetic rows first, so ``cql_from = n_synthetic`` keeps them out of it: --no-cql-synthetic).
+    The actor and TD losses use ``batch``; the CQL regulariser (and alpha') uses ``cql_batch``, the same batch by
+    default (the papers). With EDIS, --cql-rows may give it other rows (main builds them).
     """
     s, a, r, s2, d = (batch[k] for k in FIELDS)
-    mc = batch["mc_returns"]
+    c = batch if cql_batch is None else cql_batch  # the rows of the CQL regulariser
+    cs, ca, cs2, mc = c["observations"], c["actions"], c["next_observations"], c["mc_returns"]
     B, A = a.shape
+    Bc = len(ca)
     N = args.cql_n_actions
     alpha = agent.log_alpha.exp().detach()
 
@@ -654,22 +656,23 @@ def calql_update(agent: Agent, opts: dict, batch: dict, args: Args, calibrate: b
             tq = tq - alpha * logp2
         td = r + args.gamma * (1.0 - d) * tq
         # CQL action sets: N uniform actions, N from pi(.|s) and N from pi(.|s'), all evaluated at s (detached)
-        a_rand = torch.rand(B, N, A, device=a.device) * 2.0 - 1.0
-        a_curr, logp_curr = agent.actor.rsample(s, N)
-        a_next, logp_next = agent.actor.rsample(s2, N)
+        a_rand = torch.rand(Bc, N, A, device=a.device) * 2.0 - 1.0
+        a_curr, logp_curr = agent.actor.rsample(cs, N)
+        a_next, logp_next = agent.actor.rsample(cs2, N)
     # One forward for both critics and all 1 + 3N actions per state (the state half of layer 1 once per state)
-    q_all = agent.qf.forward_multi(s, torch.cat([a[:, None], a_rand, a_curr, a_next], 1))  # [2, B, 1 + 3N]
-    q_data, q_rand = q_all[..., 0], q_all[..., 1:1 + N]
+    q_all = agent.qf.forward_multi(cs, torch.cat([ca[:, None], a_rand, a_curr, a_next], 1))  # [2, Bc, 1 + 3N]
+    q_cdata, q_rand = q_all[..., 0], q_all[..., 1:1 + N]
     q_curr, q_next = q_all[..., 1 + N:1 + 2 * N], q_all[..., 1 + 2 * N:]
+    q_data = q_cdata if cql_batch is None else agent.qf(s, a)  # [2, B]: the TD rows' Q(s, a)
     td_loss = (q_data - td.unsqueeze(0)).pow(2).mean(1).sum()  # MSE of each critic, summed (CORL)
     if calibrate:  # Cal-QL Eq. 4: policy-action Q-values are lower-bounded by the Monte-Carlo return mu's value
-        bound = mc.view(1, B, 1)
+        bound = mc.view(1, Bc, 1)
         bound_rate = (q_curr < bound).float().mean()
         q_curr, q_next = torch.maximum(q_curr, bound), torch.maximum(q_next, bound)
     else:
         bound_rate = torch.zeros((), device=a.device)
     ood = cql_logsumexp(q_rand, q_curr, q_next, logp_curr, logp_next, A, args.cql_temp, args.cql_importance_sample)
-    gap = (ood - q_data).clamp(args.cql_clip_diff_min, args.cql_clip_diff_max)[:, cql_from:].mean(1)  # [2]
+    gap = (ood - q_cdata).clamp(args.cql_clip_diff_min, args.cql_clip_diff_max).mean(1)  # [2]
     if args.cql_lagrange:  # alpha' grows while the gap exceeds the target: max_{alpha'} alpha' (gap - target)
         alpha_prime = agent.log_alpha_prime.exp().clamp(0.0, 1e6)
         cql_loss = (alpha_prime.detach() * cql_alpha * (gap - args.cql_target_action_gap)).sum()
@@ -712,6 +715,25 @@ def calql_update(agent: Agent, opts: dict, batch: dict, args: Args, calibrate: b
 # ALGO LOGIC: Cal-QL's calibration bound in the replay buffers (main() calls calql_update directly)
 # ---------------------------------------------------------------------------------------------------------------
 BUFFER_EXTRA: dict = {"mc_returns": -INF}  # per-row Monte-Carlo return; -inf = no calibration bound (synthetic data)
+
+
+def cql_rows_batch(batch: dict, n_syn: int, n_off: int, offline: ReplayBuffer, args: Args,
+                   generator: torch.Generator) -> Optional[dict]:
+    """The rows of the CQL regulariser (and of alpha') for an EDIS batch [n_syn synthetic | online | n_off offline].
+
+    all: None, i.e. the whole batch (the paper: synthetic rows count as data). real: the rows after the synthetic
+    ones. base: those plus offline rows drawn for the regulariser only, until offline rows are --mixing-ratio of them:
+    the data mix that Cal-QL's fine-tuning, and its Lagrange target gap, has without EDIS (docs/edis_calql.md,
+    detail 10).
+    """
+    if args.cql_rows == "all":
+        return None
+    real = {k: v[n_syn:] for k, v in batch.items()}
+    n_on = len(real["rewards"]) - n_off
+    n_extra = round(n_on * args.mixing_ratio / (1.0 - args.mixing_ratio)) - n_off  # offline / all = mixing_ratio
+    if args.cql_rows == "real" or n_extra <= 0:
+        return real
+    return concat_batches(real, offline.sample(n_extra, generator))
 
 
 def failure_reward(args: Args, norm: dict) -> Optional[float]:
@@ -1629,7 +1651,7 @@ def main(argv: Optional[list] = None) -> None:
                 n_off = int(round(args.batch_size * args.edis_offline_frac))
                 n_on = args.batch_size - n_syn - n_off
                 batch = concat_batches(edis.synthetic.sample(n_syn, gen), online.sample(n_on, gen))
-                if n_off:  # (after the online rows: Cal-QL's --no-cql-synthetic counts the synthetic rows first)
+                if n_off:  # (after the online rows: Cal-QL's --cql-rows takes the rows after the synthetic ones)
                     batch = concat_batches(batch, offline.sample(n_off, gen))
             else:  # no EDIS, or before its first retrain: the base algorithm's own fine-tuning batches
                 # >>> algo: mixing_ratio offline + the rest online (Cal-QL Sec. 6, CORL's fine-tuning)
@@ -1638,10 +1660,11 @@ def main(argv: Optional[list] = None) -> None:
                 # <<< algo
             with amp():
                 # >>> algo: Cal-QL update with the online CQL weight; calibration only with --calibration-online (CORL)
-                # (with --no-cql-synthetic the batch's synthetic rows, first in it, stay out of the CQL term)
-                synthetic_rows = n_syn if args.edis and edis.synthetic is not None else 0
+                # (with EDIS, --cql-rows may give the CQL regulariser other rows than the batch's: cql_rows_batch)
+                cql_batch = cql_rows_batch(batch, n_syn, n_off, offline, args, gen) if (
+                    args.edis and edis.synthetic is not None) else None
                 metrics = update(agent, opts, batch, args, args.calibration and args.calibration_online,
-                                 args.cql_alpha_online, 0 if args.cql_synthetic else synthetic_rows)
+                                 args.cql_alpha_online, cql_batch)
                 # <<< algo
             logger.accumulate(metrics, step + 1)
             progress["updates"] += 1

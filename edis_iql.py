@@ -1540,7 +1540,7 @@ def main(argv: Optional[list] = None) -> None:
                 n_off = int(round(args.batch_size * args.edis_offline_frac))
                 n_on = args.batch_size - n_syn - n_off
                 batch = concat_batches(edis.synthetic.sample(n_syn, gen), online.sample(n_on, gen))
-                if n_off:  # (after the online rows: Cal-QL's --no-cql-synthetic counts the synthetic rows first)
+                if n_off:  # (after the online rows: Cal-QL's --cql-rows takes the rows after the synthetic ones)
                     batch = concat_batches(batch, offline.sample(n_off, gen))
             else:  # no EDIS, or before its first retrain: the base algorithm's own fine-tuning batches
                 # >>> algo: uniform over offline + online replay (CORL's IQL fine-tuning)

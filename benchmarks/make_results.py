@@ -375,8 +375,9 @@ def llm_tuning_figures(data: dict) -> None:
     save(fig, "llm_beta.png")
 
 
-EDIS_ARMS = {"noedis": "no EDIS", "edis": "EDIS", "edis_cql_real": "EDIS, --no-cql-synthetic",  # folder -> label
-             "edis_keep_offline": "EDIS, 1/4 synthetic + 1/4 offline"}
+EDIS_ARMS = {"noedis": "no EDIS", "edis": "EDIS", "edis_cql_real": "EDIS, --cql-rows real",  # folder -> label
+             "edis_keep_offline": "EDIS, 1/4 synthetic + 1/4 offline", "edis_cql_base": "EDIS, --cql-rows base",
+             "edis_cql_all": "EDIS, --cql-rows all"}
 
 
 def edis_arms(runs: list) -> list:

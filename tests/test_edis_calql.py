@@ -99,11 +99,14 @@ def member_q(qf, i, s, a):
     return (qf.q1, qf.q2)[i](torch.cat([s, a], -1)).squeeze(-1)
 
 
-def reference_losses(agent, batch, args, calibrate, cql_alpha, cql_from=0):
+def reference_losses(agent, batch, args, calibrate, cql_alpha, cql_batch=None):
     """CORL's Cal-QL losses written with per-critic, per-state loops; draws random numbers in calql_update's order.
-    The CQL term averages over the rows from ``cql_from`` on (--no-cql-synthetic: EDIS's synthetic rows come first)."""
-    s, a, r, s2, d, mc = (batch[k] for k in (*m.FIELDS, "mc_returns"))
+    The CQL term averages over the rows of ``cql_batch`` (default: ``batch``; EDIS's --cql-rows gives other rows)."""
+    s, a, r, s2, d = (batch[k] for k in m.FIELDS)
+    c = batch if cql_batch is None else cql_batch
+    cs, ca, cs2, mc = c["observations"], c["actions"], c["next_observations"], c["mc_returns"]
     B, A = a.shape
+    Bc = len(ca)
     N = args.cql_n_actions
     alpha = agent.log_alpha.exp().item()
     pi_a, logp = agent.actor.rsample(s)
@@ -120,27 +123,28 @@ def reference_losses(agent, batch, args, calibrate, cql_alpha, cql_from=0):
             j = int(np.argmax(vals))
             target = vals[j] - (alpha * logp2[b, j].item() if args.backup_entropy else 0.0)
             td.append(r[b].item() + args.gamma * (1 - d[b].item()) * target)
-        a_rand = torch.rand(B, N, A) * 2 - 1
-        a_curr, lp_curr = agent.actor.rsample(s, N)
-        a_next, lp_next = agent.actor.rsample(s2, N)
+        a_rand = torch.rand(Bc, N, A) * 2 - 1
+        a_curr, lp_curr = agent.actor.rsample(cs, N)
+        a_next, lp_next = agent.actor.rsample(cs2, N)
     td_loss, cql_terms = 0.0, []
     for i in range(2):
         qd = torch.stack([member_q(agent.qf, i, s[b], a[b]) for b in range(B)])
         td_loss = td_loss + torch.mean((qd - torch.tensor(td)) ** 2)
         diffs = []
-        for b in range(B):
+        for b in range(Bc):
             vals = []
             for j in range(N):
-                vals.append(member_q(agent.qf, i, s[b], a_rand[b, j]) - A * math.log(0.5))
+                vals.append(member_q(agent.qf, i, cs[b], a_rand[b, j]) - A * math.log(0.5))
             for j in range(N):
-                q = member_q(agent.qf, i, s[b], a_next[b, j])
+                q = member_q(agent.qf, i, cs[b], a_next[b, j])
                 vals.append((torch.maximum(q, mc[b]) if calibrate else q) - lp_next[b, j])
             for j in range(N):
-                q = member_q(agent.qf, i, s[b], a_curr[b, j])
+                q = member_q(agent.qf, i, cs[b], a_curr[b, j])
                 vals.append((torch.maximum(q, mc[b]) if calibrate else q) - lp_curr[b, j])
             lse = torch.logsumexp(torch.stack(vals), 0)
-            diffs.append(torch.clamp(lse - qd[b], args.cql_clip_diff_min, args.cql_clip_diff_max))
-        cql_terms.append(torch.stack(diffs[cql_from:]).mean())
+            diffs.append(torch.clamp(lse - member_q(agent.qf, i, cs[b], ca[b]), args.cql_clip_diff_min,
+                                     args.cql_clip_diff_max))
+        cql_terms.append(torch.stack(diffs).mean())
     if args.cql_lagrange:
         ap = torch.clamp(agent.log_alpha_prime.exp(), 0, 1e6).item()
         cql_loss = sum(ap * cql_alpha * (c - args.cql_target_action_gap) for c in cql_terms)
@@ -156,23 +160,55 @@ def random_batch(n=6, obs=4, act=2, seed=0):
             "terminals": (torch.rand(n, generator=g) < 0.3).float(), "mc_returns": torch.randn(n, generator=g) * 3}
 
 
-@pytest.mark.parametrize("calibrate, lagrange, max_backup, cql_from", [
-    (True, True, True, 0), (False, False, False, 0), (True, False, True, 0), (True, True, True, 2),
-    (False, False, True, 5)])
-def test_calql_losses_match_slow_reference(calibrate, lagrange, max_backup, cql_from):
+@pytest.mark.parametrize("calibrate, lagrange, max_backup, cql_rows", [
+    (True, True, True, None), (False, False, False, None), (True, False, True, None), (True, True, True, (2, 0)),
+    (False, False, True, (5, 0)), (True, True, True, (3, 4))])
+def test_calql_losses_match_slow_reference(calibrate, lagrange, max_backup, cql_rows):
+    """cql_rows (k, n): the CQL rows are the batch's rows from k on plus n other rows (--cql-rows real / base)."""
     args = make_args(hidden_dim=16, q_layers=2, cql_n_actions=3, cql_lagrange=lagrange,
                      cql_max_target_backup=max_backup, backup_entropy=True)
     torch.manual_seed(0)
     agent = m.Agent(4, 2, args, 1.0)
     batch = random_batch()
+    cql_batch = None
+    if cql_rows is not None:
+        cql_batch = {k: v[cql_rows[0]:] for k, v in batch.items()}
+        if cql_rows[1]:
+            cql_batch = m.concat_batches(cql_batch, random_batch(n=cql_rows[1], seed=1))
     ref_agent = copy.deepcopy(agent)
     torch.manual_seed(5)
-    out = m.calql_update(agent, m.make_optimizers(agent, args), batch, args, calibrate, 5.0, cql_from)
+    out = m.calql_update(agent, m.make_optimizers(agent, args), batch, args, calibrate, 5.0, cql_batch)
     torch.manual_seed(5)
-    td_loss, cql_loss, actor_loss, _, _ = reference_losses(ref_agent, batch, args, calibrate, 5.0, cql_from)
+    td_loss, cql_loss, actor_loss, _, _ = reference_losses(ref_agent, batch, args, calibrate, 5.0, cql_batch)
     assert out["losses/td_loss"].item() == pytest.approx(td_loss.item(), rel=1e-4)
     assert out["losses/cql_loss"].item() == pytest.approx(cql_loss.item(), rel=1e-4, abs=1e-5)
     assert out["losses/actor_loss"].item() == pytest.approx(actor_loss.item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("cql_rows, mixing, n_off, expect", [
+    ("all", 0.5, 0, None), ("real", 0.5, 2, (6, 0)), ("base", 0.5, 0, (6, 6)), ("base", 0.25, 0, (6, 2)),
+    ("base", 0.5, 2, (6, 2)), ("base", 0.25, 3, (6, 0)), ("base", 0.0, 0, (6, 0))])
+def test_cql_rows_batch_keeps_the_base_mix(cql_rows, mixing, n_off, expect):
+    """An EDIS batch of 4 synthetic, 6 - n_off online and n_off offline rows: --cql-rows real keeps its last 6 rows;
+    base adds offline rows until they are mixing_ratio of the CQL rows (e.g. 6 online, 0.5 -> 6 offline)."""
+    args = make_args(cql_rows=cql_rows, mixing_ratio=mixing)
+    batch = random_batch(n=10)
+    batch["rewards"][:4] = -1.0  # synthetic
+    batch["rewards"][4:10 - n_off] = 0.0  # online
+    batch["rewards"][10 - n_off:] = 1.0  # offline (the batch's own)
+    offline = m.ReplayBuffer(4, 2, 50, torch.device("cpu"), extra=m.BUFFER_EXTRA)
+    extra_rows = random_batch(n=50, seed=3)
+    extra_rows["rewards"][:] = 2.0  # offline rows drawn for the regulariser only
+    offline.add_batch(extra_rows)
+    out = m.cql_rows_batch(batch, 4, n_off, offline, args, torch.Generator().manual_seed(0))
+    if expect is None:
+        assert out is None
+        return
+    n_real, n_extra = expect
+    r = out["rewards"]
+    assert len(r) == n_real + n_extra and (r[:n_real] == batch["rewards"][4:]).all() and (r[n_real:] == 2.0).all()
+    if cql_rows == "base":  # offline rows (the batch's and the extra ones): the mixing share, or more if the batch
+        assert (r >= 1.0).float().mean().item() == pytest.approx(max(mixing, n_off / 6))  # already has more
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -255,7 +291,7 @@ CALQL_SMOKE = [*SMOKE, "--q-layers", "2", "--cql-n-actions", "4"]
 
 def test_smoke_run_reaches_every_stage(tiny_pointmaze, tmp_path):
     out = tmp_path / "run"
-    p = run_script(["edis_calql.py", *CALQL_SMOKE, "--no-cql-synthetic", "--output-dir", str(out)], tiny_pointmaze,
+    p = run_script(["edis_calql.py", *CALQL_SMOKE, "--cql-rows", "base", "--output-dir", str(out)], tiny_pointmaze,
                    timeout=600)  # (the synthetic rows out of the CQL term: the path the default does not take)
     assert p.returncode == 0, p.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())

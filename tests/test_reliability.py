@@ -150,7 +150,7 @@ EDIS_CASES = [
 ]
 IQL_CASES = [(["--expectile", "1.5"], "--expectile must be in (0, 1)"), (["--beta", "-1"], "--beta must be >= 0")]
 CALQL_CASES = [(["--cql-n-actions", "0"], "--cql-n-actions must be >= 1"),
-               (["--mixing-ratio", "2"], "--mixing-ratio must be in [0, 1]"),
+               (["--mixing-ratio", "2"], "--mixing-ratio must be in [0, 1)"),
                (["--cql-temp", "0"], "--cql-temp must be > 0")]
 LLM_CASES = [
     (["--seed", "-1"], "--seed must be in [0, 4294967295]"),
