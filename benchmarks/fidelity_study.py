@@ -120,6 +120,9 @@ def generated_rows(a: "Cli", args, mod, edis, denoiser, cond, variant: str, seed
     for lam in a.realism:
         r = "realism" if lam == 1.0 else f"realism x {lam:g}"
         weight_sets.update({f" + {r}": dict(base, realism=lam), f", {r} only": dict(off, realism=lam)})
+    for w in a.energy_scales:  # the design's energies scaled by w, realism (if trained) at weight 1
+        weight_sets[f", design energies x {w:g}" + (" + realism" if a.realism else "")] = dict(
+            {k: w * v for k, v in base.items()}, realism=1.0 if a.realism else 0.0)
     cases = [(sampler, gsm, w) for sampler in a.samplers if sampler == "joint" or cond is not None
              for gsm in (None, *a.guide_sigma_max) for w in (("",) if gsm is None else weight_sets)]
     for sampler, gsm, w in cases:
@@ -164,6 +167,8 @@ class Cli:
     """--edis-sampler values to compare (sequential needs a denoiser trained for conditionals: factored design)"""
     realism: tuple[float, ...] = (1.0,)
     """weights of the realism energy (--guide-realism) in the sets that add it, and alone (none: not trained)"""
+    energy_scales: tuple[float, ...] = ()
+    """more sets: the design's energies' guidance weights times each value (realism at 1 if trained), e.g. 0.5"""
     energy_pools: tuple[int, ...] = (256,)
     """--energy-pool values to compare (positives per retrain; presets now 2048 CPU, 4096 GPU; 256 before)"""
     energy_steps: int = 400

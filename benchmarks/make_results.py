@@ -437,6 +437,23 @@ def edis_tables(data: dict, name: str = "edis") -> dict:
     return {name: "\n".join(lines)}
 
 
+def calql_gap_table(data: dict) -> dict:
+    """benchmarks/calql_gap.py: Cal-QL's CQL action gap by row source at the end of each run, per arm."""
+    runs = data["runs"]
+    arms = ["offline"] + edis_arms([r for r in runs if r["arm"] != "offline"])
+    lines = ["| run | seeds | CQL multiplier α′ | gap on offline rows | gap on online rows | gap on synthetic rows |",
+             "|---|---|---|---|---|---|"]
+    for arm in arms:
+        rs = [r for r in runs if r["arm"] == arm]
+        if rs:
+            cells = [ms([r[src]["gap"] for r in rs if src in r], "{:.2f}") if any(src in r for r in rs) else "–"
+                     for src in ("offline", "online", "synthetic")]
+            label = "end of the offline phase" if arm == "offline" else EDIS_ARMS.get(arm, arm)
+            lines.append(f"| {label} | {len(rs)} | {ms([r['alpha_prime'] for r in rs], '{:.2f}')} | "
+                         + " | ".join(cells) + " |")
+    return {"calql_gap": "\n".join(lines)}
+
+
 def edis_figures(data: dict) -> None:
     import matplotlib.pyplot as plt
 
@@ -569,7 +586,7 @@ def report() -> None:
     tables = {}
     loaders = {"llm_study.json": (llm_tables, llm_figures), "llm_tuning.json": (llm_tuning_tables, llm_tuning_figures),
                "edis_study.json": (edis_tables, edis_figures),
-               "fidelity_study.json": (fidelity_tables, None)}
+               "fidelity_study.json": (fidelity_tables, None), "calql_gap.json": (calql_gap_table, None)}
     for path in sorted(glob.glob(os.path.join(RESULTS, "*_study_v*.json"))):  # earlier versions' studies
         study, version = os.path.basename(path)[:-5].split("_study_")
         tab = {"fidelity": fidelity_tables, "edis": edis_tables}[study]

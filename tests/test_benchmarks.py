@@ -113,7 +113,7 @@ def test_edis_and_fidelity_pipeline(tiny_pointmaze, tmp_path):
     assert p.returncode == 0 and p.stdout.count("done, skipped") == 2  # a finished study is not rerun
     p = run_script(["benchmarks/fidelity_study.py", "--algo", "iql", "--seeds", "1", "--runs", str(runs / "edis"),
                     "--samples", "64", "--held-out", "40", "--energy-steps", "3", "--out", str(runs / "fidelity"),
-                    "--overrides", "edis_diffusion_steps=40"],
+                    "--overrides", "edis_diffusion_steps=40", "--energy-scales", "0.5"],
                    tiny_pointmaze, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     rows = {r["set"]: r for r in json.loads((runs / "fidelity" / "iql_seed1.json").read_text())["rows"]}
@@ -124,6 +124,7 @@ def test_edis_and_fidelity_pipeline(tiny_pointmaze, tmp_path):
     measured = [f"{f}, {s}" for s in ("joint sampler: unguided", "joint sampler: guided at sigma <= 5",
                                       "joint sampler: guided at sigma <= 5 + realism",
                                       "joint sampler: guided at sigma <= 5, realism only",
+                                      "joint sampler: guided at sigma <= 5, design energies x 0.5 + realism",
                                       "sequential sampler: unguided", "sequential sampler: guided at sigma <= 5",
                                       "sequential sampler: guided at sigma <= 5 + realism")]
     measured += ["joint energies, online frac 0.5, joint sampler: guided at sigma <= 5 + realism"]
