@@ -228,8 +228,8 @@ class Args:
     """MC returns: an episode whose rewards are all the failure reward (raw 0) gets r / (1 - gamma) at every step"""
     mixing_ratio: float = 0.5
     """without EDIS (or before its first retrain): fraction of offline data in online batches, < 1 (CORL's 0.5)"""
-    cql_rows: Literal["all", "real", "base"] = "all"
-    """EDIS: rows of CQL's regulariser and alpha': all of the batch (paper), its real rows, or base (see docs)"""
+    cql_rows: Literal["all", "real", "base"] = "base"
+    """EDIS: CQL regulariser's rows: all (paper), real (no synthetic), base (real + offline at --mixing-ratio)"""
     q_layers: int = 2
     """hidden layers of each critic (preset: AntMaze 5 as CORL, Adroit 3, locomotion 2, PointMaze 3)"""
     policy_layers: int = 3

@@ -291,8 +291,8 @@ CALQL_SMOKE = [*SMOKE, "--q-layers", "2", "--cql-n-actions", "4"]
 
 def test_smoke_run_reaches_every_stage(tiny_pointmaze, tmp_path):
     out = tmp_path / "run"
-    p = run_script(["edis_calql.py", *CALQL_SMOKE, "--cql-rows", "base", "--output-dir", str(out)], tiny_pointmaze,
-                   timeout=600)  # (the synthetic rows out of the CQL term: the path the default does not take)
+    p = run_script(["edis_calql.py", *CALQL_SMOKE, "--output-dir", str(out)], tiny_pointmaze,
+                   timeout=600)  # (--cql-rows base, the default: CQL rows = online + offline rows drawn for it)
     assert p.returncode == 0, p.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["updates"] == 150 + 260 and summary["edis_retrains"] == 2
