@@ -375,9 +375,14 @@ def llm_tuning_figures(data: dict) -> None:
     save(fig, "llm_beta.png")
 
 
-EDIS_ARMS = {"noedis": "no EDIS", "edis": "EDIS", "edis_cql_real": "EDIS, --cql-rows real",  # folder -> label
-             "edis_keep_offline": "EDIS, 1/4 synthetic + 1/4 offline", "edis_cql_base": "EDIS, --cql-rows base",
+EDIS_ARMS = {"noedis": "no EDIS", "edis": "EDIS", "edis_cql_base": "EDIS, CQL rows base (default)",  # folder -> label
+             "edis_cql_real": "EDIS, --cql-rows real", "edis_keep_offline": "EDIS, 1/4 synthetic + 1/4 offline",
              "edis_cql_all": "EDIS, --cql-rows all"}
+
+
+def arm_label(arm: str, algo: str) -> str:
+    """A study-2 arm's label; Cal-QL's plain EDIS arm is the paper's batch for the CQL term (--cql-rows all)."""
+    return "EDIS, CQL on all rows (the paper)" if (algo, arm) == ("calql", "edis") else EDIS_ARMS.get(arm, arm)
 
 
 def edis_arms(runs: list) -> list:
@@ -406,7 +411,7 @@ def edis_tables(data: dict, name: str = "edis") -> dict:
                 base = {r["seed"]: r["final_score"] for r in by_arm.get("noedis", [])}
                 diffs = [r["final_score"] - base[r["seed"]] for r in rs if r["seed"] in base]
                 diff, test = ms(diffs, "{:.1f}"), paired(diffs)
-            lines.append(f"| {'IQL' if algo == 'iql' else 'Cal-QL'} | {EDIS_ARMS.get(arm, arm)} | "
+            lines.append(f"| {'IQL' if algo == 'iql' else 'Cal-QL'} | {arm_label(arm, algo)} | "
                          f"{len(rs)} | {ms([r['offline_score'] for r in rs], '{:.1f}')} | "
                          f"{ms([r['final_score'] for r in rs], '{:.1f}')} | {ms(online_mean, '{:.1f}')} | "
                          f"{ms([1 - r['regret'] for r in rs if r['regret'] is not None], '{:.2f}')} | "
@@ -420,7 +425,7 @@ def edis_tables(data: dict, name: str = "edis") -> dict:
             rs = [r for r in runs if r["algo"] == algo and r["arm"] == arm]
             if rs:
                 rt = [t for r in rs for t in r["retrain_time_s"]]
-                lines.append(f"| {'IQL' if algo == 'iql' else 'Cal-QL'} | {EDIS_ARMS.get(arm, arm)} | "
+                lines.append(f"| {'IQL' if algo == 'iql' else 'Cal-QL'} | {arm_label(arm, algo)} | "
                              f"{ms([r['offline_updates_per_s'] for r in rs], '{:.1f}')} | "
                              f"{ms([r['online_wall_s'] for r in rs], '{:.0f}')} | "
                              f"{ms(rt, '{:.1f}') if rt else '–'} |")
@@ -431,7 +436,7 @@ def edis_tables(data: dict, name: str = "edis") -> dict:
                   "|---|---|---|---|---|"]
         for algo, arm, e in ends:
             if e:
-                lines.append(f"| {'IQL' if algo == 'iql' else 'Cal-QL'} | {EDIS_ARMS.get(arm, arm)} | " + " | ".join(
+                lines.append(f"| {'IQL' if algo == 'iql' else 'Cal-QL'} | {arm_label(arm, algo)} | " + " | ".join(
                     ms([x[k] for x in e], "{:.2f}") for k in ("losses/alpha_prime", "losses/cql_loss",
                                                                "losses/td_loss")) + " |")
     return {name: "\n".join(lines)}
@@ -448,7 +453,7 @@ def calql_gap_table(data: dict) -> dict:
         if rs:
             cells = [ms([r[src]["gap"] for r in rs if src in r], "{:.2f}") if any(src in r for r in rs) else "–"
                      for src in ("offline", "online", "synthetic")]
-            label = "end of the offline phase" if arm == "offline" else EDIS_ARMS.get(arm, arm)
+            label = "end of the offline phase" if arm == "offline" else arm_label(arm, "calql")
             lines.append(f"| {label} | {len(rs)} | {ms([r['alpha_prime'] for r in rs], '{:.2f}')} | "
                          + " | ".join(cells) + " |")
     return {"calql_gap": "\n".join(lines)}
@@ -460,7 +465,7 @@ def edis_figures(data: dict) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     for ax, algo in zip(axes, ("iql", "calql")):
         for arm in edis_arms(data["runs"]):
-            label = EDIS_ARMS.get(arm, arm)
+            label = arm_label(arm, algo)
             rs = [r for r in data["runs"] if r["algo"] == algo and r["arm"] == arm]
             if not rs:
                 continue
