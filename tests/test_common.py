@@ -86,3 +86,28 @@ def test_help_shows_the_preset_values(argv, shown):
     out = " ".join(p.stdout.split())
     for s in shown:
         assert s in out, (s, out[:3000])
+
+
+def test_resume_of_another_version_names_its_unknown_flags():
+    """A checkpoint whose config has a flag that no longer exists (an older version) is refused in one line that
+    names the flag; another script's checkpoint (mostly unknown flags) keeps the plain message."""
+    import dataclasses
+    from typing import Optional
+
+    from utils.common import UserError, resumed_args
+
+    @dataclasses.dataclass
+    class A:
+        seed: int = 1
+        lr: float = 0.1
+        steps: int = 5
+        output_dir: Optional[str] = None
+
+    with pytest.raises(UserError) as e:
+        resumed_args(A, [], {"args": {"seed": 2, "lr": 0.2, "steps": 3, "old_flag": True}}, "/run", set(), "--resume x")
+    assert "not a checkpoint of this script" in str(e.value) and "--old-flag" in str(e.value)
+    with pytest.raises(UserError) as e:
+        resumed_args(A, [], {"args": {"seed": 2, "a": 1, "b": 2, "c": 3}}, "/run", set(), "--resume x")
+    assert "not a checkpoint of this script" in str(e.value) and "another version" not in str(e.value)
+    ok = resumed_args(A, ["--lr", "0.3"], {"args": {"seed": 2, "lr": 0.2, "steps": 3}}, "/run", {"lr"}, "--resume x")
+    assert (ok.seed, ok.lr, ok.output_dir) == (2, 0.3, "/run")

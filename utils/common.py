@@ -81,7 +81,10 @@ def resumed_args(args_cls, argv, checkpoint, folder: str, may_change: set, what:
     try:
         saved_args = args_cls(**saved)
     except TypeError:
-        raise UserError(f"{what}: {folder} holds a checkpoint that is not a checkpoint of this script") from None
+        unknown = sorted(set(saved) - {f.name for f in dataclasses.fields(args_cls)}) if isinstance(saved, dict) else []
+        hint = (f" (or of another version of it: its flags {', '.join(flag(k) for k in unknown)} do not exist here; "
+                f"resume it with the version that wrote it)") if unknown and len(unknown) < len(saved) / 2 else ""
+        raise UserError(f"{what}: {folder} holds a checkpoint that is not a checkpoint of this script{hint}") from None
     args = tyro.cli(args_cls, args=argv, default=saved_args)
     check_resume_flags(saved, dataclasses.asdict(args), may_change)
     if args.output_dir is None or os.path.abspath(args.output_dir) == os.path.abspath(saved_args.output_dir or folder):
