@@ -83,6 +83,8 @@ def main(c: Cli) -> None:
                **{name: action_gap(agent, args, rows, gen) for name, rows in sources.items()}}
         print(json.dumps(row), flush=True)
         results.append(row)
+    if not results:
+        sys.exit(f"error: no finished Cal-QL run (seed*/ARM/checkpoint.pt with summary.json) under {c.runs}")
     with open(c.out, "w") as f:
         json.dump({"machine": machine_info(), "command": "python benchmarks/calql_gap.py", "rows": c.rows,
                    "runs": results}, f, indent=1)

@@ -290,7 +290,7 @@ CALQL_SMOKE = [*SMOKE, "--q-layers", "2", "--cql-n-actions", "4"]
 
 
 def test_smoke_run_reaches_every_stage(tiny_pointmaze, tmp_path):
-    out = tmp_path / "run"
+    out = tmp_path / "study" / "seed1" / "edis"  # (the layout benchmarks/calql_gap.py reads, used below)
     p = run_script(["edis_calql.py", *CALQL_SMOKE, "--output-dir", str(out)], tiny_pointmaze,
                    timeout=600)  # (--cql-rows base, the default: CQL rows = online + offline rows drawn for it)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -302,6 +302,17 @@ def test_smoke_run_reaches_every_stage(tiny_pointmaze, tmp_path):
                 "edis/energy_loss_policy", "charts/synthetic_fraction"):
         assert tag in scalars, tag
     assert scalars["charts/synthetic_fraction"][-1] == pytest.approx(0.5)
+    # the study-2 diagnosis on this run: the CQL gap per row source, each measured and finite
+    gap_json = tmp_path / "gap.json"
+    p = run_script(["benchmarks/calql_gap.py", "--runs", str(tmp_path / "study"), "--rows", "64", "--out",
+                    str(gap_json)], tiny_pointmaze, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    row = json.loads(gap_json.read_text())["runs"][0]
+    assert (row["seed"], row["arm"]) == (1, "edis") and row["alpha_prime"] > 0
+    for src in ("offline", "online", "synthetic"):
+        assert math.isfinite(row[src]["gap"]) and math.isfinite(row[src]["q_data"]), src
+    p = run_script(["benchmarks/calql_gap.py", "--runs", str(tmp_path / "nothing"), "--out", str(gap_json)])
+    assert p.returncode == 1 and "no finished Cal-QL run" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_no_edis_and_resume_extend(tiny_pointmaze, tmp_path):
