@@ -429,6 +429,18 @@ def edis_tables(data: dict, name: str = "edis") -> dict:
                              f"{ms([r['offline_updates_per_s'] for r in rs], '{:.1f}')} | "
                              f"{ms([r['online_wall_s'] for r in rs], '{:.0f}')} | "
                              f"{ms(rt, '{:.1f}') if rt else '–'} |")
+    variants = [(algo, arm) for algo in ("iql", "calql") for arm in arms if arm not in ("noedis", "edis")
+                and any(r["algo"] == algo and r["arm"] == arm for r in runs)]
+    if variants:  # each EDIS variant against the plain EDIS arm, on the seeds both have
+        lines += ["", "| algorithm | arm | seeds with both | arm − EDIS arm, final (paired) | paired test |",
+                  "|---|---|---|---|---|"]
+        for algo, arm in variants:
+            plain = {r["seed"]: r["final_score"] for r in runs if r["algo"] == algo and r["arm"] == "edis"}
+            diffs = [r["final_score"] - plain[r["seed"]] for r in runs
+                     if r["algo"] == algo and r["arm"] == arm and r["seed"] in plain]
+            if diffs:
+                lines.append(f"| {'IQL' if algo == 'iql' else 'Cal-QL'} | {arm_label(arm, algo)} | {len(diffs)} | "
+                             f"{ms(diffs, '{:.1f}')} | {paired(diffs)} |")
     ends = [(algo, arm, [r["end"] for r in runs if r["algo"] == algo and r["arm"] == arm and r.get("end")])
             for algo in ("iql", "calql") for arm in arms]
     if any(e for _, _, e in ends):  # the critic's state at the end of the online phase (Cal-QL's CQL multiplier)
