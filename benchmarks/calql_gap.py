@@ -2,6 +2,8 @@
 
     python benchmarks/calql_gap.py                  # every Cal-QL run of benchmarks/runs/edis -> results/calql_gap.json
 
+Runs already in results/calql_gap.json that are not under --runs any more (runs/ is not committed) are kept.
+
 The CQL regulariser of Cal-QL (and its Lagrange multiplier alpha', which keeps the batch's mean gap at
 --cql-target-action-gap) sees a batch-average gap, logsumexp_a Q(s, a) - Q(s, a_data). This script loads each run's
 final checkpoint and measures that gap separately on offline rows, online rows and EDIS's synthetic rows (4,096 of
@@ -85,8 +87,15 @@ def main(c: Cli) -> None:
         results.append(row)
     if not results:
         sys.exit(f"error: no finished Cal-QL run (seed*/ARM/checkpoint.pt with summary.json) under {c.runs}")
+    # runs/ is not committed: the runs measured before (in the committed table) stay, unless measured again now
+    machine = machine_info()
+    for row in results:
+        row["commit"] = machine["commit"]
+    old = json.load(open(c.out))["runs"] if os.path.exists(c.out) else []
+    again = {(r["seed"], r["arm"]) for r in results}
+    results = [r for r in old if (r["seed"], r["arm"]) not in again] + results
     with open(c.out, "w") as f:
-        json.dump({"machine": machine_info(), "command": "python benchmarks/calql_gap.py", "rows": c.rows,
+        json.dump({"machine": machine, "command": "python benchmarks/calql_gap.py", "rows": c.rows,
                    "runs": results}, f, indent=1)
     print(f"wrote {c.out}")
 

@@ -104,7 +104,22 @@ def extract_edis() -> None:
                      "end": {k: s[k][-1][1] for k in ("losses/alpha_prime", "losses/cql_loss", "losses/td_loss")
                              if k in s}})
     manifest = read_manifest("edis")
-    write_json("edis_study.json", {"manifest": manifest, "runs": runs})
+    write_json("edis_study.json", merged_with_committed("edis_study.json", manifest, runs))
+
+
+def merged_with_committed(name: str, manifest: dict, runs: list) -> dict:
+    """The committed results/<name> plus the runs found now: runs/ is not committed, so a later study (more seeds,
+    another arm) on a fresh checkout adds to the earlier runs instead of replacing them. A run found now replaces the
+    committed run of the same (algo, seed, arm); manifest entries and study commands are merged the same way."""
+    path = os.path.join(RESULTS, name)
+    old = json.load(open(path)) if os.path.exists(path) else {"manifest": {}, "runs": []}
+    key = lambda r: (r["algo"], r["seed"], r["arm"])  # noqa: E731
+    found = {key(r) for r in runs}
+    merged = {**old["manifest"], **manifest,
+              "runs": {**old["manifest"].get("runs", {}), **manifest.get("runs", {})},
+              "study_commands": old["manifest"].get("study_commands", []) + [
+                  c for c in manifest.get("study_commands", []) if c not in old["manifest"].get("study_commands", [])]}
+    return {"manifest": merged, "runs": [r for r in old["runs"] if key(r) not in found] + runs}
 
 
 def extract_fidelity() -> None:

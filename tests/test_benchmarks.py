@@ -50,6 +50,25 @@ def test_rounds_to_reach_and_mean_std():
     assert make_results.ms([1.0, 2.0, 3.0], "{:.1f}") == "2.0 ± 1.0"  # sample std (n - 1)
 
 
+def test_extracted_runs_add_to_the_committed_ones(tmp_path, monkeypatch):
+    """runs/ is not committed: an extract on a fresh checkout with new seeds keeps the committed runs, replaces a run
+    found again (same algo, seed, arm) and merges the manifests."""
+    monkeypatch.setattr(make_results, "RESULTS", str(tmp_path))
+    run = lambda seed, arm, score: {"algo": "calql", "seed": seed, "arm": arm, "final_score": score}  # noqa: E731
+    committed = {"manifest": {"runs": {"calql/seed1/edis": {"commit": "a"}, "calql/seed2/edis": {"commit": "a"}},
+                              "study_commands": ["old"], "cpu": "x"},
+                 "runs": [run(1, "edis", 10.0), run(2, "edis", 20.0)]}
+    (tmp_path / "edis_study.json").write_text(json.dumps(committed))
+    now = {"runs": {"calql/seed2/edis": {"commit": "b"}, "calql/seed3/edis": {"commit": "b"}},
+           "study_commands": ["old", "new"], "cpu": "y"}
+    merged = make_results.merged_with_committed("edis_study.json", now, [run(2, "edis", 25.0), run(3, "edis", 30.0)])
+    assert sorted((r["seed"], r["final_score"]) for r in merged["runs"]) == [(1, 10.0), (2, 25.0), (3, 30.0)]
+    assert merged["manifest"]["runs"] == {"calql/seed1/edis": {"commit": "a"}, "calql/seed2/edis": {"commit": "b"},
+                                          "calql/seed3/edis": {"commit": "b"}}
+    assert merged["manifest"]["study_commands"] == ["old", "new"] and merged["manifest"]["cpu"] == "y"
+    assert make_results.merged_with_committed("none.json", now, [run(3, "edis", 1.0)])["runs"] == [run(3, "edis", 1.0)]
+
+
 def test_paired_test_against_textbook_critical_values():
     """Samples built to sit on printed two-sided critical values of Student's t (df = 2: 4.303 at 5 %, 9.925 at 1 %):
     three differences a - 1, a, a + 1 have sample std 1, so t = a * sqrt(3)."""

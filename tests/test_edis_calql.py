@@ -303,11 +303,14 @@ def test_smoke_run_reaches_every_stage(tiny_pointmaze, tmp_path):
         assert tag in scalars, tag
     assert scalars["charts/synthetic_fraction"][-1] == pytest.approx(0.5)
     # the study-2 diagnosis on this run: the CQL gap per row source, each measured and finite
-    gap_json = tmp_path / "gap.json"
+    gap_json = tmp_path / "gap.json"  # a table from before: seed 9's run is gone from runs/, seed 1's is measured again
+    gap_json.write_text(json.dumps({"runs": [{"seed": 9, "arm": "edis", "old": True},
+                                             {"seed": 1, "arm": "edis", "old": True}]}))
     p = run_script(["benchmarks/calql_gap.py", "--runs", str(tmp_path / "study"), "--rows", "64", "--out",
                     str(gap_json)], tiny_pointmaze, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    row = json.loads(gap_json.read_text())["runs"][0]
+    kept, row = json.loads(gap_json.read_text())["runs"]
+    assert kept == {"seed": 9, "arm": "edis", "old": True} and "old" not in row
     assert (row["seed"], row["arm"]) == (1, "edis") and row["alpha_prime"] > 0
     for src in ("offline", "online", "synthetic"):
         assert math.isfinite(row[src]["gap"]) and math.isfinite(row[src]["q_data"]), src
