@@ -18,7 +18,9 @@ Measured for each set (and for real offline / held-out online transitions, which
   action through the env's own step (action clip, velocity clip, frame skip), and compare the generated next
   (x, y, vx, vy) with the simulated one (L2, raw units); the goal part of s' is compared with the goal of s;
 * reward error: generated reward vs the sparse reward recomputed from the generated s' (|x,y - goal| <= 0.45);
-* states inside walls: generated (x, y) whose maze cell is a wall;
+* states inside walls: generated (x, y) whose maze cell is a wall; states overlapping walls: (x, y) closer to a
+  wall than the ball's radius (impossible states, where the simulator pushes the ball out), and the dynamics error
+  of the transitions whose s and s' are both clear of the walls;
 * closeness to the online states: MMD^2 (Gaussian kernel, median-distance bandwidth of the online states) between the
   set's states and half of the held-out online states, in normalised state space; also the mean distance from each
   state to its nearest online state. The other half of the held-out states gives the noise floor;
@@ -86,6 +88,23 @@ def in_walls(env, xy: np.ndarray) -> np.ndarray:
     return wall | outside
 
 
+def wall_distance(env, xy: np.ndarray) -> np.ndarray:
+    """Distance from each position to the nearest wall block (0 inside a wall or outside the maze)."""
+    maze = env.unwrapped.maze
+    centres = np.array([maze.cell_rowcol_to_xy(np.array([r, c])) for r, row in enumerate(maze.maze_map)
+                        for c, v in enumerate(row) if v == 1])
+    gap = np.abs(xy[:, None, :] - centres[None]) - maze.maze_size_scaling / 2  # per axis, beyond each block's face
+    return np.where(in_walls(env, xy), 0.0, np.linalg.norm(np.maximum(gap, 0.0), axis=-1).min(1))
+
+
+def ball_radius(env) -> float:
+    """Radius of the PointMaze ball (its MuJoCo geom): a centre closer than this to a wall is an impossible state."""
+    import mujoco
+
+    model = env.unwrapped.point_env.model
+    return float(model.geom_size[mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_GEOM, "particle_geom")][0])
+
+
 def measure(name: str, raw: dict, env, online_ref: torch.Tensor, norm_state, bandwidth: float,
             policy_mean, model_rewards: Optional[np.ndarray] = None) -> dict:
     """``model_rewards``: the same transitions' rewards relabelled by the reward model (--edis-reward-model)."""
@@ -99,10 +118,15 @@ def measure(name: str, raw: dict, env, online_ref: torch.Tensor, norm_state, ban
     s = norm_state(obs)
     nn_dist = torch.cdist(s, online_ref).min(1).values
     free = ~(in_walls(env, obs[:, :2]) | in_walls(env, nxt[:, :2]))
+    radius = ball_radius(env)  # states whose ball overlaps a wall: the simulator pushes it out, a large "error"
+    overlap = wall_distance(env, obs[:, :2]) < radius
+    clear = ~overlap & (wall_distance(env, nxt[:, :2]) >= radius)
     extra = {} if model_rewards is None else {"reward_model_error_mean": float(np.abs(model_rewards - r_true).mean())}
     return {**extra, "set": name, "n": len(obs), "dynamics_error_mean": float(dyn.mean()),
             "dynamics_error_median": float(np.median(dyn)),
             "dynamics_error_free_mean": float(dyn[free].mean()) if free.any() else None,
+            "dynamics_error_clear_mean": float(dyn[clear].mean()) if clear.any() else None,
+            "states_overlapping_walls": float(overlap.mean()),
             "position_error_mean": float(pos.mean()),
             "step_size_mean": float(np.linalg.norm(nxt[:, :4] - obs[:, :4], axis=1).mean()),
             "goal_change_mean": float(goal_jump.mean()), "reward_error_mean": float(np.abs(rew - r_true).mean()),

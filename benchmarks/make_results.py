@@ -515,12 +515,14 @@ def edis_figures(data: dict) -> None:
 
 FID_COLS = [("dynamics_error_mean", "dynamics error ‖s'−sim(s,a)‖", "{:.3f}"),
             ("dynamics_error_free_mean", "dynamics error, s and s' outside walls", "{:.3f}"),
+            ("dynamics_error_clear_mean", "dynamics error, s and s' clear of walls (ball radius)", "{:.3f}"),
             ("position_error_mean", "position error", "{:.3f}"),
             ("step_size_mean", "‖s'−s‖ (scale)", "{:.3f}"),
             ("reward_error_mean", "reward error", "{:.3f}"),
             ("reward_model_error_mean", "reward error, relabelled by the reward model", "{:.3f}"),
             ("goal_change_mean", "goal change", "{:.3f}"),
             ("states_in_walls", "states in walls", "{:.3f}"),
+            ("states_overlapping_walls", "states overlapping walls", "{:.3f}"),
             ("mmd2_to_online", "MMD² to online states", "{:.4f}"),
             ("nn_dist_to_online", "NN distance to online states", "{:.3f}"),
             ("policy_action_dist", "‖a − π(s)‖ (current policy's mean action)", "{:.3f}")]

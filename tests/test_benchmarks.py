@@ -102,6 +102,18 @@ def test_simulator_reproduces_real_transitions_and_finds_walls(tiny_pointmaze, m
     assert fidelity_study.wall_fraction(env, np.array(free)) == 0.0
     assert fidelity_study.wall_fraction(env, np.array(walls)) == 1.0
     assert fidelity_study.wall_fraction(env, np.array([[100.0, 0.0]])) == 1.0  # outside the maze counts as wall
+    # distance to the nearest wall against brute force: the closest of a dense grid of points on every wall block
+    scale = maze.maze_size_scaling
+    u = np.linspace(-scale / 2, scale / 2, 201)
+    grid = np.stack(np.meshgrid(u, u), -1).reshape(-1, 2)
+    wall_points = np.concatenate([np.asarray(w) + grid for w in walls])
+    xy = np.array(free) + np.random.default_rng(1).uniform(-scale / 2, scale / 2, (len(free), 2))
+    brute = np.array([np.linalg.norm(wall_points - p, axis=1).min() for p in xy])
+    assert np.abs(fidelity_study.wall_distance(env, xy) - brute).max() < scale / 200
+    assert (fidelity_study.wall_distance(env, np.array(walls)) == 0).all()
+    assert fidelity_study.ball_radius(env) == pytest.approx(0.1)  # PointMaze's ball
+    # real states never overlap a wall by more than the contact's softness
+    assert (fidelity_study.wall_distance(env, data.observations[idx, :2]) > 0.09).all()
 
 
 def fill_doc(tmp_path, runs):
@@ -149,6 +161,7 @@ def test_edis_and_fidelity_pipeline(tiny_pointmaze, tmp_path):
     measured += ["joint energies, online frac 0.5, joint sampler: guided at sigma <= 5 + realism"]
     for name in measured:  # every variant, sampler and guidance setting is measured, with the reward model's error
         assert rows[name]["dynamics_error_mean"] > 0 and rows[name]["reward_model_error_mean"] >= 0
+        assert 0 <= rows[name]["states_overlapping_walls"] <= 1
     assert "joint energies, online frac 0.5, sequential sampler: unguided" not in rows  # needs conditionals
     assert f"{f}: (r, s', d) given real (s, a), conditional sampler" in rows
     text = fill_doc(tmp_path, runs)
