@@ -19,8 +19,9 @@ Measured for each set (and for real offline / held-out online transitions, which
   (x, y, vx, vy) with the simulated one (L2, raw units); the goal part of s' is compared with the goal of s;
 * reward error: generated reward vs the sparse reward recomputed from the generated s' (|x,y - goal| <= 0.45);
 * states inside walls: generated (x, y) whose maze cell is a wall; states overlapping walls: (x, y) closer to a
-  wall than the ball's radius (impossible states, where the simulator pushes the ball out), and the dynamics error
-  of the transitions whose s and s' are both clear of the walls;
+  wall than the ball's radius (impossible states, where the simulator pushes the ball out), states touching walls
+  (ball within 0.05 of a wall, or overlapping it: where PointMaze's online data concentrate), and the dynamics
+  error of the transitions whose s and s' are both clear of the walls;
 * closeness to the online states: MMD^2 (Gaussian kernel, median-distance bandwidth of the online states) between the
   set's states and half of the held-out online states, in normalised state space; also the mean distance from each
   state to its nearest online state. The other half of the held-out states gives the noise floor;
@@ -119,7 +120,8 @@ def measure(name: str, raw: dict, env, online_ref: torch.Tensor, norm_state, ban
     nn_dist = torch.cdist(s, online_ref).min(1).values
     free = ~(in_walls(env, obs[:, :2]) | in_walls(env, nxt[:, :2]))
     radius = ball_radius(env)  # states whose ball overlaps a wall: the simulator pushes it out, a large "error"
-    overlap = wall_distance(env, obs[:, :2]) < radius
+    wall_dist = wall_distance(env, obs[:, :2])
+    overlap = wall_dist < radius
     clear = ~overlap & (wall_distance(env, nxt[:, :2]) >= radius)
     extra = {} if model_rewards is None else {"reward_model_error_mean": float(np.abs(model_rewards - r_true).mean())}
     return {**extra, "set": name, "n": len(obs), "dynamics_error_mean": float(dyn.mean()),
@@ -127,6 +129,7 @@ def measure(name: str, raw: dict, env, online_ref: torch.Tensor, norm_state, ban
             "dynamics_error_free_mean": float(dyn[free].mean()) if free.any() else None,
             "dynamics_error_clear_mean": float(dyn[clear].mean()) if clear.any() else None,
             "states_overlapping_walls": float(overlap.mean()),
+            "states_touching_walls": float((wall_dist < radius + 0.05).mean()),  # ball within 0.05 of a wall or in it
             "position_error_mean": float(pos.mean()),
             "step_size_mean": float(np.linalg.norm(nxt[:, :4] - obs[:, :4], axis=1).mean()),
             "goal_change_mean": float(goal_jump.mean()), "reward_error_mean": float(np.abs(rew - r_true).mean()),

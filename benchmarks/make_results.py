@@ -523,6 +523,7 @@ FID_COLS = [("dynamics_error_mean", "dynamics error ‖s'−sim(s,a)‖", "{:.3f
             ("goal_change_mean", "goal change", "{:.3f}"),
             ("states_in_walls", "states in walls", "{:.3f}"),
             ("states_overlapping_walls", "states overlapping walls", "{:.3f}"),
+            ("states_touching_walls", "states touching walls (≤ 0.05)", "{:.3f}"),
             ("mmd2_to_online", "MMD² to online states", "{:.4f}"),
             ("nn_dist_to_online", "NN distance to online states", "{:.3f}"),
             ("policy_action_dist", "‖a − π(s)‖ (current policy's mean action)", "{:.3f}")]

@@ -161,7 +161,7 @@ def test_edis_and_fidelity_pipeline(tiny_pointmaze, tmp_path):
     measured += ["joint energies, online frac 0.5, joint sampler: guided at sigma <= 5 + realism"]
     for name in measured:  # every variant, sampler and guidance setting is measured, with the reward model's error
         assert rows[name]["dynamics_error_mean"] > 0 and rows[name]["reward_model_error_mean"] >= 0
-        assert 0 <= rows[name]["states_overlapping_walls"] <= 1
+        assert 0 <= rows[name]["states_overlapping_walls"] <= rows[name]["states_touching_walls"] <= 1
     assert "joint energies, online frac 0.5, sequential sampler: unguided" not in rows  # needs conditionals
     assert f"{f}: (r, s', d) given real (s, a), conditional sampler" in rows
     text = fill_doc(tmp_path, runs)
