@@ -112,8 +112,8 @@ def test_simulator_reproduces_real_transitions_and_finds_walls(tiny_pointmaze, m
     assert np.abs(fidelity_study.wall_distance(env, xy) - brute).max() < scale / 200
     assert (fidelity_study.wall_distance(env, np.array(walls)) == 0).all()
     assert fidelity_study.ball_radius(env) == pytest.approx(0.1)  # PointMaze's ball
-    # real states never overlap a wall by more than the contact's softness
-    assert (fidelity_study.wall_distance(env, data.observations[idx, :2]) > 0.09).all()
+    # the offline data's waypoint controller keeps the ball clear of the walls
+    assert (fidelity_study.wall_distance(env, data.observations[idx, :2]) > fidelity_study.ball_radius(env)).all()
 
 
 def fill_doc(tmp_path, runs):
