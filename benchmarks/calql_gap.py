@@ -56,7 +56,21 @@ def action_gap(agent: m.Agent, args: m.Args, rows: dict, generator: torch.Genera
     return {"gap": gap.mean().item(), "q_data": q[..., 0].mean().item()}
 
 
+def read_table(path: str) -> list:
+    """The runs of an earlier table at ``path`` ([] if there is none); a file that is not one is a one-line error."""
+    if not os.path.exists(path):
+        return []
+    try:
+        runs = json.load(open(path))["runs"]
+        assert all({"seed", "arm"} <= set(r) for r in runs)
+    except (ValueError, KeyError, TypeError, AssertionError):
+        sys.exit(f"error: --out {path} exists and is not a table of this script (no runs with seed and arm); "
+                 "move it away or pass another --out")
+    return runs
+
+
 def main(c: Cli) -> None:
+    old = read_table(c.out)  # checked first: a wrong --out fails before the measurement
     data, offline_idx, results = None, None, []
     for path in sorted(glob.glob(os.path.join(c.runs, "seed*", "*", "checkpoint.pt"))):
         run_dir = os.path.dirname(path)
@@ -91,7 +105,6 @@ def main(c: Cli) -> None:
     machine = machine_info()
     for row in results:
         row["commit"] = machine["commit"]
-    old = json.load(open(c.out))["runs"] if os.path.exists(c.out) else []
     again = {(r["seed"], r["arm"]) for r in results}
     results = [r for r in old if (r["seed"], r["arm"]) not in again] + results
     with open(c.out, "w") as f:

@@ -89,6 +89,9 @@ def in_walls(env, xy: np.ndarray) -> np.ndarray:
     return wall | outside
 
 
+TOUCH_MARGIN = 0.05  # a ball within this distance of a wall (or overlapping it) counts as touching it
+
+
 def wall_distance(env, xy: np.ndarray) -> np.ndarray:
     """Distance from each position to the nearest wall block (0 inside a wall or outside the maze)."""
     maze = env.unwrapped.maze
@@ -129,7 +132,7 @@ def measure(name: str, raw: dict, env, online_ref: torch.Tensor, norm_state, ban
             "dynamics_error_free_mean": float(dyn[free].mean()) if free.any() else None,
             "dynamics_error_clear_mean": float(dyn[clear].mean()) if clear.any() else None,
             "states_overlapping_walls": float(overlap.mean()),
-            "states_touching_walls": float((wall_dist < radius + 0.05).mean()),  # ball within 0.05 of a wall or in it
+            "states_touching_walls": float((wall_dist < radius + TOUCH_MARGIN).mean()),
             "position_error_mean": float(pos.mean()),
             "step_size_mean": float(np.linalg.norm(nxt[:, :4] - obs[:, :4], axis=1).mean()),
             "goal_change_mean": float(goal_jump.mean()), "reward_error_mean": float(np.abs(rew - r_true).mean()),

@@ -113,6 +113,8 @@ def merged_with_committed(name: str, manifest: dict, runs: list) -> dict:
     committed run of the same (algo, seed, arm); manifest entries and study commands are merged the same way."""
     path = os.path.join(RESULTS, name)
     old = json.load(open(path)) if os.path.exists(path) else {"manifest": {}, "runs": []}
+    if not isinstance(old, dict) or not isinstance(old.get("runs"), list) or not isinstance(old.get("manifest"), dict):
+        raise SystemExit(f"error: {path} is not an extracted study (no runs and manifest); restore it from git")
     key = lambda r: (r["algo"], r["seed"], r["arm"])  # noqa: E731
     found = {key(r) for r in runs}
     merged = {**old["manifest"], **manifest,

@@ -67,6 +67,9 @@ def test_extracted_runs_add_to_the_committed_ones(tmp_path, monkeypatch):
                                           "calql/seed3/edis": {"commit": "b"}}
     assert merged["manifest"]["study_commands"] == ["old", "new"] and merged["manifest"]["cpu"] == "y"
     assert make_results.merged_with_committed("none.json", now, [run(3, "edis", 1.0)])["runs"] == [run(3, "edis", 1.0)]
+    (tmp_path / "bad.json").write_text("[]")
+    with pytest.raises(SystemExit, match="not an extracted study"):
+        make_results.merged_with_committed("bad.json", now, [])
 
 
 def test_paired_test_against_textbook_critical_values():

@@ -316,6 +316,11 @@ def test_smoke_run_reaches_every_stage(tiny_pointmaze, tmp_path):
         assert math.isfinite(row[src]["gap"]) and math.isfinite(row[src]["q_data"]), src
     p = run_script(["benchmarks/calql_gap.py", "--runs", str(tmp_path / "nothing"), "--out", str(gap_json)])
     assert p.returncode == 1 and "no finished Cal-QL run" in p.stderr and "Traceback" not in p.stderr
+    (tmp_path / "other.json").write_text("[1, 2]")  # --out pointing at some other file: refused, not overwritten
+    p = run_script(["benchmarks/calql_gap.py", "--runs", str(tmp_path / "study"), "--rows", "8", "--out",
+                    str(tmp_path / "other.json")], tiny_pointmaze, timeout=300)
+    assert p.returncode == 1 and "not a table of this script" in p.stderr and "Traceback" not in p.stderr
+    assert (tmp_path / "other.json").read_text() == "[1, 2]"
 
 
 def test_no_edis_and_resume_extend(tiny_pointmaze, tmp_path):
