@@ -146,6 +146,8 @@ class Args:
     """width of the residual-MLP denoiser (preset: 1024 on GPU as the paper, 256 on CPU)"""
     edis_depth: int = 3
     """residual blocks of the denoiser (preset: 6 on GPU as the paper, 3 on CPU)"""
+    edis_octaves: int = 0
+    """sin/cos(2^k pi x) input features of the denoiser, k < this (0: raw input, as SynthER/EDIS; docs detail 17)"""
     edis_ema: float = 0.999
     """EMA decay of the denoiser weights used for sampling"""
     edis_sample_steps: int = 32
@@ -186,6 +188,8 @@ class Args:
     """Adam learning rate of the energies"""
     energy_hidden: int = 256
     """width of the 3-hidden-layer energy MLPs"""
+    energy_octaves: int = 0
+    """sin/cos(2^k pi x) input features of the energies, k < this (0: raw input; docs detail 17)"""
     edis_reward_model: bool = False
     """relabel synthetic rewards with a reward model fitted on offline + online data instead of the generated reward"""
     # --- networks ------------------------------------------------------------------------------------------------
@@ -313,7 +317,7 @@ COMMON_RANGES = {  # allowed values of the shared flags, as intervals
         "eval_every", "eval_episodes", "checkpoint_every", "log_every", "batch_size", "utd", "hidden_dim",
         "edis_retrain_every", "edis_num_samples", "edis_diffusion_steps", "edis_diffusion_batch", "edis_width",
         "edis_depth", "edis_sample_steps", "edis_sample_batch", "energy_negatives", "energy_pool", "energy_steps",
-        "energy_batch", "energy_hidden")},
+        "energy_batch", "energy_hidden")}, "edis_octaves": "[0, 16]", "energy_octaves": "[0, 16]",
 }
 # <<< shared:presets_device
 
@@ -739,20 +743,42 @@ class FourierEmbedding(nn.Module):
         return self.mlp(torch.cat([c[:, None], f.sin(), f.cos()], -1))
 
 
+class InputFeatures(nn.Module):
+    """[x, sin(2^k pi x), cos(2^k pi x) for k < octaves], per input dimension (the positional encoding of NeRF).
+    An MLP of raw coordinates learns high-frequency functions slowly (spectral bias; Tancik et al. 2020, "Fourier
+    features let networks learn high frequency functions"): sharp features of the data, such as PointMaze states
+    piling up at the contact line of a wall, come out smeared by a few hundredths. octaves = 0: x alone."""
+
+    def __init__(self, octaves: int = 0):
+        super().__init__()
+        self.register_buffer("freq", 2.0 ** torch.arange(octaves) * math.pi, persistent=False)
+
+    def out_dim(self, dim: int) -> int:
+        return dim * (1 + 2 * len(self.freq))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.freq) == 0:
+            return x
+        f = (x[..., None] * self.freq).flatten(-2)  # [..., dim * octaves]
+        return torch.cat([x, f.sin(), f.cos()], -1)
+
+
 class ResidualMLPDenoiser(nn.Module):
     """F_theta(x, mask, c_noise): SynthER/EDIS residual MLP (width x depth, h <- h + Linear(act(LayerNorm(h)))).
-    ``mask`` marks the dimensions given as a clean condition (all zero: unconditional)."""
+    ``mask`` marks the dimensions given as a clean condition (all zero: unconditional). ``octaves`` > 0 adds
+    sin/cos features of the (scaled) input (``InputFeatures``; not in SynthER or EDIS)."""
 
-    def __init__(self, dim: int, width: int, depth: int):
+    def __init__(self, dim: int, width: int, depth: int, octaves: int = 0):
         super().__init__()
-        self.inp = nn.Linear(2 * dim, width)
+        self.features = InputFeatures(octaves)
+        self.inp = nn.Linear(self.features.out_dim(dim) + dim, width)
         self.temb = FourierEmbedding(width)
         self.blocks = nn.ModuleList(
             nn.Sequential(nn.LayerNorm(width), nn.SiLU(), nn.Linear(width, width)) for _ in range(depth))
         self.out = nn.Sequential(nn.LayerNorm(width), nn.SiLU(), nn.Linear(width, dim))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
-        h = self.inp(torch.cat([x, mask], -1)) + self.temb(c_noise)
+        h = self.inp(torch.cat([self.features(x), mask], -1)) + self.temb(c_noise)
         for block in self.blocks:
             h = h + block(h)
         return self.out(h)
@@ -845,15 +871,17 @@ def edm_sample(net: nn.Module, n: int, dim: int, n_steps: int, generator: torch.
 
 class EnergyNet(nn.Module):
     """E_phi(x, sigma): an MLP of the full noisy transition, input-scaled like the denoiser (c_in(sigma) x), and
-    c_noise(sigma) -> scalar. Without the scaling, inputs at sigma = 80 are ~80x larger than at sigma ~ 0."""
+    c_noise(sigma) -> scalar. Without the scaling, inputs at sigma = 80 are ~80x larger than at sigma ~ 0.
+    ``octaves`` > 0: sin/cos features of the scaled input, as the denoiser's (``InputFeatures``)."""
 
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, octaves: int = 0):
         super().__init__()
-        self.net = mlp(dim + 1, 1, hidden, n_hidden=3)
+        self.features = InputFeatures(octaves)
+        self.net = mlp(self.features.out_dim(dim) + 1, 1, hidden, n_hidden=3)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         _, _, c_in, c_noise = edm_coefficients(sigma)
-        return self.net(torch.cat([c_in[:, None] * x, c_noise[:, None]], -1)).squeeze(-1)
+        return self.net(torch.cat([self.features(c_in[:, None] * x), c_noise[:, None]], -1)).squeeze(-1)
 
 
 # The energies of each design (--edis-energies). "factored": the paper's three factors, each the log-ratio of two
@@ -872,8 +900,8 @@ def energy_names(args: Args) -> tuple:
     return ENERGY_DESIGNS[args.edis_energies] + (("realism",) if args.guide_realism != 0.0 else ())
 
 
-def make_energies(dim: int, names: tuple, hidden: int, device: torch.device) -> nn.ModuleDict:
-    return nn.ModuleDict({k: EnergyNet(dim, hidden) for k in names}).to(device)
+def make_energies(dim: int, names: tuple, hidden: int, device: torch.device, octaves: int = 0) -> nn.ModuleDict:
+    return nn.ModuleDict({k: EnergyNet(dim, hidden, octaves) for k in names}).to(device)
 
 
 def make_guidance(energies: nn.ModuleDict, weights: dict) -> Optional[GuidanceFn]:
@@ -928,7 +956,7 @@ class EDISState:
 
 def new_edis_state(obs_dim: int, act_dim: int, args: Args, device: torch.device) -> EDISState:
     codec = TransitionCodec(obs_dim, act_dim, device)
-    energies = make_energies(codec.dim, energy_names(args), args.energy_hidden, device)
+    energies = make_energies(codec.dim, energy_names(args), args.energy_hidden, device, args.energy_octaves)
     return EDISState(codec, energies, torch.optim.Adam(energies.parameters(), lr=args.energy_lr))
 
 
@@ -960,8 +988,8 @@ def train_diffusion(x: torch.Tensor, args: Args, generator: torch.Generator,
     other masks (uniformly) as a clean condition, so the same network samples conditionals too.
     The sampling weights are an EMA with warm-up (``ema_decay``).
     """
-    net = ResidualMLPDenoiser(x.shape[1], args.edis_width, args.edis_depth).to(x.device)
-    ema = ResidualMLPDenoiser(x.shape[1], args.edis_width, args.edis_depth).to(x.device)
+    shape = (x.shape[1], args.edis_width, args.edis_depth, args.edis_octaves)
+    net, ema = ResidualMLPDenoiser(*shape).to(x.device), ResidualMLPDenoiser(*shape).to(x.device)
     ema.load_state_dict(net.state_dict())
     ema.requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=args.edis_diffusion_lr, betas=(0.9, 0.99), weight_decay=0.0)
@@ -1274,7 +1302,7 @@ RESUME_MAY_CHANGE = {"resume", "output_dir", "overwrite", "device", "torch_deter
                      "eval_only", "edis", "edis_ratio", "edis_offline_frac", "edis_retrain_every", "edis_min_online",
                      "edis_num_samples",
                      "edis_diffusion_steps", "edis_diffusion_batch", "edis_diffusion_lr", "edis_width", "edis_depth",
-                     "edis_ema", "edis_sample_steps", "edis_sample_batch", "edis_churn", "guide_state",
+                     "edis_octaves", "edis_ema", "edis_sample_steps", "edis_sample_batch", "edis_churn", "guide_state",
                      "guide_policy", "guide_transition", "guide_online", "guide_realism", "guide_sigma_max",
                      "edis_cond_prob", "edis_online_frac", "edis_sampler",
                      "energy_negatives", "energy_pool", "energy_steps",
