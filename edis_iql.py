@@ -147,7 +147,7 @@ class Args:
     edis_depth: int = 3
     """residual blocks of the denoiser (preset: 6 on GPU as the paper, 3 on CPU)"""
     edis_octaves: int = 0
-    """sin/cos(2^k pi x) input features of the denoiser, k < this (0: raw input, as SynthER/EDIS; docs detail 17)"""
+    """sin/cos(2^k pi x) input features of the denoiser, k < this (0: raw input, as SynthER/EDIS; docs detail 9)"""
     edis_ema: float = 0.999
     """EMA decay of the denoiser weights used for sampling"""
     edis_sample_steps: int = 32
@@ -189,7 +189,7 @@ class Args:
     energy_hidden: int = 256
     """width of the 3-hidden-layer energy MLPs"""
     energy_octaves: int = 0
-    """sin/cos(2^k pi x) input features of the energies, k < this (0: raw input; docs detail 17)"""
+    """sin/cos(2^k pi x) input features of the energies, k < this, damped by the input's noise (0: raw input)"""
     edis_reward_model: bool = False
     """relabel synthetic rewards with a reward model fitted on offline + online data instead of the generated reward"""
     # --- networks ------------------------------------------------------------------------------------------------
@@ -747,7 +747,11 @@ class InputFeatures(nn.Module):
     """[x, sin(2^k pi x), cos(2^k pi x) for k < octaves], per input dimension (the positional encoding of NeRF).
     An MLP of raw coordinates learns high-frequency functions slowly (spectral bias; Tancik et al. 2020, "Fourier
     features let networks learn high frequency functions"): sharp features of the data, such as PointMaze states
-    piling up at the contact line of a wall, come out smeared by a few hundredths. octaves = 0: x alone."""
+    piling up at the contact line of a wall, come out smeared by a few hundredths. octaves = 0: x alone.
+    With ``noise_std`` (the std of the noise in x, per row), each feature is replaced by its expectation under that
+    noise, E[sin(w (x + n))] = sin(w x) exp(-w^2 std^2 / 2) (the integrated positional encoding of Mip-NeRF, Barron et
+    al. 2021): frequencies the noise has washed out are damped instead of feeding the network noise, and the input
+    gradient stays bounded, max_w w exp(-w^2 std^2 / 2) = 1 / (std sqrt(e))."""
 
     def __init__(self, octaves: int = 0):
         super().__init__()
@@ -756,11 +760,15 @@ class InputFeatures(nn.Module):
     def out_dim(self, dim: int) -> int:
         return dim * (1 + 2 * len(self.freq))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, noise_std: Optional[torch.Tensor] = None) -> torch.Tensor:
         if len(self.freq) == 0:
             return x
-        f = (x[..., None] * self.freq).flatten(-2)  # [..., dim * octaves]
-        return torch.cat([x, f.sin(), f.cos()], -1)
+        f = x[..., None] * self.freq  # [B, dim, octaves]
+        sin, cos = f.sin(), f.cos()
+        if noise_std is not None:
+            damp = torch.exp(-0.5 * (self.freq * noise_std[:, None, None]) ** 2)
+            sin, cos = sin * damp, cos * damp
+        return torch.cat([x, sin.flatten(-2), cos.flatten(-2)], -1)
 
 
 class ResidualMLPDenoiser(nn.Module):
@@ -872,7 +880,8 @@ def edm_sample(net: nn.Module, n: int, dim: int, n_steps: int, generator: torch.
 class EnergyNet(nn.Module):
     """E_phi(x, sigma): an MLP of the full noisy transition, input-scaled like the denoiser (c_in(sigma) x), and
     c_noise(sigma) -> scalar. Without the scaling, inputs at sigma = 80 are ~80x larger than at sigma ~ 0.
-    ``octaves`` > 0: sin/cos features of the scaled input, as the denoiser's (``InputFeatures``)."""
+    ``octaves`` > 0: sin/cos features of the scaled input, as the denoiser's, but at their expected value under the
+    input's noise (std c_in(sigma) sigma), so high frequencies fade out as sigma grows (``InputFeatures``)."""
 
     def __init__(self, dim: int, hidden: int, octaves: int = 0):
         super().__init__()
@@ -881,7 +890,8 @@ class EnergyNet(nn.Module):
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         _, _, c_in, c_noise = edm_coefficients(sigma)
-        return self.net(torch.cat([self.features(c_in[:, None] * x), c_noise[:, None]], -1)).squeeze(-1)
+        feats = self.features(c_in[:, None] * x, noise_std=c_in * sigma)
+        return self.net(torch.cat([feats, c_noise[:, None]], -1)).squeeze(-1)
 
 
 # The energies of each design (--edis-energies). "factored": the paper's three factors, each the log-ratio of two

@@ -172,6 +172,27 @@ def test_edm_coefficients_match_karras_table1(sigma):
     assert c_noise == pytest.approx(math.log(sigma) / 4)
 
 
+def test_input_features_are_the_sin_cos_octaves_of_each_dimension():
+    """InputFeatures against the formula written out element by element; octaves = 0 is the raw input, so the
+    default networks keep their old shapes (and checkpoints load)."""
+    x = torch.randn(5, 3, dtype=torch.float64)
+    assert torch.equal(m.InputFeatures(0)(x), x)
+    feats = m.InputFeatures(4).double()
+    y = feats(x)
+    assert y.shape == (5, feats.out_dim(3)) == (5, 3 * 9)
+    for i in range(5):
+        expected = list(x[i])
+        for fn in (math.sin, math.cos):
+            expected += [fn(2.0**k * math.pi * float(x[i, j])) for j in range(3) for k in range(4)]
+        assert torch.allclose(y[i], torch.tensor(expected, dtype=torch.float64), atol=1e-5)  # float32 pi in freq
+    plain, with_feats = m.ResidualMLPDenoiser(6, 16, 1), m.ResidualMLPDenoiser(6, 16, 1, octaves=3)
+    assert plain.inp.in_features == 12 and with_feats.inp.in_features == 6 * 7 + 6
+    assert "features.freq" not in m.EnergyNet(6, 8, octaves=3).state_dict()  # not a learned or saved tensor
+    x6 = torch.randn(4, 6)
+    assert with_feats(x6, torch.zeros(4, 6), torch.zeros(4)).shape == (4, 6)
+    assert m.EnergyNet(6, 8, octaves=3)(x6, torch.full((4,), 0.5)).shape == (4,)
+
+
 def test_karras_schedule_values():
     s = m.karras_sigmas(128, torch.device("cpu"))
     assert len(s) == 129 and s[-1] == 0 and s[0].item() == pytest.approx(80.0)
@@ -217,6 +238,31 @@ def test_sampler_reproduces_both_modes(toy_denoiser):
     right = (x[:, 0] > 0).float().mean().item()
     assert 0.35 < right < 0.65  # both modes, roughly equally
     assert (x[:, 0].abs() - 2).abs().median().item() < 0.5  # samples sit on the modes
+
+
+def contact_line_data(n, g):
+    """2-D toy of a ball that often rests against a wall: half the points sit exactly on the contact line x = 0.9
+    (the wall is beyond it), the rest spread uniformly over x in [-1, 0.9); y uniform in [-1, 1]."""
+    x = torch.where(torch.rand(n, generator=g) < 0.5, torch.tensor(0.9), torch.rand(n, generator=g) * 1.9 - 1.0)
+    return torch.stack([x, torch.rand(n, generator=g) * 2 - 1], -1)
+
+
+def test_input_octaves_sharpen_a_contact_line():
+    """The mechanism of --edis-octaves: with sin/cos input features the same denoiser, trained the same way, puts
+    more of its samples on the contact line and fewer beyond it (measured over seeds 0-2: within 0.005 of the line
+    20-22 % of samples without octaves, 31-37 % with 6; beyond 0.905, 17-24 % vs 9-12 %)."""
+    out = {}
+    for octaves in (0, 6):
+        g = torch.Generator().manual_seed(1)
+        args = make_args(edis_width=64, edis_depth=2, edis_diffusion_steps=1500, edis_diffusion_batch=256,
+                         edis_diffusion_lr=3e-3, edis_sample_steps=24, edis_ema=0.99, edis_octaves=octaves)
+        net, _ = m.train_diffusion(contact_line_data(4000, g), args, g)
+        x = m.edm_sample(net, 4000, 2, args.edis_sample_steps, torch.Generator().manual_seed(11))
+        out[octaves] = ((x[:, 0] - 0.9).abs() < 0.005).float().mean().item(), (x[:, 0] > 0.905).float().mean().item()
+    (on_plain, beyond_plain), (on_oct, beyond_oct) = out[0], out[6]
+    assert on_oct > 1.3 * on_plain, out
+    assert beyond_oct < 0.75 * beyond_plain, out
+    assert 0.3 < on_oct < 0.6, out  # about the half of the data that is on the line, not more
 
 
 def test_zero_guidance_reproduces_unguided_exactly(toy_denoiser):
