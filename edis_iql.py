@@ -1317,6 +1317,9 @@ RESUME_MAY_CHANGE = {"resume", "output_dir", "overwrite", "device", "torch_deter
                      "edis_cond_prob", "edis_online_frac", "edis_sampler",
                      "energy_negatives", "energy_pool", "energy_steps",
                      "energy_batch", "energy_lr", "edis_reward_model"} | ALGO_RESUME_MAY_CHANGE
+# Flags added after checkpoints were first written, with the value that rebuilds the runs of those older versions
+# (their saved flags lack them; the new default would build networks that do not fit their weights).
+ADDED_FLAGS = {"edis_octaves": 0, "energy_octaves": 0}
 
 
 def save_checkpoint(path: str, args: Args, step: int, agent: Agent, opts: dict, online: ReplayBuffer,
@@ -1342,6 +1345,8 @@ def load_checkpoint(args: Args, argv: Optional[list]) -> tuple:
     overridden by the ones given now, which must be among RESUME_MAY_CHANGE."""
     path = find_checkpoint(args.resume)
     ckpt = safe_torch_load(path, f"--resume {args.resume}")
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("args"), dict):
+        ckpt["args"] = {**ADDED_FLAGS, **ckpt["args"]}
     folder = os.path.dirname(os.path.abspath(path))
     args = resumed_args(Args, argv, ckpt, folder, RESUME_MAY_CHANGE, f"--resume {args.resume}")
     newer = os.path.join(folder, CHECKPOINT)

@@ -193,6 +193,22 @@ def test_input_features_are_the_sin_cos_octaves_of_each_dimension():
     assert m.EnergyNet(6, 8, octaves=3)(x6, torch.full((4,), 0.5)).shape == (4,)
 
 
+def test_noisy_input_features_are_the_expected_features_under_the_noise():
+    """InputFeatures(x, noise_std) against a Monte-Carlo average of the plain features of x + noise, and the bound on
+    its input gradient that keeps guidance finite at every sigma."""
+    torch.manual_seed(0)
+    feats = m.InputFeatures(5).double()
+    x, std = torch.randn(3, 2, dtype=torch.float64), torch.tensor([0.01, 0.1, 0.5], dtype=torch.float64)
+    noisy = x[None] + std[None, :, None] * torch.randn(50_000, 3, 2, dtype=torch.float64)
+    mc = feats(noisy.reshape(-1, 2)).view(50_000, 3, -1).mean(0)
+    assert torch.allclose(feats(x, noise_std=std), mc, atol=1.5e-2)  # MC error ~ 0.7 / sqrt(50,000)
+    assert torch.equal(feats(x, noise_std=torch.zeros(3, dtype=torch.float64)), feats(x))
+    xg = x.clone().requires_grad_(True)
+    grads = torch.autograd.functional.jacobian(lambda v: feats(v, noise_std=std)[:, 2:], xg)  # the features only
+    for i in range(3):
+        assert grads[i, :, i].abs().max() <= 1 / (float(std[i]) * math.sqrt(math.e)) + 1e-9
+
+
 def test_karras_schedule_values():
     s = m.karras_sigmas(128, torch.device("cpu"))
     assert len(s) == 129 and s[-1] == 0 and s[0].item() == pytest.approx(80.0)
@@ -524,6 +540,23 @@ def test_resume_of_checkpoint_with_other_networks_is_one_line(tiny_pointmaze, tm
     torch.save(ckpt, out / "checkpoint.pt")
     p = run_script(["edis_iql.py", "--resume", str(out), "--online-steps", "300"], tiny_pointmaze, timeout=600)
     assert p.returncode == 2 and "networks do not fit" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_checkpoint_of_a_version_before_the_octave_flags_resumes_as_written(tiny_pointmaze, tmp_path):
+    """Checkpoints written before --edis-octaves / --energy-octaves existed lack them: they resume with the value
+    that rebuilds their networks (0, raw input), whatever the defaults become (ADDED_FLAGS)."""
+    out = tmp_path / "run"
+    p = run_script(["edis_iql.py", *SMOKE, "--offline-steps", "20", "--online-steps", "0", "--energy-octaves", "0",
+                    "--output-dir", str(out)], tiny_pointmaze, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["args"].pop("energy_octaves") == 0 and ckpt["args"].pop("edis_octaves") == 0
+    torch.save(ckpt, out / "checkpoint.pt")
+    p = run_script(["edis_iql.py", "--resume", str(out), "--online-steps", "150", "--edis-retrain-every", "100"],
+                   tiny_pointmaze, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads((out / "config.json").read_text())["args"]["energy_octaves"] == 0
+    assert json.loads((out / "summary.json").read_text())["edis_retrains"] == 1
 
 
 @pytest.mark.parametrize("flags, text", [
