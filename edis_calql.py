@@ -190,7 +190,7 @@ class Args:
     energy_hidden: int = 256
     """width of the 3-hidden-layer energy MLPs"""
     energy_octaves: int = 0
-    """sin/cos(2^k pi x) input features of the energies, k < this, damped by the input's noise (0: raw input)"""
+    """sin/cos(2^k pi x) input features of the energies, k < this, damped by input noise (0: raw; docs detail 12)"""
     edis_reward_model: bool = False
     """relabel synthetic rewards with a reward model fitted on offline + online data instead of the generated reward"""
     # --- networks ------------------------------------------------------------------------------------------------

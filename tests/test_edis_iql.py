@@ -542,7 +542,7 @@ def test_resume_of_checkpoint_with_other_networks_is_one_line(tiny_pointmaze, tm
     assert p.returncode == 2 and "networks do not fit" in p.stderr and len(p.stderr.strip().splitlines()) == 1
 
 
-def test_checkpoint_of_a_version_before_the_octave_flags_resumes_as_written(tiny_pointmaze, tmp_path):
+def test_checkpoint_of_a_version_before_the_octave_flags_resumes_as_written(tiny_pointmaze, tmp_path, monkeypatch):
     """Checkpoints written before --edis-octaves / --energy-octaves existed lack them: they resume with the value
     that rebuilds their networks (0, raw input), whatever the defaults become (ADDED_FLAGS)."""
     out = tmp_path / "run"
@@ -552,6 +552,11 @@ def test_checkpoint_of_a_version_before_the_octave_flags_resumes_as_written(tiny
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["args"].pop("energy_octaves") == 0 and ckpt["args"].pop("edis_octaves") == 0
     torch.save(ckpt, out / "checkpoint.pt")
+    # the missing flags come from ADDED_FLAGS, not from Args' defaults (which equal them today): shown with a stand-in
+    monkeypatch.setattr(m, "ADDED_FLAGS", {"edis_octaves": 0, "energy_octaves": 3})
+    _, resumed = m.load_checkpoint(m.Args(resume=str(out)), ["--resume", str(out)])
+    assert resumed.energy_octaves == 3 and m.Args().energy_octaves == 0
+    monkeypatch.undo()
     p = run_script(["edis_iql.py", "--resume", str(out), "--online-steps", "150", "--edis-retrain-every", "100"],
                    tiny_pointmaze, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
