@@ -189,8 +189,11 @@ class Args:
     """Adam learning rate of the energies"""
     energy_hidden: int = 256
     """width of the 3-hidden-layer energy MLPs"""
-    energy_octaves: int = 0
-    """sin/cos(2^k pi x) input features of the energies, k < this, damped by input noise (0: raw; docs detail 12)"""
+    energy_octaves: int = 8
+    """sin/cos(2^k pi u) input features of the energies, k < this, damped by input noise (0: raw; docs detail 12)"""
+    energy_octave_dims: Literal["midpoint", "position", "all"] = "midpoint"
+    """u: midpoint = the maze (x, y) halfway between s and s' (no features outside mazes); position = the (x, y) of
+    s and of s'; all = every dimension"""
     edis_reward_model: bool = False
     """relabel synthetic rewards with a reward model fitted on offline + online data instead of the generated reward"""
     # --- networks ------------------------------------------------------------------------------------------------
@@ -849,29 +852,34 @@ class FourierEmbedding(nn.Module):
 
 
 class InputFeatures(nn.Module):
-    """[x, sin(2^k pi x), cos(2^k pi x) for k < octaves], per input dimension (the positional encoding of NeRF).
-    An MLP of raw coordinates learns high-frequency functions slowly (spectral bias; Tancik et al. 2020, "Fourier
-    features let networks learn high frequency functions"): sharp features of the data, such as PointMaze states
-    piling up at the contact line of a wall, come out smeared by a few hundredths. octaves = 0: x alone.
-    With ``noise_std`` (the std of the noise in x, per row), each feature is replaced by its expectation under that
-    noise, E[sin(w (x + n))] = sin(w x) exp(-w^2 std^2 / 2) (the integrated positional encoding of Mip-NeRF, Barron et
-    al. 2021): frequencies the noise has washed out are damped instead of feeding the network noise, and the input
-    gradient stays bounded, max_w w exp(-w^2 std^2 / 2) = 1 / (std sqrt(e))."""
+    """[x, sin(2^k pi u_j), cos(2^k pi u_j) for k < octaves] with u = x (every input dimension) or u = P x (``proj``
+    [J, D]: J chosen linear combinations), the positional encoding of NeRF. An MLP of raw coordinates learns
+    high-frequency functions slowly (spectral bias; Tancik et al. 2020, "Fourier features let networks learn high
+    frequency functions"): sharp features of the data, such as PointMaze states piling up at the contact line of a
+    wall, come out smeared by a few hundredths. octaves = 0: x alone.
+    With ``noise_std`` (the std of the i.i.d. noise in each dimension of x, per row), each feature is replaced by its
+    expectation under that noise: u_j gets noise of std s_j = noise_std |P_j|, and E[sin(w (u + n))] =
+    sin(w u) exp(-w^2 s_j^2 / 2) (the integrated positional encoding of Mip-NeRF, Barron et al. 2021): frequencies the
+    noise has washed out are damped instead of feeding the network noise, and the gradient stays bounded,
+    max_w w exp(-w^2 s^2 / 2) = 1 / (s sqrt(e))."""
 
-    def __init__(self, octaves: int = 0):
+    def __init__(self, octaves: int = 0, proj: Optional[torch.Tensor] = None):
         super().__init__()
         self.register_buffer("freq", 2.0 ** torch.arange(octaves) * math.pi, persistent=False)
+        self.register_buffer("proj", proj, persistent=False)  # None: u = x
 
     def out_dim(self, dim: int) -> int:
-        return dim * (1 + 2 * len(self.freq))
+        return dim + 2 * len(self.freq) * (dim if self.proj is None else len(self.proj))
 
     def forward(self, x: torch.Tensor, noise_std: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if len(self.freq) == 0:
+        if len(self.freq) == 0 or (self.proj is not None and len(self.proj) == 0):
             return x
-        f = x[..., None] * self.freq  # [B, dim, octaves]
+        u = x if self.proj is None else x @ self.proj.T
+        f = u[..., None] * self.freq  # [B, J, octaves]
         sin, cos = f.sin(), f.cos()
         if noise_std is not None:
-            damp = torch.exp(-0.5 * (self.freq * noise_std[:, None, None]) ** 2)
+            scale = 1.0 if self.proj is None else self.proj.norm(dim=1)[:, None]  # [J, 1]: the noise std of u_j
+            damp = torch.exp(-0.5 * (self.freq * scale * noise_std[:, None, None]) ** 2)
             sin, cos = sin * damp, cos * damp
         return torch.cat([x, sin.flatten(-2), cos.flatten(-2)], -1)
 
@@ -985,12 +993,13 @@ def edm_sample(net: nn.Module, n: int, dim: int, n_steps: int, generator: torch.
 class EnergyNet(nn.Module):
     """E_phi(x, sigma): an MLP of the full noisy transition, input-scaled like the denoiser (c_in(sigma) x), and
     c_noise(sigma) -> scalar. Without the scaling, inputs at sigma = 80 are ~80x larger than at sigma ~ 0.
-    ``octaves`` > 0: sin/cos features of the scaled input, as the denoiser's, but at their expected value under the
-    input's noise (std c_in(sigma) sigma), so high frequencies fade out as sigma grows (``InputFeatures``)."""
+    ``octaves`` > 0: sin/cos features of the scaled input (of its projections ``proj``, every dimension when None),
+    as the denoiser's, but at their expected value under the input's noise (std c_in(sigma) sigma), so high
+    frequencies fade out as sigma grows (``InputFeatures``)."""
 
-    def __init__(self, dim: int, hidden: int, octaves: int = 0):
+    def __init__(self, dim: int, hidden: int, octaves: int = 0, proj: Optional[torch.Tensor] = None):
         super().__init__()
-        self.features = InputFeatures(octaves)
+        self.features = InputFeatures(octaves, proj)
         self.net = mlp(self.features.out_dim(dim) + 1, 1, hidden, n_hidden=3)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -1015,8 +1024,30 @@ def energy_names(args: Args) -> tuple:
     return ENERGY_DESIGNS[args.edis_energies] + (("realism",) if args.guide_realism != 0.0 else ())
 
 
-def make_energies(dim: int, names: tuple, hidden: int, device: torch.device, octaves: int = 0) -> nn.ModuleDict:
-    return nn.ModuleDict({k: EnergyNet(dim, hidden, octaves) for k in names}).to(device)
+def make_energies(dim: int, names: tuple, hidden: int, device: torch.device, octaves: int = 0,
+                  proj: Optional[torch.Tensor] = None) -> nn.ModuleDict:
+    return nn.ModuleDict({k: EnergyNet(dim, hidden, octaves, proj) for k in names}).to(device)
+
+
+def energy_feature_proj(args: Args, codec: "TransitionCodec") -> Optional[torch.Tensor]:
+    """What the energies' sin/cos features see (--energy-octave-dims), as rows of a projection of the transition
+    (None: every dimension). The task's maze position (x, y) (TaskSpec.position_dims; none outside mazes) is what
+    the walls depend on:
+      midpoint:  ((x + x') / 2, (y + y') / 2), the transition's place. A feature of it has the same gradient for s and
+                 s', so its guidance translates the transition as a whole and keeps its step s' - s (PointMaze's
+                 dynamics are translation-invariant away from walls); features of x and x' apart pull them apart.
+      position:  x, y, x', y' separately.
+      all:       every dimension."""
+    if args.energy_octave_dims == "all":
+        return None
+    obs = get_task(args.env).position_dims
+    rows = torch.zeros(len(obs) * (1 if args.energy_octave_dims == "midpoint" else 2), codec.dim)
+    for j, i in enumerate(obs):
+        if args.energy_octave_dims == "midpoint":
+            rows[j, codec.s.start + i] = rows[j, codec.s2.start + i] = 0.5
+        else:
+            rows[2 * j, codec.s.start + i] = rows[2 * j + 1, codec.s2.start + i] = 1.0
+    return rows.to(codec.mean.device)
 
 
 def make_guidance(energies: nn.ModuleDict, weights: dict) -> Optional[GuidanceFn]:
@@ -1071,7 +1102,8 @@ class EDISState:
 
 def new_edis_state(obs_dim: int, act_dim: int, args: Args, device: torch.device) -> EDISState:
     codec = TransitionCodec(obs_dim, act_dim, device)
-    energies = make_energies(codec.dim, energy_names(args), args.energy_hidden, device, args.energy_octaves)
+    energies = make_energies(codec.dim, energy_names(args), args.energy_hidden, device, args.energy_octaves,
+                             energy_feature_proj(args, codec))
     return EDISState(codec, energies, torch.optim.Adam(energies.parameters(), lr=args.energy_lr))
 
 
@@ -1424,7 +1456,7 @@ RESUME_MAY_CHANGE = {"resume", "output_dir", "overwrite", "device", "torch_deter
                      "energy_batch", "energy_lr", "edis_reward_model"} | ALGO_RESUME_MAY_CHANGE
 # Flags added after checkpoints were first written, with the value that rebuilds the runs of those older versions
 # (their saved flags lack them; the new default would build networks that do not fit their weights).
-ADDED_FLAGS = {"edis_octaves": 0, "energy_octaves": 0}
+ADDED_FLAGS = {"edis_octaves": 0, "energy_octaves": 0, "energy_octave_dims": "all"}
 
 
 def save_checkpoint(path: str, args: Args, step: int, agent: Agent, opts: dict, online: ReplayBuffer,

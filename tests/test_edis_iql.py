@@ -191,6 +191,41 @@ def test_input_features_are_the_sin_cos_octaves_of_each_dimension():
     x6 = torch.randn(4, 6)
     assert with_feats(x6, torch.zeros(4, 6), torch.zeros(4)).shape == (4, 6)
     assert m.EnergyNet(6, 8, octaves=3)(x6, torch.full((4,), 0.5)).shape == (4,)
+    proj = torch.tensor([[0.5, 0.0, 0.5], [0.0, 1.0, 0.0]], dtype=torch.float64)  # features of u = P x
+    y = m.InputFeatures(2, proj).double()(x)
+    assert y.shape == (5, 3 + 2 * 2 * 2)
+    for i in range(5):
+        u = [0.5 * float(x[i, 0] + x[i, 2]), float(x[i, 1])]
+        expected = list(x[i]) + [fn(2.0**k * math.pi * u[j]) for fn in (math.sin, math.cos) for j in range(2)
+                                  for k in range(2)]
+        assert torch.allclose(y[i], torch.tensor(expected, dtype=torch.float64), atol=1e-5)
+    assert torch.equal(m.InputFeatures(3, torch.zeros(0, 3))(x.float()), x.float())  # no rows: the raw input
+
+
+def test_energy_features_of_the_midpoint_translate_a_transition():
+    """--energy-octave-dims: which projections of the transition the energies' features see. midpoint (the default):
+    ((x + x')/2, (y + y')/2) of the maze position, so each feature's gradient is the same for s and s' and the
+    features' guidance moves the transition as a whole (its step s' - s unchanged); none outside mazes."""
+    codec = m.TransitionCodec(6, 2, torch.device("cpu"))  # PointMaze: s = (x, y, vx, vy, gx, gy)
+    rows = {d: m.energy_feature_proj(m.make_args(env="pointmaze-umaze", device="cpu", energy_octave_dims=d), codec)
+            for d in ("midpoint", "position", "all")}
+    x_, y_, x2, y2 = codec.s.start, codec.s.start + 1, codec.s2.start, codec.s2.start + 1
+    assert rows["all"] is None
+    assert rows["midpoint"].shape == (2, codec.dim) and rows["position"].shape == (4, codec.dim)
+    assert rows["midpoint"][0, x_] == rows["midpoint"][0, x2] == 0.5 and rows["midpoint"][1, y_] == 0.5
+    assert rows["midpoint"].sum() == 2.0 and rows["position"].sum() == 4.0
+    assert rows["position"][:, [x_, x2, y_, y2]].equal(torch.eye(4))  # rows: x, x', y, y'
+    hopper = m.energy_feature_proj(m.make_args(env="hopper-medium", device="cpu"), m.TransitionCodec(11, 3, "cpu"))
+    assert hopper.shape == (0, 2 * 11 + 3 + 2)  # no maze: no features, the energies see the raw transition
+    assert m.EnergyNet(2 * 11 + 3 + 2, 8, 8, hopper).net[0].in_features == 2 * 11 + 3 + 2 + 1
+    feats = m.InputFeatures(6, rows["midpoint"])
+    x = torch.randn(4, codec.dim)
+    jac = torch.autograd.functional.jacobian(lambda v: feats(v, noise_std=torch.full((4,), 0.01))[:, codec.dim:], x)
+    jac = jac.diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # [row, feature, input dim]
+    assert jac.abs().sum() > 0
+    assert torch.equal(jac[..., x_], jac[..., x2]) and torch.equal(jac[..., y_], jac[..., y2])
+    others = [i for i in range(codec.dim) if i not in (x_, y_, x2, y2)]
+    assert jac[..., others].abs().max() == 0
 
 
 def test_noisy_input_features_are_the_expected_features_under_the_noise():
@@ -207,6 +242,11 @@ def test_noisy_input_features_are_the_expected_features_under_the_noise():
     grads = torch.autograd.functional.jacobian(lambda v: feats(v, noise_std=std)[:, 2:], xg)  # the features only
     for i in range(3):
         assert grads[i, :, i].abs().max() <= 1 / (float(std[i]) * math.sqrt(math.e)) + 1e-9
+    # a projection u = P x: u_j's noise has std |P_j| noise_std, and its features are damped by that
+    proj = torch.tensor([[0.5, 0.5], [3.0, 0.0]], dtype=torch.float64)
+    pf = m.InputFeatures(5, proj).double()
+    mc = pf(noisy.reshape(-1, 2)).view(50_000, 3, -1).mean(0)
+    assert torch.allclose(pf(x, noise_std=std), mc, atol=1.5e-2)
 
 
 def test_karras_schedule_values():
@@ -542,25 +582,24 @@ def test_resume_of_checkpoint_with_other_networks_is_one_line(tiny_pointmaze, tm
     assert p.returncode == 2 and "networks do not fit" in p.stderr and len(p.stderr.strip().splitlines()) == 1
 
 
-def test_checkpoint_of_a_version_before_the_octave_flags_resumes_as_written(tiny_pointmaze, tmp_path, monkeypatch):
-    """Checkpoints written before --edis-octaves / --energy-octaves existed lack them: they resume with the value
-    that rebuilds their networks (0, raw input), whatever the defaults become (ADDED_FLAGS)."""
+def test_checkpoint_of_a_version_before_the_octave_flags_resumes_as_written(tiny_pointmaze, tmp_path):
+    """Checkpoints written before --edis-octaves / --energy-octaves / --energy-octave-dims existed lack them: they
+    resume with the values that rebuild their networks (0 octaves, raw input; ADDED_FLAGS), not with today's
+    defaults (8 octaves of the midpoint for the energies), whose networks would not fit their weights."""
+    assert m.Args().energy_octaves != m.ADDED_FLAGS["energy_octaves"]  # else this test could not fail
     out = tmp_path / "run"
     p = run_script(["edis_iql.py", *SMOKE, "--offline-steps", "20", "--online-steps", "0", "--energy-octaves", "0",
-                    "--output-dir", str(out)], tiny_pointmaze, timeout=600)
+                    "--energy-octave-dims", "all", "--output-dir", str(out)], tiny_pointmaze, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert ckpt["args"].pop("energy_octaves") == 0 and ckpt["args"].pop("edis_octaves") == 0
+    for k in ("energy_octaves", "edis_octaves", "energy_octave_dims"):
+        ckpt["args"].pop(k)
     torch.save(ckpt, out / "checkpoint.pt")
-    # the missing flags come from ADDED_FLAGS, not from Args' defaults (which equal them today): shown with a stand-in
-    monkeypatch.setattr(m, "ADDED_FLAGS", {"edis_octaves": 0, "energy_octaves": 3})
-    _, resumed = m.load_checkpoint(m.Args(resume=str(out)), ["--resume", str(out)])
-    assert resumed.energy_octaves == 3 and m.Args().energy_octaves == 0
-    monkeypatch.undo()
     p = run_script(["edis_iql.py", "--resume", str(out), "--online-steps", "150", "--edis-retrain-every", "100"],
                    tiny_pointmaze, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert json.loads((out / "config.json").read_text())["args"]["energy_octaves"] == 0
+    args = json.loads((out / "config.json").read_text())["args"]
+    assert (args["energy_octaves"], args["edis_octaves"], args["energy_octave_dims"]) == (0, 0, "all")
     assert json.loads((out / "summary.json").read_text())["edis_retrains"] == 1
 
 

@@ -139,6 +139,9 @@ class TaskSpec:
     """For dict observations: the keys concatenated, in order, into the flat observation (dataset and env alike)."""
     local_minari_id: Optional[str] = None
     """Id of the locally collected stand-in dataset (PointMaze only: ``python -m utils.collect <name>``)."""
+    position_dims: tuple = ()
+    """Indices of the agent's maze position (x, y) in the flat observation (AntMaze, PointMaze: (0, 1)); empty for
+    tasks without a maze. EDIS's energies can give these coordinates, on which the walls depend, finer features."""
 
     @property
     def collectable(self) -> bool:
@@ -175,6 +178,7 @@ def _build_registry() -> dict:
             goal_reaching=True,
             d4rl_name=f"antmaze-{ds}-v2",
             obs_keys=("achieved_goal", "observation"),
+            position_dims=(0, 1),
         )
     # Adroit: D4RL {task}-{ds}-v1 -> Minari D4RL/{task}/{ds}-v2, env AdroitHand{Task}-v1; D4RL horizons 100 / 200.
     for task in ("pen", "door", "hammer", "relocate"):
@@ -226,6 +230,7 @@ def _build_registry() -> dict:
                 d4rl_name=f"maze2d-{maze}{sfx}-v1",
                 obs_keys=("observation", "desired_goal"),
                 local_minari_id=f"local/pointmaze/{maze}{sfx}-v0",
+                position_dims=(0, 1),
             )
     return tasks
 
