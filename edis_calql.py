@@ -192,8 +192,7 @@ class Args:
     energy_octaves: int = 8
     """sin/cos(2^k pi u) input features of the energies, k < this, damped by input noise (0: raw; docs detail 12)"""
     energy_octave_dims: Literal["midpoint", "position", "all"] = "midpoint"
-    """u: midpoint = the maze (x, y) halfway between s and s' (no features outside mazes); position = the (x, y) of
-    s and of s'; all = every dimension"""
+    """inputs of those features: maze (x, y) halfway between s and s', of s and s' apart, or all (docs detail 12)"""
     edis_reward_model: bool = False
     """relabel synthetic rewards with a reward model fitted on offline + online data instead of the generated reward"""
     # --- networks ------------------------------------------------------------------------------------------------
