@@ -84,9 +84,13 @@ def extract_llm_tuning() -> None:
     write_json("llm_tuning.json", {"manifest": read_manifest("llm_tuning"), "selections": selections, "runs": runs})
 
 
-def extract_edis() -> None:
+# study 2's folders under runs/ and their extracted files: the default's study and later designs' studies
+EDIS_STUDIES = {"edis": "edis_study.json", "edis_midpoint": "edis_study_midpoint.json"}
+
+
+def extract_edis(study: str = "edis") -> None:
     runs = []
-    for run_dir, (algo, seed, arm), summary in finished_runs("edis", ("*", "seed*", "*")):
+    for run_dir, (algo, seed, arm), summary in finished_runs(study, ("*", "seed*", "*")):
         if arm == "offline":
             continue
         s = scalars(run_dir)
@@ -103,8 +107,8 @@ def extract_edis() -> None:
                      # Cal-QL's critic at the end of the online phase (last logged value; absent for IQL)
                      "end": {k: s[k][-1][1] for k in ("losses/alpha_prime", "losses/cql_loss", "losses/td_loss")
                              if k in s}})
-    manifest = read_manifest("edis")
-    write_json("edis_study.json", merged_with_committed("edis_study.json", manifest, runs))
+    manifest = read_manifest(study)
+    write_json(EDIS_STUDIES[study], merged_with_committed(EDIS_STUDIES[study], manifest, runs))
 
 
 def merged_with_committed(name: str, manifest: dict, runs: list) -> dict:
@@ -624,7 +628,7 @@ def report() -> None:
     loaders = {"llm_study.json": (llm_tables, llm_figures), "llm_tuning.json": (llm_tuning_tables, llm_tuning_figures),
                "edis_study.json": (edis_tables, edis_figures),
                "fidelity_study.json": (fidelity_tables, None), "calql_gap.json": (calql_gap_table, None)}
-    for path in sorted(glob.glob(os.path.join(RESULTS, "*_study_v*.json"))):  # earlier versions' studies
+    for path in sorted(glob.glob(os.path.join(RESULTS, "*_study_*.json"))):  # earlier versions', other designs'
         study, version = os.path.basename(path)[:-5].split("_study_")
         tab = {"fidelity": fidelity_tables, "edis": edis_tables}[study]
         loaders[os.path.basename(path)] = (lambda d, tab=tab, n=f"{study}_{version}": tab(d, n), None)
@@ -654,10 +658,12 @@ def report() -> None:
 
 
 def extract() -> None:
-    for fn, folder in ((extract_llm, "llm"), (extract_llm_tuning, "llm_tuning"), (extract_edis, "edis"),
-                       (extract_fidelity, "fidelity")):
+    for fn, folder in ((extract_llm, "llm"), (extract_llm_tuning, "llm_tuning"), (extract_fidelity, "fidelity")):
         if os.path.isdir(os.path.join(RUNS, folder)):
             fn()
+    for folder in EDIS_STUDIES:
+        if os.path.isdir(os.path.join(RUNS, folder)):
+            extract_edis(folder)
 
 
 @dataclasses.dataclass
