@@ -106,7 +106,8 @@ def extract_edis(study: str = "edis") -> None:
                      "online_wall_s": summary["wall_time_s"],
                      # Cal-QL's critic at the end of the online phase (last logged value; absent for IQL)
                      "end": {k: s[k][-1][1] for k in ("losses/alpha_prime", "losses/cql_loss", "losses/td_loss")
-                             if k in s}})
+                             if k in s},
+                     **({"cql_rows": cfg["cql_rows"]} if "cql_rows" in cfg else {})})
     manifest = read_manifest(study)
     write_json(EDIS_STUDIES[study], merged_with_committed(EDIS_STUDIES[study], manifest, runs))
 
@@ -401,9 +402,13 @@ EDIS_ARMS = {"noedis": "no EDIS", "edis": "EDIS", "edis_cql_base": "EDIS, CQL ro
              "edis_cql_all": "EDIS, --cql-rows all"}
 
 
-def arm_label(arm: str, algo: str) -> str:
-    """A study-2 arm's label; Cal-QL's plain EDIS arm is the paper's batch for the CQL term (--cql-rows all)."""
-    return "EDIS, CQL on all rows (the paper)" if (algo, arm) == ("calql", "edis") else EDIS_ARMS.get(arm, arm)
+def arm_label(arm: str, algo: str, runs: list = ()) -> str:
+    """A study-2 arm's label. Cal-QL's plain EDIS arm ran the paper's batch for the CQL term (--cql-rows all) until
+    "base" became the default; runs extracted since then carry their --cql-rows, which names the arm."""
+    if (algo, arm) != ("calql", "edis"):
+        return EDIS_ARMS.get(arm, arm)
+    rows = {r.get("cql_rows") for r in runs if r["algo"] == algo and r["arm"] == arm} or {None}
+    return "EDIS, CQL rows base (default)" if rows == {"base"} else "EDIS, CQL on all rows (the paper)"
 
 
 def edis_arms(runs: list) -> list:
@@ -432,7 +437,7 @@ def edis_tables(data: dict, name: str = "edis") -> dict:
                 base = {r["seed"]: r["final_score"] for r in by_arm.get("noedis", [])}
                 diffs = [r["final_score"] - base[r["seed"]] for r in rs if r["seed"] in base]
                 diff, test = ms(diffs, "{:.1f}"), paired(diffs)
-            lines.append(f"| {'IQL' if algo == 'iql' else 'Cal-QL'} | {arm_label(arm, algo)} | "
+            lines.append(f"| {'IQL' if algo == 'iql' else 'Cal-QL'} | {arm_label(arm, algo, runs)} | "
                          f"{len(rs)} | {ms([r['offline_score'] for r in rs], '{:.1f}')} | "
                          f"{ms([r['final_score'] for r in rs], '{:.1f}')} | {ms(online_mean, '{:.1f}')} | "
                          f"{ms([1 - r['regret'] for r in rs if r['regret'] is not None], '{:.2f}')} | "
@@ -446,7 +451,7 @@ def edis_tables(data: dict, name: str = "edis") -> dict:
             rs = [r for r in runs if r["algo"] == algo and r["arm"] == arm]
             if rs:
                 rt = [t for r in rs for t in r["retrain_time_s"]]
-                lines.append(f"| {'IQL' if algo == 'iql' else 'Cal-QL'} | {arm_label(arm, algo)} | "
+                lines.append(f"| {'IQL' if algo == 'iql' else 'Cal-QL'} | {arm_label(arm, algo, runs)} | "
                              f"{ms([r['offline_updates_per_s'] for r in rs], '{:.1f}')} | "
                              f"{ms([r['online_wall_s'] for r in rs], '{:.0f}')} | "
                              f"{ms(rt, '{:.1f}') if rt else '–'} |")
@@ -460,8 +465,8 @@ def edis_tables(data: dict, name: str = "edis") -> dict:
             diffs = [r["final_score"] - plain[r["seed"]] for r in runs
                      if r["algo"] == algo and r["arm"] == arm and r["seed"] in plain]
             if diffs:
-                lines.append(f"| {'IQL' if algo == 'iql' else 'Cal-QL'} | {arm_label(arm, algo)} | {len(diffs)} | "
-                             f"{ms(diffs, '{:.1f}')} | {paired(diffs)} |")
+                lines.append(f"| {'IQL' if algo == 'iql' else 'Cal-QL'} | {arm_label(arm, algo, runs)} | "
+                             f"{len(diffs)} | {ms(diffs, '{:.1f}')} | {paired(diffs)} |")
     ends = [(algo, arm, [r["end"] for r in runs if r["algo"] == algo and r["arm"] == arm and r.get("end")])
             for algo in ("iql", "calql") for arm in arms]
     if any(e for _, _, e in ends):  # the critic's state at the end of the online phase (Cal-QL's CQL multiplier)
@@ -469,7 +474,7 @@ def edis_tables(data: dict, name: str = "edis") -> dict:
                   "|---|---|---|---|---|"]
         for algo, arm, e in ends:
             if e:
-                lines.append(f"| {'IQL' if algo == 'iql' else 'Cal-QL'} | {arm_label(arm, algo)} | " + " | ".join(
+                lines.append(f"| {'IQL' if algo == 'iql' else 'Cal-QL'} | {arm_label(arm, algo, runs)} | " + " | ".join(
                     ms([x[k] for x in e], "{:.2f}") for k in ("losses/alpha_prime", "losses/cql_loss",
                                                                "losses/td_loss")) + " |")
     return {name: "\n".join(lines)}
@@ -498,7 +503,7 @@ def edis_figures(data: dict) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     for ax, algo in zip(axes, ("iql", "calql")):
         for arm in edis_arms(data["runs"]):
-            label = arm_label(arm, algo)
+            label = arm_label(arm, algo, data["runs"])
             rs = [r for r in data["runs"] if r["algo"] == algo and r["arm"] == arm]
             if not rs:
                 continue
