@@ -191,8 +191,8 @@ class Args:
     """width of the 3-hidden-layer energy MLPs"""
     energy_octaves: int = 8
     """sin/cos(2^k pi u) input features of the energies, k < this, damped by input noise (0: raw; docs detail 12)"""
-    energy_octave_dims: Literal["midpoint", "position", "all"] = "midpoint"
-    """inputs of those features: maze (x, y) halfway between s and s', of s and s' apart, or all (docs detail 12)"""
+    energy_octave_dims: Literal["midpoint", "midpoint+position", "position", "all"] = "midpoint"
+    """features of: maze (x, y) midway between s and s'; that + s, s' apart 16x coarser; s, s' apart; all (detail 12)"""
     edis_reward_model: bool = False
     """relabel synthetic rewards with a reward model fitted on offline + online data instead of the generated reward"""
     # --- networks ------------------------------------------------------------------------------------------------
@@ -1028,24 +1028,33 @@ def make_energies(dim: int, names: tuple, hidden: int, device: torch.device, oct
     return nn.ModuleDict({k: EnergyNet(dim, hidden, octaves, proj) for k in names}).to(device)
 
 
+POSITION_COARSENING = 4  # midpoint+position: s's and s''s own position features are 2^this coarser
+
+
 def energy_feature_proj(args: Args, codec: "TransitionCodec") -> Optional[torch.Tensor]:
     """What the energies' sin/cos features see (--energy-octave-dims), as rows of a projection of the transition
     (None: every dimension). The task's maze position (x, y) (TaskSpec.position_dims; none outside mazes) is what
     the walls depend on:
-      midpoint:  ((x + x') / 2, (y + y') / 2), the transition's place. A feature of it has the same gradient for s and
-                 s', so its guidance translates the transition as a whole and keeps its step s' - s (PointMaze's
-                 dynamics are translation-invariant away from walls); features of x and x' apart pull them apart.
-      position:  x, y, x', y' separately.
-      all:       every dimension."""
-    if args.energy_octave_dims == "all":
+      midpoint:           ((x + x') / 2, (y + y') / 2), the transition's place. A feature of it has the same gradient
+                          for s and s', so its guidance translates the transition as a whole and keeps its step s' - s
+                          (PointMaze's dynamics are translation-invariant away from walls); features of x and x'
+                          apart pull them apart.
+      position:           x, y, x', y' separately.
+      midpoint+position:  the midpoint, plus x, y, x', y' apart at frequencies 2^POSITION_COARSENING times lower (rows
+                          scaled down): s and s' each feel the walls, but only at scales too coarse to bend the step.
+      all:                every dimension."""
+    mode = args.energy_octave_dims
+    if mode == "all":
         return None
     obs = get_task(args.env).position_dims
-    rows = torch.zeros(len(obs) * (1 if args.energy_octave_dims == "midpoint" else 2), codec.dim)
-    for j, i in enumerate(obs):
-        if args.energy_octave_dims == "midpoint":
-            rows[j, codec.s.start + i] = rows[j, codec.s2.start + i] = 0.5
-        else:
-            rows[2 * j, codec.s.start + i] = rows[2 * j + 1, codec.s2.start + i] = 1.0
+    mid = [{codec.s.start + i: 0.5, codec.s2.start + i: 0.5} for i in obs]
+    apart = [{start + i: 1.0} for i in obs for start in (codec.s.start, codec.s2.start)]  # x, x', y, y'
+    coarse = [{k: v * 2.0**-POSITION_COARSENING for k, v in row.items()} for row in apart]
+    chosen = {"midpoint": mid, "position": apart, "midpoint+position": mid + coarse}[mode]
+    rows = torch.zeros(len(chosen), codec.dim)
+    for j, row in enumerate(chosen):
+        for k, v in row.items():
+            rows[j, k] = v
     return rows.to(codec.mean.device)
 
 

@@ -208,13 +208,16 @@ def test_energy_features_of_the_midpoint_translate_a_transition():
     features' guidance moves the transition as a whole (its step s' - s unchanged); none outside mazes."""
     codec = m.TransitionCodec(6, 2, torch.device("cpu"))  # PointMaze: s = (x, y, vx, vy, gx, gy)
     rows = {d: m.energy_feature_proj(m.make_args(env="pointmaze-umaze", device="cpu", energy_octave_dims=d), codec)
-            for d in ("midpoint", "position", "all")}
+            for d in ("midpoint", "position", "midpoint+position", "all")}
     x_, y_, x2, y2 = codec.s.start, codec.s.start + 1, codec.s2.start, codec.s2.start + 1
     assert rows["all"] is None
     assert rows["midpoint"].shape == (2, codec.dim) and rows["position"].shape == (4, codec.dim)
     assert rows["midpoint"][0, x_] == rows["midpoint"][0, x2] == 0.5 and rows["midpoint"][1, y_] == 0.5
     assert rows["midpoint"].sum() == 2.0 and rows["position"].sum() == 4.0
     assert rows["position"][:, [x_, x2, y_, y2]].equal(torch.eye(4))  # rows: x, x', y, y'
+    # midpoint+position: the midpoint's rows, then x, x', y, y' with frequencies 2^POSITION_COARSENING times lower
+    coarse = rows["position"] * 2.0**-m.POSITION_COARSENING
+    assert rows["midpoint+position"].equal(torch.cat([rows["midpoint"], coarse])) and coarse.max() == 1 / 16
     hopper = m.energy_feature_proj(m.make_args(env="hopper-medium", device="cpu"), m.TransitionCodec(11, 3, "cpu"))
     assert hopper.shape == (0, 2 * 11 + 3 + 2)  # no maze: no features, the energies see the raw transition
     assert m.EnergyNet(2 * 11 + 3 + 2, 8, 8, hopper).net[0].in_features == 2 * 11 + 3 + 2 + 1
