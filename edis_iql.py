@@ -190,8 +190,8 @@ class Args:
     """width of the 3-hidden-layer energy MLPs"""
     energy_octaves: int = 8
     """sin/cos(2^k pi u) input features of the energies, k < this, damped by input noise (0: raw; docs detail 12)"""
-    energy_octave_dims: Literal["midpoint", "midpoint+position", "position", "all"] = "midpoint"
-    """features of: maze (x, y) midway between s and s'; that + s, s' apart 16x coarser; s, s' apart; all (detail 12)"""
+    energy_octave_dims: Literal["midpoint+position", "midpoint", "position", "all"] = "midpoint+position"
+    """features of maze (x, y) midway in s -> s' + of s, s' apart 16x coarser; midpoint; s, s' apart; all (detail 12)"""
     edis_reward_model: bool = False
     """relabel synthetic rewards with a reward model fitted on offline + online data instead of the generated reward"""
     # --- networks ------------------------------------------------------------------------------------------------

@@ -203,9 +203,10 @@ def test_input_features_are_the_sin_cos_octaves_of_each_dimension():
 
 
 def test_energy_features_of_the_midpoint_translate_a_transition():
-    """--energy-octave-dims: which projections of the transition the energies' features see. midpoint (the default):
+    """--energy-octave-dims: which projections of the transition the energies' features see. midpoint:
     ((x + x')/2, (y + y')/2) of the maze position, so each feature's gradient is the same for s and s' and the
-    features' guidance moves the transition as a whole (its step s' - s unchanged); none outside mazes."""
+    features' guidance moves the transition as a whole (its step s' - s unchanged); midpoint+position (the default)
+    adds x, x', y, y' apart at 16x lower frequencies; none outside mazes."""
     codec = m.TransitionCodec(6, 2, torch.device("cpu"))  # PointMaze: s = (x, y, vx, vy, gx, gy)
     rows = {d: m.energy_feature_proj(m.make_args(env="pointmaze-umaze", device="cpu", energy_octave_dims=d), codec)
             for d in ("midpoint", "position", "midpoint+position", "all")}
@@ -588,7 +589,8 @@ def test_resume_of_checkpoint_with_other_networks_is_one_line(tiny_pointmaze, tm
 def test_checkpoint_of_a_version_before_the_octave_flags_resumes_as_written(tiny_pointmaze, tmp_path):
     """Checkpoints written before --edis-octaves / --energy-octaves / --energy-octave-dims existed lack them: they
     resume with the values that rebuild their networks (0 octaves, raw input; ADDED_FLAGS), not with today's
-    defaults (8 octaves of the midpoint for the energies), whose networks would not fit their weights."""
+    defaults (8 octaves of the midpoint and coarser positions for the energies), whose networks would not fit
+    their weights."""
     assert m.Args().energy_octaves != m.ADDED_FLAGS["energy_octaves"]  # else this test could not fail
     out = tmp_path / "run"
     p = run_script(["edis_iql.py", *SMOKE, "--offline-steps", "20", "--online-steps", "0", "--energy-octaves", "0",
