@@ -547,7 +547,7 @@ def test_no_edis_ablation_runs(tiny_pointmaze, tmp_path):
 
 def test_kill_and_resume(tiny_pointmaze, tmp_path):
     out = tmp_path / "run"
-    offline = 3000  # long enough (seconds) that the poll below catches the run alive after its second checkpoint
+    offline = 3000  # offline updates: a run of a few seconds, so the poll below catches it alive after checkpoint 2
     args = [*SMOKE, "--edis-retrain-every", "100", "--offline-steps", str(offline), "--online-steps", "200",
             "--eval-every", "10000", "--output-dir", str(out)]
     step_at_kill = run_and_kill(["edis_iql.py", *args], tiny_pointmaze, out / "checkpoint.pt", past_step=199)
