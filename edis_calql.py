@@ -1465,6 +1465,15 @@ RESUME_MAY_CHANGE = {"resume", "output_dir", "overwrite", "device", "torch_deter
 # Flags added after checkpoints were first written, with the value that rebuilds the runs of those older versions
 # (their saved flags lack them; the new default would build networks that do not fit their weights).
 ADDED_FLAGS = {"edis_octaves": 0, "energy_octaves": 0, "energy_octave_dims": "all"}
+# The energies' design: it may also change with --resume while the checkpoint's energies are untrained (no EDIS retrain
+# yet; they are trained in the online phase only), so one offline phase can be continued with several energy designs.
+# The energies are then built from the flags given now instead of loaded.
+ENERGY_DESIGN_FLAGS = {"edis_energies", "energy_hidden", "energy_octaves", "energy_octave_dims"}
+
+
+def energy_design(a: dict) -> tuple:
+    """What decides the energy networks' shapes and features (the realism energy exists iff --guide-realism != 0)."""
+    return tuple(a.get(k) for k in sorted(ENERGY_DESIGN_FLAGS)) + (a.get("guide_realism") != 0.0,)
 
 
 def save_checkpoint(path: str, args: Args, step: int, agent: Agent, opts: dict, online: ReplayBuffer,
@@ -1493,7 +1502,9 @@ def load_checkpoint(args: Args, argv: Optional[list]) -> tuple:
     if isinstance(ckpt, dict) and isinstance(ckpt.get("args"), dict):
         ckpt["args"] = {**ADDED_FLAGS, **ckpt["args"]}
     folder = os.path.dirname(os.path.abspath(path))
-    args = resumed_args(Args, argv, ckpt, folder, RESUME_MAY_CHANGE, f"--resume {args.resume}")
+    untrained = isinstance(ckpt, dict) and isinstance(ckpt.get("edis"), dict) and ckpt["edis"].get("retrains") == 0
+    may_change = RESUME_MAY_CHANGE | (ENERGY_DESIGN_FLAGS if untrained else set())
+    args = resumed_args(Args, argv, ckpt, folder, may_change, f"--resume {args.resume}")
     newer = os.path.join(folder, CHECKPOINT)
     if args.output_dir == folder and os.path.abspath(path) != newer and os.path.isfile(newer):
         raise UserError(f"--resume {path}: continuing here would overwrite {newer}, the run's latest checkpoint; "
@@ -1517,14 +1528,17 @@ def restore_checkpoint(ckpt: dict, args: Args, agent: Agent, opts: dict, online:
                         f"online steps the checkpoint already holds")
     online.load_state_dict(ckpt["online_buffer"])
     edis.codec.load_state_dict(ckpt["edis"]["codec"])
-    try:  # a checkpoint of an older version (energies of single blocks) or of the other --edis-energies design
-        edis.energies.load_state_dict(ckpt["edis"]["energies"])
-        restore_optimizer(edis.energy_opt, ckpt["edis"]["energy_opt"])
-    except (RuntimeError, ValueError, KeyError):
-        raise UserError(f"--resume {args.resume}: the checkpoint's EDIS energies do not fit this script's "
-                        f"({', '.join(edis.energies)}): resume with the --edis-energies and --guide-realism it was "
-                        f"started with (0 if it had no realism energy), or start a new run if an older version "
-                        f"wrote it") from None
+    if ckpt["edis"]["retrains"] == 0 and energy_design(ckpt["args"]) != energy_design(dataclasses.asdict(args)):
+        print("untrained EDIS energies of another design in the checkpoint: built afresh from the flags given now")
+    else:
+        try:  # a checkpoint of an older version (energies of single blocks) or of another energy design
+            edis.energies.load_state_dict(ckpt["edis"]["energies"])
+            restore_optimizer(edis.energy_opt, ckpt["edis"]["energy_opt"])
+        except (RuntimeError, ValueError, KeyError):
+            raise UserError(f"--resume {args.resume}: the checkpoint's EDIS energies do not fit this script's "
+                            f"({', '.join(edis.energies)}): resume with the --edis-energies and --guide-realism it "
+                            f"was started with (0 if it had no realism energy), or start a new run if an older "
+                            f"version wrote it") from None
     edis.retrains, edis.last_retrain_step = ckpt["edis"]["retrains"], ckpt["edis"]["last_retrain_step"]
     if ckpt["edis"]["synthetic"] is not None:
         obs_dim, act_dim = online.data["observations"].shape[1], online.data["actions"].shape[1]

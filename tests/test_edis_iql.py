@@ -608,6 +608,34 @@ def test_checkpoint_of_a_version_before_the_octave_flags_resumes_as_written(tiny
     assert json.loads((out / "summary.json").read_text())["edis_retrains"] == 1
 
 
+def test_untrained_energies_may_change_design_on_resume(tiny_pointmaze, tmp_path):
+    """An offline phase (no EDIS retrain yet, energies untrained) can be continued with another energy design (what
+    study 2 does to compare designs from one offline agent); once the energies are trained, their design is fixed."""
+    out = tmp_path / "run"
+    p = run_script(["edis_iql.py", *SMOKE, "--offline-steps", "20", "--online-steps", "0", "--energy-octave-dims",
+                    "midpoint", "--output-dir", str(out)], tiny_pointmaze, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = run_script(["edis_iql.py", "--resume", str(out), "--online-steps", "150", "--edis-retrain-every", "100",
+                    "--energy-octave-dims", "position", "--energy-hidden", "16"], tiny_pointmaze, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "built afresh from the flags given now" in p.stdout
+    args = json.loads((out / "config.json").read_text())["args"]
+    assert (args["energy_octave_dims"], args["energy_hidden"]) == ("position", 16)
+    assert json.loads((out / "summary.json").read_text())["edis_retrains"] == 1
+    # the energies the checkpoint now holds have the shapes of a run started with the new flags
+    fresh = tmp_path / "fresh"
+    p = run_script(["edis_iql.py", *SMOKE, "--offline-steps", "20", "--online-steps", "0", "--energy-octave-dims",
+                    "position", "--energy-hidden", "16", "--output-dir", str(fresh)], tiny_pointmaze, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    shapes = [{k: v.shape for k, v in torch.load(d / "checkpoint.pt", weights_only=True)["edis"]["energies"].items()}
+              for d in (out, fresh)]
+    assert shapes[0] == shapes[1]
+    p = run_script(["edis_iql.py", "--resume", str(out), "--online-steps", "300", "--energy-octave-dims", "midpoint"],
+                   tiny_pointmaze, timeout=600)
+    assert p.returncode == 2 and "--energy-octave-dims midpoint (checkpoint: position) cannot change" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("flags, text", [
     (["--offline-steps", "-5"], "--offline-steps must be >= 0"),
     (["--edis-ratio", "1.5"], "--edis-ratio must be in [0, 1)"),
