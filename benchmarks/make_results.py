@@ -107,7 +107,7 @@ def extract_edis(study: str = "edis") -> None:
                      # Cal-QL's critic at the end of the online phase (last logged value; absent for IQL)
                      "end": {k: s[k][-1][1] for k in ("losses/alpha_prime", "losses/cql_loss", "losses/td_loss")
                              if k in s},
-                     **({"cql_rows": cfg["cql_rows"]} if "cql_rows" in cfg else {})})
+                     **{k: cfg[k] for k in ("cql_rows", "energy_octave_dims") if k in cfg}})
     manifest = read_manifest(study)
     write_json(EDIS_STUDIES[study], merged_with_committed(EDIS_STUDIES[study], manifest, runs))
 
@@ -399,16 +399,22 @@ def llm_tuning_figures(data: dict) -> None:
 
 EDIS_ARMS = {"noedis": "no EDIS", "edis": "EDIS", "edis_cql_base": "EDIS, CQL rows base (default)",  # folder -> label
              "edis_cql_real": "EDIS, --cql-rows real", "edis_keep_offline": "EDIS, 1/4 synthetic + 1/4 offline",
-             "edis_cql_all": "EDIS, --cql-rows all"}
+             "edis_cql_all": "EDIS, --cql-rows all", "edis_midpos": "EDIS, midpoint+position energies (default)"}
 
 
 def arm_label(arm: str, algo: str, runs: list = ()) -> str:
     """A study-2 arm's label. Cal-QL's plain EDIS arm ran the paper's batch for the CQL term (--cql-rows all) until
-    "base" became the default; runs extracted since then carry their --cql-rows, which names the arm."""
-    if (algo, arm) != ("calql", "edis"):
-        return EDIS_ARMS.get(arm, arm)
-    rows = {r.get("cql_rows") for r in runs if r["algo"] == algo and r["arm"] == arm} or {None}
-    return "EDIS, CQL rows base (default)" if rows == {"base"} else "EDIS, CQL on all rows (the paper)"
+    "base" became the default; runs extracted since then carry their --cql-rows, which names the arm. The plain EDIS
+    arm's energy features changed default too: runs extracted since then carry their --energy-octave-dims."""
+    mine = [r for r in runs if r["algo"] == algo and r["arm"] == arm]
+    label = EDIS_ARMS.get(arm, arm)
+    if (algo, arm) == ("calql", "edis"):
+        rows = {r.get("cql_rows") for r in mine} or {None}
+        label = "EDIS, CQL rows base (default)" if rows == {"base"} else "EDIS, CQL on all rows (the paper)"
+    dims = {r.get("energy_octave_dims") for r in mine}
+    if arm == "edis" and len(dims) == 1 and None not in dims:
+        label += f", {dims.pop()} energies"
+    return label
 
 
 def edis_arms(runs: list) -> list:
