@@ -405,14 +405,16 @@ EDIS_ARMS = {"noedis": "no EDIS", "edis": "EDIS", "edis_cql_base": "EDIS, CQL ro
 def arm_label(arm: str, algo: str, runs: list = ()) -> str:
     """A study-2 arm's label. Cal-QL's plain EDIS arm ran the paper's batch for the CQL term (--cql-rows all) until
     "base" became the default; runs extracted since then carry their --cql-rows, which names the arm. The plain EDIS
-    arm's energy features changed default too: runs extracted since then carry their --energy-octave-dims."""
+    arm's energy features changed default too: runs extracted since then carry their --energy-octave-dims, which
+    names the arm where the study compares several."""
     mine = [r for r in runs if r["algo"] == algo and r["arm"] == arm]
     label = EDIS_ARMS.get(arm, arm)
     if (algo, arm) == ("calql", "edis"):
         rows = {r.get("cql_rows") for r in mine} or {None}
         label = "EDIS, CQL rows base (default)" if rows == {"base"} else "EDIS, CQL on all rows (the paper)"
     dims = {r.get("energy_octave_dims") for r in mine}
-    if arm == "edis" and len(dims) == 1 and None not in dims:
+    compared = {r.get("energy_octave_dims") for r in runs if r["algo"] == algo and r["arm"] != "noedis"}
+    if arm == "edis" and len(dims) == 1 and None not in dims and len(compared) > 1:
         label += f", {dims.pop()} energies"
     return label
 
