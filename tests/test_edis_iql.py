@@ -610,7 +610,7 @@ def test_checkpoint_of_a_version_before_the_octave_flags_resumes_as_written(tiny
 
 def test_untrained_energies_may_change_design_on_resume(tiny_pointmaze, tmp_path):
     """An offline phase (no EDIS retrain yet, energies untrained) can be continued with another energy design (what
-    study 2 does to compare designs from one offline agent); once the energies are trained, their design is fixed."""
+    study 2b does to compare designs from one offline agent); once the energies are trained, their design is fixed."""
     out = tmp_path / "run"
     p = run_script(["edis_iql.py", *SMOKE, "--offline-steps", "20", "--online-steps", "0", "--energy-octave-dims",
                     "midpoint", "--output-dir", str(out)], tiny_pointmaze, timeout=600)
