@@ -12,9 +12,11 @@
 # Blocks between `# >>> shared:NAME` and `# <<< shared:NAME` must stay textually identical in both LLM scripts.
 #
 # Scale beyond one device:  torchrun --nproc_per_node 8 grpo_llm.py --model <hub id> ...
-# (each rank generates its share of the prompts, gradients are all-reduced, rank 0 logs and saves).
-# Copying this file into another project: it needs utils/__init__.py, utils/common.py and utils/llm_task.py beside it
-# (docs/reliability.md, "Copying a script").
+# (each rank generates its share of the prompts; weights, gradients and AdamW state are sharded with FSDP2, or
+# replicated with DDP for --fsdp False; rank 0 logs and saves). fp32 master weights, bf16 compute with --bf16.
+# Before renting GPUs: --plan-gpus 8 prints the memory each GPU needs (utils/llm_memory.py).
+# Copying this file into another project: it needs utils/__init__.py, utils/common.py, utils/llm_task.py,
+# utils/llm_dist.py and utils/llm_memory.py beside it (docs/reliability.md, "Copying a script").
 from __future__ import annotations
 
 import dataclasses
@@ -36,7 +38,6 @@ from utils.common import (
     SEED_RANGE,
     Diverged,
     UserError,
-    atomic_torch_save,
     atomic_write_bytes,
     check_finite,
     check_flags,
@@ -55,6 +56,18 @@ from utils.common import (
     seed_everything,
     set_rng_state,
 )
+from utils.llm_dist import (
+    all_finite,
+    as_float,
+    full_state,
+    gather_to_rank0,
+    gathered,
+    load_optimizer_state,
+    precision,
+    prepare_model,
+    unwrap,
+)
+from utils.llm_memory import memory_plan_text
 from utils.llm_task import (
     BUILTIN,
     QWEN_MATH_SYSTEM,
@@ -101,7 +114,13 @@ class Args:
     device: str = "auto"
     """auto (cuda when available, else cpu), cpu, cuda; under torchrun each rank takes cuda:<local rank>"""
     bf16: Optional[bool] = None
-    """bfloat16 weights for generation and autocast for training (default: on for CUDA GPUs with bf16 support)"""
+    """bf16 compute over fp32 master weights and optimizer state (default: on for CUDA GPUs with bf16 support)"""
+    fsdp: Optional[bool] = None
+    """shard weights, gradients and AdamW state over the ranks (FSDP2; default: on under torchrun unless builtin)"""
+    gradient_checkpointing: bool = False
+    """keep only each decoder layer's input for the backward and recompute the rest (less memory, ~1/3 more time)"""
+    plan_gpus: int = 0
+    """print the per-GPU memory plan of this run on N GPUs (model built on the meta device) and exit; 0: train"""
     output_dir: Optional[str] = None
     """TensorBoard logs, config.json, checkpoint/ and summary.json (default runs/<model>__<exp>__<seed>__<time>)"""
     resume: Optional[str] = None
@@ -199,16 +218,17 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def load_model(name: str, device: torch.device, bf16: bool, log) -> tuple:
-    """Tokenizer (left padding) and causal LM; missing Hub models fail in seconds with one line when offline."""
+def load_model(name: str, log) -> tuple:
+    """Tokenizer (left padding) and causal LM on the CPU in fp32, the master weights whatever --bf16 says
+    (prepare_model places them); missing Hub models fail in seconds with one line when offline."""
     import transformers
 
     path = ensure_builtin_model(log=log) if name == BUILTIN else name
     local_only = os.path.isdir(path) or hub_offline()  # offline: the local cache only, failing at once, not in ~50 s
     try:
         tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=local_only)
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.bfloat16 if bf16 else torch.float32, local_files_only=local_only)
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                                  local_files_only=local_only)
     except Exception as e:  # noqa: BLE001 (OSError, HFValidationError, ValueError: all mean "no such model here")
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"cannot load model {name!r}: {first} (offline? set --model to a local directory, or "
@@ -216,7 +236,7 @@ def load_model(name: str, device: torch.device, bf16: bool, log) -> tuple:
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    return tok, model.to(device)
+    return tok, model
 
 
 def default_split(name: str, split: str) -> str:
@@ -257,8 +277,9 @@ def generate(model, tok, prompts: list, n: int, args: Args, greedy: bool = False
               add_special_tokens=False).to(model.device)
     ids, mask = enc.input_ids.repeat_interleave(n, 0), enc.attention_mask.repeat_interleave(n, 0)
     kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0)
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.max_new_tokens,
-                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **kw)
+    with gathered(model), precision(model, args.bf16):  # FSDP: the full weights, once per call; bf16 with --bf16
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.max_new_tokens,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **kw)
     completion = out[:, ids.shape[1]:]
     # completion mask: every token up to and including the first EOS (later positions are padding)
     is_eos = completion == tok.eos_token_id
@@ -402,8 +423,8 @@ ALGO_METRICS = ("train/kl", "train/clip_frac", "train/entropy")
 
 # >>> shared:train
 def optimizer_step(model, opt, batch: dict, args: Args, world: int, amp) -> dict:
-    """One update on the round's batch: gradient accumulation over micro-batches, DDP all-reduce on the last one,
-    loss normalised over the whole (all-rank) batch, gradient clipping, AdamW step."""
+    """One update on the round's batch: gradient accumulation over micro-batches (DDP all-reduces on the last one;
+    FSDP reduce-scatters each), loss normalised over the whole (all-rank) batch, gradient clipping, AdamW step."""
     normalizer = all_reduce_sum(algo_normalizer(batch, args))
     opt.zero_grad(set_to_none=True)
     mbs = list(micro_batches(batch, args.micro_batch_size))
@@ -413,16 +434,17 @@ def optimizer_step(model, opt, batch: dict, args: Args, world: int, amp) -> dict
         ctx = model.no_sync() if not sync else _nullcontext()
         with ctx, amp():
             loss, s = loss_terms(model, mb, args, normalizer)
-            (loss * world).backward()  # DDP averages gradients over ranks; the loss is already a global sum share
+            (loss * world).backward()  # DDP and FSDP average gradients over ranks; the loss is a global sum share
         sums = s if sums is None else sums + s
         total += loss.detach()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
     opt.step()
+    opt.zero_grad(set_to_none=True)  # the gradients' memory is free again for generation
     # metric i = (sum of its values) / (its count), summed over micro-batches and ranks; the loss over ranks too
     sums = all_reduce_sum(torch.cat([sums, total.view(1)]))
     n = len(ALGO_METRICS)
     out = {k: float(sums[i] / sums[n + i].clamp(min=1)) for i, k in enumerate(ALGO_METRICS)}
-    out.update({"train/loss": float(sums[-1]), "train/grad_norm": float(grad_norm)})
+    out.update({"train/loss": float(sums[-1]), "train/grad_norm": as_float(grad_norm)})
     return out
 
 
@@ -459,16 +481,17 @@ def _evaluate(model, tok, prompts: list, golds: list, args: Args, rank: int, wor
     model.eval()
     mine = list(range(rank, len(prompts), world))
     sums = torch.zeros(3, device=model.device)  # greedy correct, sampled correct, sampled count
-    for s in range(0, len(mine), args.eval_batch_size):
-        idx = mine[s:s + args.eval_batch_size]
-        p, g = [prompts[i] for i in idx], [golds[i] for i in idx]
-        out = generate(model, tok, p, 1, args, greedy=True)
-        sums[0] += sum(score(out["texts"], g, args)[0])
-        if args.eval_samples > 0:
-            out = generate(model, tok, p, args.eval_samples, args)
-            r, _ = score(out["texts"], [x for x in g for _ in range(args.eval_samples)], args)
-            sums[1] += sum(r)
-            sums[2] += len(r)
+    with gathered(model):  # FSDP: once for all calls, as ranks may make different numbers of them
+        for s in range(0, len(mine), args.eval_batch_size):
+            idx = mine[s:s + args.eval_batch_size]
+            p, g = [prompts[i] for i in idx], [golds[i] for i in idx]
+            out = generate(model, tok, p, 1, args, greedy=True)
+            sums[0] += sum(score(out["texts"], g, args)[0])
+            if args.eval_samples > 0:
+                out = generate(model, tok, p, args.eval_samples, args)
+                r, _ = score(out["texts"], [x for x in g for _ in range(args.eval_samples)], args)
+                sums[1] += sum(r)
+                sums[2] += len(r)
     sums = all_reduce_sum(sums)
     model.train()
     res = {"eval/accuracy": float(sums[0] / max(len(prompts), 1))}
@@ -482,17 +505,30 @@ def _evaluate(model, tok, prompts: list, golds: list, args: Args, rank: int, wor
 # ---------------------------------------------------------------------------------------------------------------
 # BOILERPLATE: checkpoints (save_pretrained + trainer state, swapped in atomically), logging
 # ---------------------------------------------------------------------------------------------------------------
-def save_checkpoint(out_dir: str, model, tok, opt, state: dict, args: Args) -> None:
-    """checkpoint/ holds a plain save_pretrained model + tokenizer (loadable by transformers and vLLM) and
-    trainer_state.pt (optimizer, RNG, round, counters). Written to a temporary folder, then swapped in."""
+CHECKPOINT_FORMAT = 2  # trainer_state.pt of another format is refused in one line (no migrations)
+
+
+def save_checkpoint(out_dir: str, model, ref_model, tok, opt, state: dict, args: Args, rank: int) -> None:
+    """checkpoint/ holds a plain save_pretrained model + tokenizer (fp32, loadable by transformers and vLLM),
+    reference/ when the frozen model is no longer the initial one (ReVal's resets), and trainer_state.pt (optimizer
+    by parameter name, each rank's RNG and state, round, counters). Every rank calls it (FSDP gathers the shards to
+    rank 0, which writes). Written to a temporary folder, then swapped in."""
+    model_sd, optim_sd = full_state(model, opt)
+    ref_sd = full_state(ref_model)[0] if state.get("ref_resets") else None
+    ranks = gather_to_rank0({"rng": get_rng_state(), "state": state})  # e.g. ReVal's replay buffer is per rank
+    if rank != 0:
+        return
     final = os.path.join(out_dir, "checkpoint")
     tmp = tempfile.mkdtemp(dir=out_dir, prefix=".checkpoint-")
-    unwrapped = model.module if hasattr(model, "module") else model
-    unwrapped.save_pretrained(tmp)
+    unwrap(model).save_pretrained(tmp, state_dict=model_sd)
     tok.save_pretrained(tmp)
-    # tensors and plain values only: loading it never executes code (torch.load(weights_only=True))
-    atomic_torch_save({"optimizer": opt.state_dict(), "state": state, "args": dataclasses.asdict(args),
-                       "rng": get_rng_state()}, os.path.join(tmp, "trainer_state.pt"))
+    if ref_sd is not None:
+        unwrap(ref_model).save_pretrained(os.path.join(tmp, "reference"), state_dict=ref_sd)
+        tok.save_pretrained(os.path.join(tmp, "reference"))
+    # tensors and plain values only: loading it never executes code (torch.load(weights_only=True)); the folder is
+    # swapped in whole, so a plain save suffices
+    torch.save({"format": CHECKPOINT_FORMAT, "optimizer": optim_sd, "ranks": ranks, "args": dataclasses.asdict(args)},
+               os.path.join(tmp, "trainer_state.pt"))
     os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700 folders; give the user's normal permissions
     old = final + ".old"
     if os.path.isdir(final) and os.path.exists(old):  # a kill during the last rmtree(old); final is complete
@@ -505,7 +541,8 @@ def save_checkpoint(out_dir: str, model, tok, opt, state: dict, args: Args) -> N
 
 # Flags that may change when a run is resumed (budgets, evaluation, logging, hardware, the learning rate, applied to
 # the restored optimizer); any other flag given with --resume must equal the checkpoint's.
-RESUME_MAY_CHANGE = {"resume", "output_dir", "overwrite", "device", "bf16", "track", "wandb_project_name",
+RESUME_MAY_CHANGE = {"resume", "output_dir", "overwrite", "device", "bf16", "fsdp", "gradient_checkpointing",
+                     "plan_gpus", "track", "wandb_project_name",
                      "wandb_entity", "total_rounds", "eval_every", "eval_samples", "eval_batch_size",
                      "checkpoint_every", "micro_batch_size", "learning_rate", "max_grad_norm",
                      "reward_timeout", "eval_only", "eval_prompts"} | ALGO_RESUME_MAY_CHANGE
@@ -515,7 +552,11 @@ def load_checkpoint(args: Args, argv: Optional[list]) -> tuple:
     """``--resume``: (checkpoint folder, trainer state loaded without executing anything, the run's config = the
     saved flags overridden by the ones given now, which must be among RESUME_MAY_CHANGE)."""
     resume_dir = find_checkpoint(args.resume)
-    saved = safe_torch_load(os.path.join(resume_dir, "trainer_state.pt"), f"--resume {args.resume}")
+    saved = safe_torch_load(os.path.join(resume_dir, "trainer_state.pt"), f"--resume {args.resume}", mmap=True)
+    fmt = saved.get("format", 1) if isinstance(saved, dict) else None
+    if fmt != CHECKPOINT_FORMAT:
+        raise UserError(f"--resume {args.resume}: the checkpoint has format {fmt} and this script reads format "
+                        f"{CHECKPOINT_FORMAT}; resume it with the version of the script that wrote it")
     folder = os.path.dirname(os.path.abspath(resume_dir))
     args = resumed_args(Args, argv, saved, folder, RESUME_MAY_CHANGE, f"--resume {args.resume}")
     return resume_dir, saved, args
@@ -587,11 +628,26 @@ def main(argv: Optional[list] = None) -> None:
     if args.eval_only and saved is None:
         raise UserError("--eval-only evaluates a checkpoint: give the run with --resume DIR")
     check_flags(args, ALGO_RANGES)
+    # >>> algo: GRPO needs pi_ref only for its KL term (beta > 0)
+    use_ref = args.beta > 0
+    # <<< algo
+    if args.plan_gpus:  # BOILERPLATE: the memory plan of this configuration; nothing is loaded or trained
+        print(memory_plan_text(args.model, args.plan_gpus, args.fsdp, args.bf16, args.gradient_checkpointing, use_ref,
+                               args.micro_batch_size, args.max_prompt_tokens, args.max_new_tokens,
+                               args.prompts_per_round * args.group_size,
+                               min(args.eval_batch_size, -(-args.eval_prompts // args.plan_gpus)) * args.eval_samples))
+        return
     rank, world, device = setup_distributed(args.device)
     if args.prompts_per_round % world:
         raise UserError(f"--prompts-per-round {args.prompts_per_round} must be divisible by the {world} ranks")
     if args.bf16 is None:
         args.bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if args.fsdp is None:  # shard real models under torchrun (a 7B model does not fit a GPU replicated, with AdamW)
+        args.fsdp = world > 1 and args.model != BUILTIN
+    args.fsdp = args.fsdp and world > 1  # nothing to shard over in one process
+    if saved is not None and len(saved["ranks"]) != world:  # each rank resumes its own random streams and state
+        raise UserError(f"--resume: the checkpoint was written by {len(saved['ranks'])} processes; resume it with "
+                        f"as many (torchrun --nproc_per_node {len(saved['ranks'])})")
     if args.prompt_template == "auto":
         args.prompt_template = "plain" if args.model == BUILTIN else "r1"
     log = print if rank == 0 else (lambda *a, **k: None)
@@ -615,26 +671,27 @@ def main(argv: Optional[list] = None) -> None:
         ensure_builtin_model(log=log)  # rank 0 builds it once; the others then load the cached copy
     if dist.is_initialized():
         dist.barrier()
-    tok, model = load_model(resume_dir or args.model, device, args.bf16, log)
+    tok, model = load_model(resume_dir or args.model, log)  # fp32 master weights on the CPU
     system = QWEN_MATH_SYSTEM if args.qwen_math_system else None
     to_prompt = lambda q: format_prompt(tok, q, args.prompt_template, system)  # noqa: E731
     eval_prompts, eval_golds = [to_prompt(r["question"]) for r in evalset], [r["answer"] for r in evalset]
-    # >>> algo: GRPO needs pi_ref only for its KL term (beta > 0)
-    use_ref = args.beta > 0
-    # <<< algo
     ref_model = None
-    if use_ref:
-        _, ref_model = load_model(args.model, device, args.bf16, log)
-        ref_model.eval().requires_grad_(False)
+    if use_ref:  # frozen, computed exactly as the policy (same precision, same sharding): equal to it at the start
+        ref_dir = resume_dir and os.path.join(resume_dir, "reference")  # after ReVal's resets: the checkpoint's
+        _, ref_model = load_model(ref_dir if ref_dir and os.path.isdir(ref_dir) else args.model, log)
+        ref_model = prepare_model(ref_model, device, world, args.fsdp, args.bf16, trainable=False)
+    model = prepare_model(model, device, world, args.fsdp, args.bf16, True, args.gradient_checkpointing)
+    policy = unwrap(model)  # DDP's module, else the model itself (an FSDP2 model is still the HF model)
     opt = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(0.9, 0.99),
                             weight_decay=args.weight_decay)
+    amp = lambda: precision(model, args.bf16)  # noqa: E731  bf16 autocast unless FSDP's policy casts already
     state = {"round": 0, "generated": 0, "initial_eval": None, "evals": [], "wall_time_s": 0.0, "updates": 0}
     if saved is not None:
-        opt.load_state_dict(saved["optimizer"])
+        load_optimizer_state(model, opt, saved["optimizer"])
         for g in opt.param_groups:  # the learning rate of the current flags (a --resume may change it)
             g["lr"] = args.learning_rate
-        state.update(saved["state"])
-        set_rng_state(saved["rng"])
+        state.update(saved["ranks"][rank]["state"])  # this rank's own state and random streams
+        set_rng_state(saved["ranks"][rank]["rng"])
     if rank == 0:  # only now: a run that fails on its flags, data or model leaves no folder behind
         make_output_dir(out_dir)
     if rank == 0 and not args.eval_only:
@@ -644,11 +701,6 @@ def main(argv: Optional[list] = None) -> None:
             indent=2).encode())
     if saved is not None:
         log(f"resumed {out_dir} at round {state['round']}")
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                          else None)
-    policy = model.module if world > 1 else model
-    amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)  # noqa: E731
     logger = Logger(out_dir, args, run_name, enabled=rank == 0)
     per_rank = args.prompts_per_round // world
     t_start = time.time() - state["wall_time_s"]
@@ -697,13 +749,14 @@ def main(argv: Optional[list] = None) -> None:
         # 3. the algorithm's update(s)
         updates_before = state["updates"]
         # >>> algo: GRPO: group-relative advantages (Eq. 3), then mu updates on these rollouts only (on-policy)
-        batch = prepare_round(model, ref_model, tok, batch, rewards, args)
+        with amp():  # old and reference log-probs in the training forward's precision
+            batch = prepare_round(model, ref_model, tok, batch, rewards, args)
         for _ in range(args.num_iterations):
             metrics = optimizer_step(model, opt, batch, args, world, amp)
             state["updates"] += 1
         # <<< algo
         check_finite({k: v for k, v in metrics.items() if k in ("train/loss", "train/grad_norm")}, f"round {rnd + 1}")
-        if not all(torch.isfinite(p).all() for p in policy.parameters()):
+        if not all_finite(policy):
             raise Diverged(f"non-finite model parameters after round {rnd + 1}; the run stops, its last checkpoint "
                            f"is kept")
         t_upd = time.time()
@@ -731,11 +784,11 @@ def main(argv: Optional[list] = None) -> None:
             res = evaluate(policy, tok, eval_prompts, eval_golds, args, rank, world)
             state["evals"].append({"round": rnd + 1, **res})
             logger.scalars(res, rnd + 1)
-            bar.write(f"round {rnd + 1}: eval accuracy {res['eval/accuracy']:.3f}" + (
+            (bar.write if rank == 0 else log)(f"round {rnd + 1}: eval accuracy {res['eval/accuracy']:.3f}" + (
                 f", sampled mean@{args.eval_samples} {res['eval/accuracy_sampled']:.3f}" if args.eval_samples else ""))
         state["wall_time_s"] = time.time() - t_start
-        if rank == 0 and ((rnd + 1) % args.checkpoint_every == 0 or rnd + 1 == args.total_rounds):
-            save_checkpoint(out_dir, model, tok, opt, state, args)
+        if (rnd + 1) % args.checkpoint_every == 0 or rnd + 1 == args.total_rounds:
+            save_checkpoint(out_dir, model, ref_model, tok, opt, state, args, rank)
     bar.close()
     if rank == 0:
         first, last = state["evals"][0], state["evals"][-1]

@@ -61,7 +61,7 @@ def test_llm_shared_blocks_identical():
         assert a == b, f"shared block {name!r} differs between grpo_llm.py and reval_llm.py"
     # main(): the defaults (and ReVal's sampling requirement), the reference model, the round's update(s); ReVal
     # also its replay buffer and the reset reference on resume
-    assert grpo["main"].count("# >>> algo:") == 3 and reval["main"].count("# >>> algo:") == 6
+    assert grpo["main"].count("# >>> algo:") == 3 and reval["main"].count("# >>> algo:") == 5
     assert "prepare_round" in grpo["main"] and "buffer_sample" in reval["main"]
 
 

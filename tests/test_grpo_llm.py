@@ -138,7 +138,7 @@ def test_k3_kl_is_unbiased_and_nonnegative():
 # Model-level checks on the tiny built-in model
 # ---------------------------------------------------------------------------------------------------------------
 def load(tiny):
-    return g.load_model(tiny, torch.device("cpu"), False, lambda *a: None)
+    return g.load_model(tiny, lambda *a: None)
 
 
 def test_training_logprobs_match_generation_scores(tiny_model_dir):

@@ -291,16 +291,16 @@ def test_llm_divergence_stops_with_one_line(tiny_model_dir, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 def test_llm_checkpoint_survives_a_kill_during_cleanup(tiny_model_dir, tmp_path):
     """A kill during rmtree(checkpoint.old) leaves checkpoint/ and a half-deleted checkpoint.old: later saves work."""
-    tok, model = grpo_llm.load_model(tiny_model_dir, torch.device("cpu"), False, print)
+    tok, model = grpo_llm.load_model(tiny_model_dir, print)
     opt = torch.optim.AdamW(model.parameters())
     args = grpo_llm.Args(model=tiny_model_dir)
-    grpo_llm.save_checkpoint(str(tmp_path), model, tok, opt, {"round": 1}, args)
+    grpo_llm.save_checkpoint(str(tmp_path), model, None, tok, opt, {"round": 1}, args, 0)
     (tmp_path / "checkpoint.old").mkdir()
     (tmp_path / "checkpoint.old" / "leftover.bin").write_bytes(b"x")
     (tmp_path / ".checkpoint-abc").mkdir()  # a save killed before its swap
-    grpo_llm.save_checkpoint(str(tmp_path), model, tok, opt, {"round": 2}, args)
+    grpo_llm.save_checkpoint(str(tmp_path), model, None, tok, opt, {"round": 2}, args, 0)
     state = torch.load(tmp_path / "checkpoint" / "trainer_state.pt", weights_only=True)
-    assert state["state"]["round"] == 2 and not (tmp_path / "checkpoint.old").exists()
+    assert state["ranks"][0]["state"]["round"] == 2 and not (tmp_path / "checkpoint.old").exists()
     from utils.common import remove_stale_temp_files
 
     remove_stale_temp_files(str(tmp_path))

@@ -14,7 +14,7 @@ from tests.test_grpo_llm import OFFLINE, SMOKE
 
 
 def load(path):
-    return rv.load_model(path, torch.device("cpu"), False, lambda *a: None)
+    return rv.load_model(path, lambda *a: None)
 
 
 def rollout_batch(model, tok, n=4):

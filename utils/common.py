@@ -116,7 +116,22 @@ def cli_with_presets(args_cls, argv: Optional[list], presets: Callable[[Any], di
         if new == defaults:
             break
         defaults = new
-    return tyro.cli(args_cls, args=list(sys.argv[1:] if argv is None else argv), default=defaults)
+    args = tyro.cli(args_cls, args=list(sys.argv[1:] if argv is None else argv), default=defaults)
+    changed = preset_changes(args_cls(), defaults, args)
+    if changed and os.environ.get("RANK", "0") == "0":  # say what the presets changed, so no default is silent
+        print(f"presets set: {changed}")
+    return args
+
+
+def preset_changes(plain, preset, final) -> str:
+    """'--flag value' for every flag whose preset value differs from the dataclass default, marking the ones the
+    command line then overrode."""
+    out = []
+    for f in dataclasses.fields(plain):
+        p, v = getattr(preset, f.name), getattr(final, f.name)
+        if p != getattr(plain, f.name):
+            out.append(f"{flag(f.name)} {p}" + ("" if v == p else f" (overridden: {v})"))
+    return ", ".join(out) + ("; flags given on the command line override them" if out else "")
 
 
 def check_resume_flags(saved: dict, now: dict, may_change: set) -> list:
@@ -248,15 +263,16 @@ def current_umask() -> int:
     return mask
 
 
-def safe_torch_load(path: str, what: str):
+def safe_torch_load(path: str, what: str, mmap: bool = False):
     """``torch.load`` that can never execute code from the file (``weights_only=True``: tensors, numbers, strings,
-    lists, tuples and dicts only). A file that is not such a checkpoint is a UserError naming ``what``."""
+    lists, tuples and dicts only). A file that is not such a checkpoint is a UserError naming ``what``. ``mmap``:
+    tensors stay in the file until used (every rank of a large run may open the same checkpoint)."""
     import pickle
 
     import torch
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{what}: {path} is not a checkpoint of this script, or is damaged; it was not loaded "

@@ -1,0 +1,165 @@
+"""The LLM scripts at the paper's scale, tested on a CPU: fp32 master weights under --bf16, FSDP2 under torchrun
+(gloo) against one process, resume under FSDP, the checkpoint format, and the memory plan against measured peaks."""
+
+import json
+import os
+
+import pytest
+import torch
+
+import grpo_llm as g
+from tests.conftest import read_scalars, run_script
+from tests.test_reliability import DETERMINISTIC, same_summary, same_weights
+from utils.llm_dist import precision, prepare_model
+
+OFFLINE = {"HF_HUB_OFFLINE": "1"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Precision: bf16 compute over fp32 master weights
+# ---------------------------------------------------------------------------------------------------------------
+def update_after_one_step(model_dir, bf16: bool, bf16_weights: bool = False) -> dict:
+    """Weight change of one GRPO step at the paper's learning rate (1e-6) on a fixed batch, as main() builds the
+    model; ``bf16_weights`` is the old way (the weights themselves in bf16, stepped directly)."""
+    tok, model = g.load_model(model_dir, lambda *a: None)
+    model = prepare_model(model, torch.device("cpu"), 1, False, bf16, trainable=True)
+    if bf16_weights:
+        model.to(torch.bfloat16)
+    from tests.dist_step import fixed_batch
+
+    batch = fixed_batch(len(tok), reval=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, betas=(0.9, 0.99), weight_decay=0.01)
+    before = {k: v.detach().float().clone() for k, v in model.named_parameters()}
+    g.optimizer_step(model, opt, batch, g.Args(micro_batch_size=4), 1, lambda: precision(model, bf16))
+    return {k: v.detach().float() - before[k] for k, v in model.named_parameters()}
+
+
+def test_bf16_step_moves_the_weights_as_the_fp32_step(tiny_model_dir):
+    """An AdamW step of ~lr = 1e-6 per weight is far below bf16's spacing near |w| ~ 0.05 (2.4e-4): stepping bf16
+    weights loses it. fp32 master weights with bf16 compute keep it: the mean |update| matches the fp32 run within
+    5 % and (nearly) every weight moves. The old way fails the same check (shown here, so the check can fail)."""
+    fp32 = update_after_one_step(tiny_model_dir, bf16=False)
+    mixed = update_after_one_step(tiny_model_dir, bf16=True)
+    old = update_after_one_step(tiny_model_dir, bf16=True, bf16_weights=True)
+
+    def stats(upd):
+        flat = torch.cat([v.flatten() for v in upd.values()])
+        return flat.abs().mean().item(), (flat != 0).float().mean().item()
+
+    (m32, c32), (mmix, cmix), (mold, cold) = stats(fp32), stats(mixed), stats(old)
+    assert 5e-7 < m32 < 2e-6 and c32 > 0.99  # the fp32 step: ~lr per weight, all of them
+    assert abs(mmix / m32 - 1) < 0.05 and cmix > 0.99 * c32, (mmix, m32, cmix)
+    assert mold / m32 < 0.5 or cold < 0.5, (mold, m32, cold)  # bf16 weights: most updates round away
+    assert all(p.dtype == torch.float32 for p in g.load_model(tiny_model_dir, lambda *a: None)[1].parameters())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FSDP2 on a CPU with gloo, two processes
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("script, port", [("grpo_llm.py", 29541), ("reval_llm.py", 29542)])
+def test_fsdp_step_equals_one_process(script, port, tiny_model_dir, tmp_path):
+    """Two updates, each rank on half of a fixed batch with the model sharded by FSDP2 (gradient accumulation over
+    micro-batches, global loss normaliser, clipping, AdamW): the same loss, gradient norm and weights as one process
+    over the whole batch."""
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    p = run_script(["tests/dist_step.py", script, tiny_model_dir, str(one)], OFFLINE)
+    assert p.returncode == 0, p.stderr[-2000:]
+    p = run_script(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+                    "tests/dist_step.py", script, tiny_model_dir, str(two), "--fsdp"], OFFLINE, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    a, b = torch.load(one), torch.load(two)
+    assert b["wrapped"].startswith("FSDP")
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    from safetensors.torch import load_file
+
+    init = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
+    moved = min((a["weights"][k] - init[k]).abs().max().item() for k in init)
+    diff = max((a["weights"][k] - b["weights"][k]).abs().max().item() for k in init)
+    assert a["weights"].keys() == b["weights"].keys() and moved > 1e-4 and diff < 1e-5, (moved, diff)
+
+
+SMOKE = ["--prompts-per-round", "4", "--group-size", "4", "--max-new-tokens", "12", "--eval-prompts", "6",
+         "--eval-samples", "2", "--eval-every", "3", "--micro-batch-size", "8", "--checkpoint-every", "2",
+         "--device", "cpu", "--fsdp", "True", "--learning-rate", "1e-3"]
+
+
+def torchrun(args, port):
+    return run_script(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), *args],
+                      {**OFFLINE, **DETERMINISTIC}, timeout=300)
+
+
+def test_fsdp_resume_equals_uninterrupted(tiny_model_dir, tmp_path):
+    """ReVal under FSDP with a reference reset every round (the checkpoint then holds the reference model too) and
+    its per-rank replay buffers: stopped after the round-2 checkpoint and resumed, it ends as the uninterrupted
+    run, bit for bit; the checkpoint is a plain save_pretrained folder; resuming on another world size is refused."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    base = ["reval_llm.py", "--model", tiny_model_dir, *SMOKE, "--ref-reset-every", "1"]
+    p = torchrun([*base, "--total-rounds", "4", "--output-dir", str(a)], 29543)
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = torchrun([*base, "--total-rounds", "2", "--output-dir", str(b)], 29544)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (b / "checkpoint" / "reference" / "model.safetensors").exists()
+    p = torchrun(["reval_llm.py", "--resume", str(b), "--total-rounds", "4"], 29545)
+    assert p.returncode == 0 and "at round 2" in p.stdout, p.stderr[-3000:]
+    assert same_summary(a / "summary.json", b / "summary.json")
+    from safetensors.torch import load_file
+
+    for f in ("model.safetensors", "reference/model.safetensors"):
+        assert same_weights(*(load_file(str(d / "checkpoint" / f)) for d in (a, b))), f
+    sa, sb = read_scalars(str(a)), read_scalars(str(b))
+    for tag in ("completions/mean_length", "train/loss", "train/grad_norm", "replay/mean_age_rounds"):
+        assert len(sa[tag]) == 4 and sa[tag] == sb[tag], tag
+    s = json.loads((a / "summary.json").read_text())
+    assert s["world_size"] == 2 and s["ref_resets"] == 4 and s["replay_updates"] == 4
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(a / "checkpoint"))  # usable as it is
+    assert next(model.parameters()).dtype == torch.float32
+    p = run_script(["reval_llm.py", "--resume", str(b), "--total-rounds", "5", "--device", "cpu"], OFFLINE)
+    assert p.returncode == 2 and "written by 2 processes" in p.stderr, p.stderr[-2000:]
+
+
+def test_checkpoint_of_another_format_is_refused(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    p = run_script(["grpo_llm.py", "--model", tiny_model_dir, *SMOKE[:-4], "--total-rounds", "1",
+                    "--output-dir", str(out)], OFFLINE)
+    assert p.returncode == 0, p.stderr[-2000:]
+    path = out / "checkpoint" / "trainer_state.pt"
+    state = torch.load(path, weights_only=True)
+    state["format"] = 1
+    torch.save(state, path)
+    p = run_script(["grpo_llm.py", "--resume", str(out), "--total-rounds", "2"], OFFLINE)
+    assert p.returncode == 2 and "format 1" in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The memory plan
+# ---------------------------------------------------------------------------------------------------------------
+def test_plan_of_the_paper_presets_offline():
+    """--plan-gpus builds the model on the meta device (no download): the 7B preset's parameter count, FSDP dividing
+    the persistent states by the GPUs, and the fit verdicts."""
+    p = run_script(["reval_llm.py", "--preset", "paper-7b", "--plan-gpus", "8"], OFFLINE)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "7.62B parameters" in p.stdout and "FSDP" in p.stdout and "80 GB" in p.stdout
+    import transformers
+
+    from utils.llm_memory import KNOWN_CONFIGS, memory_plan, model_shape
+
+    shape = model_shape(transformers.Qwen2Config(**KNOWN_CONFIGS["Qwen/Qwen2.5-Math-7B"]))
+    assert 7.60e9 < shape["params"] < 7.63e9
+    kw = dict(bf16=True, gradient_checkpointing=True, use_ref=True, micro_batch=2, seq_tokens=4096,
+              gen_sequences=128)
+    one, ddp, fsdp = (memory_plan(shape, w, f, **kw) for w, f in ((1, False), (8, False), (8, True)))
+    assert fsdp["totals"]["persistent"] == pytest.approx(one["totals"]["persistent"] / 8)
+    assert ddp["totals"]["persistent"] > one["totals"]["persistent"]  # DDP adds its gradient buckets
+    assert ddp["peak"] / 2 ** 30 > 141  # 7B with AdamW and a reference does not fit one GPU replicated
+
+
+def test_plan_matches_a_measured_peak(tmp_path):
+    """The plan's training-phase total (fp32, one process) within 25 % of the peak memory measured for a real step
+    of a random Qwen2 on this CPU (benchmarks/llm_memory.py has the full comparison)."""
+    from benchmarks.llm_memory import measure
+
+    r = measure(dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=8192), micro_batch=8, seq_tokens=256, checkpointing=False)
+    assert abs(r["planned_gib"] / r["measured_gib"] - 1) < 0.25, r
