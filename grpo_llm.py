@@ -277,9 +277,11 @@ def generate(model, tok, prompts: list, n: int, args: Args, greedy: bool = False
               add_special_tokens=False).to(model.device)
     ids, mask = enc.input_ids.repeat_interleave(n, 0), enc.attention_mask.repeat_interleave(n, 0)
     kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0)
-    with gathered(model), precision(model, args.bf16):  # FSDP: the full weights, once per call; bf16 with --bf16
+    # FSDP: the full weights, once per call, so no step communicates and ranks may stop at different lengths
+    # (synced_gpus=False: transformers would otherwise keep every rank stepping until all are done); bf16 with --bf16
+    with gathered(model), precision(model, args.bf16):
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.max_new_tokens,
-                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **kw)
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, synced_gpus=False, **kw)
     completion = out[:, ids.shape[1]:]
     # completion mask: every token up to and including the first EOS (later positions are padding)
     is_eos = completion == tok.eos_token_id
@@ -635,7 +637,8 @@ def main(argv: Optional[list] = None) -> None:
         print(memory_plan_text(args.model, args.plan_gpus, args.fsdp, args.bf16, args.gradient_checkpointing, use_ref,
                                args.micro_batch_size, args.max_prompt_tokens, args.max_new_tokens,
                                args.prompts_per_round * args.group_size,
-                               min(args.eval_batch_size, -(-args.eval_prompts // args.plan_gpus)) * args.eval_samples))
+                               min(args.eval_batch_size, -(-args.eval_prompts // args.plan_gpus))
+                               * max(args.eval_samples, 1)))
         return
     rank, world, device = setup_distributed(args.device)
     if args.prompts_per_round % world:

@@ -28,6 +28,8 @@ from benchmarks.llm_memory import BUILTIN, QWEN_50M  # noqa: E402
 PAPER = {"paper-1.5b": (1.78e9, 28, 2 * 28 * 256 * 2, 128 * 8 // 8, 1024, 7168),
          "paper-7b": (7.62e9, 28, 2 * 28 * 512 * 2, 128 * 8 // 8, 1024, 3072)}
 GPU_BANDWIDTH = {"H100 SXM": 3.35e12, "H200": 4.8e12}  # bytes/s, vendor figures
+BF16_FLOPS, MFU = 989e12, 0.4  # dense bf16 peak of both (vendor figure), and an assumed 40 % of it for the updates
+PROMPT_TOKENS, MEAN_COMPLETION = 200, 0.5  # assumed: a DeepScaleR prompt with its template; completions at half the cap
 
 
 def time_generate(cfg: dict, batch: int, prompt: int, new: int, repeats: int = 3) -> float:
@@ -49,17 +51,25 @@ def time_generate(cfg: dict, batch: int, prompt: int, new: int, repeats: int = 3
 
 
 def gpu_round_estimate(overhead_ms_per_layer: float) -> dict:
-    """Generation seconds of one paper-preset round per rank (8 GPUs, HF generate, bf16): every decode step reads
-    the weights and the KV cache once (memory-bound), and costs at least the host-side floor measured here."""
+    """Seconds of one paper-preset round per rank (8 GPUs, HF generate, bf16). Generation: the round lasts as long
+    as its longest completion (the cap, ``new`` steps); every decode step reads the weights and the KV cache once
+    (memory-bound) and costs at least the host-side floor measured here. Updates (ReVal, K = 2, gradient
+    checkpointing): 2 x (forward + backward + recomputed forward = 8 P FLOPs per token) + the reference's forward
+    (2 P) = 18 P FLOPs per token at MFU x the bf16 peak."""
     out = {}
     for name, (params, layers, kv_tok, seqs, prompt, new) in PAPER.items():
         floor = overhead_ms_per_layer * layers / 1e3
         for gpu, bw in GPU_BANDWIDTH.items():
             mean_ctx = prompt + new / 2
             step = max(floor, (2 * params + kv_tok * seqs * mean_ctx) / bw)
+            tokens = seqs * (PROMPT_TOKENS + MEAN_COMPLETION * new)
+            update = 18 * params * tokens / (MFU * BF16_FLOPS)
             out[f"{name} on {gpu}"] = {"decode_step_s": round(step, 4), "host_floor_s": round(floor, 4),
-                                       "generation_s_per_round": round(step * new), "sequences_per_rank": seqs,
-                                       "new_tokens": new}
+                                       "memory_bound_step_s": round((2 * params + kv_tok * seqs * mean_ctx) / bw, 4),
+                                       "generation_s_per_round": round(step * new), "update_s_per_round": round(update),
+                                       "round_s": round(step * new + update),
+                                       "hours_for_650_rounds": round((step * new + update) * 650 / 3600, 1),
+                                       "sequences_per_rank": seqs, "new_tokens": new}
     return out
 
 

@@ -3,7 +3,8 @@
 Each case runs in a fresh process: build a random Qwen2 (fp32), then two GRPO updates (grpo_llm.optimizer_step, the
 scripts' own step, AdamW) on a fixed batch of one micro-batch, or one generate call; the measured peak is the
 process's peak resident memory (VmHWM) less its resident memory before the model was built. The plan is
-memory_plan(world 1, fp32, no FSDP): persistent + training (or persistent + generation) for the same shapes.
+memory_plan(world 1, fp32, no FSDP): persistent + training for the same shapes, or the weights + generation for a
+generate call (that process builds no optimizer).
 
     python benchmarks/llm_memory.py            # writes benchmarks/results/llm_memory.json and prints the table
 """
@@ -92,7 +93,10 @@ def measure(cfg: dict, micro_batch: int, seq_tokens: int, checkpointing: bool, p
     gen = micro_batch if phase == "generate" else 0
     plan = memory_plan(shape, 1, False, False, checkpointing, False, micro_batch, seq_tokens, gen,
                        materialized_attention=phase == "train")
-    planned = plan["totals"]["persistent"] + plan["totals"]["training" if phase == "train" else "generation"]
+    if phase == "train":
+        planned = plan["totals"]["persistent"] + plan["totals"]["training"]
+    else:  # the measured process holds the model alone: no optimizer
+        planned = plan["persistent"]["master weights (fp32)"] + plan["totals"]["generation"]
     return {"params": shape["params"], "planned_gib": planned / 2 ** 30, "measured_gib": measured,
             "plan": {k: {n: b / 2 ** 30 for n, b in v.items()} for k, v in plan.items() if k != "peak"}}
 

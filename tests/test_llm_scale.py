@@ -78,9 +78,11 @@ def test_fsdp_step_equals_one_process(script, port, tiny_model_dir, tmp_path):
     assert a["weights"].keys() == b["weights"].keys() and moved > 1e-4 and diff < 1e-5, (moved, diff)
 
 
-SMOKE = ["--prompts-per-round", "4", "--group-size", "4", "--max-new-tokens", "12", "--eval-prompts", "6",
+# 5 evaluation prompts, 2 per generate call: rank 0 makes two calls, rank 1 one (FSDP must not wait on either)
+SMOKE = ["--prompts-per-round", "4", "--group-size", "4", "--max-new-tokens", "12", "--eval-prompts", "5",
+         "--eval-batch-size", "2",
          "--eval-samples", "2", "--eval-every", "3", "--micro-batch-size", "8", "--checkpoint-every", "2",
-         "--device", "cpu", "--fsdp", "True", "--learning-rate", "1e-3"]
+         "--device", "cpu", "--fsdp", "True", "--learning-rate", "1e-3", "--gradient-checkpointing"]
 
 
 def torchrun(args, port):
@@ -88,17 +90,60 @@ def torchrun(args, port):
                       {**OFFLINE, **DETERMINISTIC}, timeout=300)
 
 
+def kill_after_first_checkpoint(args, port, checkpoint, timeout=300):
+    """Start a torchrun job and SIGKILL all its processes as soon as its first checkpoint folder is in place (the
+    SIGKILL reaches each process at once, as a node failure would)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             str(port), *args], cwd=REPO, env={**os.environ, **OFFLINE, **DETERMINISTIC},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not (checkpoint / "trainer_state.pt").exists():
+        time.sleep(0.02)
+    alive = proc.poll() is None
+    for pid in [*descendants(proc.pid), proc.pid]:  # the workers too: torchrun starts them in their own sessions
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    assert alive, "the run ended before it could be killed"
+
+
+def descendants(pid: int) -> list:
+    """Process ids of every descendant of ``pid`` (from /proc), children first."""
+    parent = {}
+    for d in os.listdir("/proc"):
+        try:
+            parent[int(d)] = int(open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1])
+        except (ValueError, OSError, IndexError):
+            continue
+    out, todo = [], [pid]
+    while todo:
+        me = todo.pop()
+        kids = [c for c, p in parent.items() if p == me]
+        out += kids
+        todo += kids
+    return out
+
+
 def test_fsdp_resume_equals_uninterrupted(tiny_model_dir, tmp_path):
-    """ReVal under FSDP with a reference reset every round (the checkpoint then holds the reference model too) and
-    its per-rank replay buffers: stopped after the round-2 checkpoint and resumed, it ends as the uninterrupted
-    run, bit for bit; the checkpoint is a plain save_pretrained folder; resuming on another world size is refused."""
+    """ReVal under FSDP with gradient checkpointing and a reference reset every round (the checkpoint then holds the
+    reference model too) and its per-rank replay buffers: killed (SIGKILL) once its round-2 checkpoint is written
+    and resumed, it ends as the uninterrupted run, bit for bit; the checkpoint is a plain save_pretrained folder;
+    resuming on another world size is refused."""
     a, b = tmp_path / "a", tmp_path / "b"
     base = ["reval_llm.py", "--model", tiny_model_dir, *SMOKE, "--ref-reset-every", "1"]
     p = torchrun([*base, "--total-rounds", "4", "--output-dir", str(a)], 29543)
     assert p.returncode == 0, p.stderr[-3000:]
-    p = torchrun([*base, "--total-rounds", "2", "--output-dir", str(b)], 29544)
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert (b / "checkpoint" / "reference" / "model.safetensors").exists()
+    kill_after_first_checkpoint([*base, "--total-rounds", "4", "--output-dir", str(b)], 29544, b / "checkpoint")
+    assert (b / "checkpoint" / "reference" / "model.safetensors").exists() and not (b / "summary.json").exists()
     p = torchrun(["reval_llm.py", "--resume", str(b), "--total-rounds", "4"], 29545)
     assert p.returncode == 0 and "at round 2" in p.stdout, p.stderr[-3000:]
     assert same_summary(a / "summary.json", b / "summary.json")
@@ -121,7 +166,7 @@ def test_fsdp_resume_equals_uninterrupted(tiny_model_dir, tmp_path):
 
 def test_checkpoint_of_another_format_is_refused(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
-    p = run_script(["grpo_llm.py", "--model", tiny_model_dir, *SMOKE[:-4], "--total-rounds", "1",
+    p = run_script(["grpo_llm.py", "--model", tiny_model_dir, *SMOKE[:-5], "--total-rounds", "1",
                     "--output-dir", str(out)], OFFLINE)
     assert p.returncode == 0, p.stderr[-2000:]
     path = out / "checkpoint" / "trainer_state.pt"
@@ -140,7 +185,8 @@ def test_plan_of_the_paper_presets_offline():
     the persistent states by the GPUs, and the fit verdicts."""
     p = run_script(["reval_llm.py", "--preset", "paper-7b", "--plan-gpus", "8"], OFFLINE)
     assert p.returncode == 0, p.stderr[-2000:]
-    assert "7.62B parameters" in p.stdout and "FSDP" in p.stdout and "80 GB" in p.stdout
+    assert "7.62B parameters" in p.stdout and "FSDP" in p.stdout and "80 GB: fits" in p.stdout
+    assert "presets set:" in p.stdout and "--beta 0.02" in p.stdout  # the preset says what it changed
     import transformers
 
     from utils.llm_memory import KNOWN_CONFIGS, memory_plan, model_shape

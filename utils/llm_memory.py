@@ -15,9 +15,10 @@ training     fp32 gradients 4P; the bf16 working copy of the weights (autocast's
              checkpointing, each layer's input (4h) plus one layer recomputed; the loss's logits, LOGIT_COPIES fp32
              copies of [B, S, V] at its peak (the logits, the log-softmax of the completion's part, the entropy's
              temporaries; then their gradients)
-generation   the gathered weights (FSDP: the whole model, bf16 with --bf16), the KV cache 2 * layers * kv_dim bytes
-             per token (2 bytes in bf16, 4 in fp32) for every sequence of the largest generate call, and two fp32
-             [sequences, V] next-token logits
+generation   the gathered weights (FSDP: the whole model, bf16 with --bf16), the KV cache 2 * layers * kv_dim elements
+             per token (2 bytes in bf16, 4 in fp32) for every sequence of the largest generate call, one layer's
+             keys and values repeated for every query head (transformers' repeat_kv for grouped-query attention)
+             and copied as the cache grows (2 * (h + kv_dim) per token), and two fp32 [sequences, V] logits
 
 peak = persistent + max(training, generation). Not counted: the CUDA context and NCCL buffers (~1-3 GB per GPU),
 allocator fragmentation (~5-10 %), and rank 0's host memory for a checkpoint (the full fp32 weights and AdamW state,
@@ -114,6 +115,7 @@ def memory_plan(shape: dict, world: int, fsdp: bool, bf16: bool, gradient_checkp
         training["attention scores (one layer)"] = 4 * micro_batch * heads * seq_tokens ** 2
     generation = {"gathered weights": w * P if fsdp else 0,
                   "KV cache": 2 * L * kvd * w * gen_sequences * seq_tokens,
+                  "one layer's K, V per query head + cache copy": 2 * (h + kvd) * w * gen_sequences * seq_tokens,
                   "next-token logits": 2 * 4 * gen_sequences * V}
     tot = {k: sum(v.values()) for k, v in (("persistent", persistent), ("training", training),
                                             ("generation", generation))}
