@@ -23,8 +23,6 @@ import dataclasses
 import json
 import os
 import random
-import re
-import shutil
 import tempfile
 import time
 from typing import Literal, Optional
@@ -37,6 +35,7 @@ from tqdm import tqdm
 from utils.common import (
     SEED_RANGE,
     Diverged,
+    Logger,
     UserError,
     atomic_write_bytes,
     check_finite,
@@ -44,20 +43,18 @@ from utils.common import (
     check_output_dir,
     cli_with_presets,
     config_table,
-    current_umask,
     get_rng_state,
-    hub_offline,
     make_output_dir,
     peek_args,
     resumed_args,
     run_cli,
-    safe_torch_load,
     save_curves_png,
     seed_everything,
     set_rng_state,
 )
 from utils.llm_dist import (
     all_finite,
+    all_reduce_sum,
     as_float,
     full_state,
     gather_to_rank0,
@@ -65,6 +62,9 @@ from utils.llm_dist import (
     load_optimizer_state,
     precision,
     prepare_model,
+    read_trainer_state,
+    setup_distributed,
+    swap_in_folder,
     unwrap,
 )
 from utils.llm_memory import memory_plan_text
@@ -74,10 +74,9 @@ from utils.llm_task import (
     ensure_builtin_model,
     format_prompt,
     has_format,
-    is_local,
-    load_prompts,
+    load_model,
+    load_task_prompts,
     math_rewards,
-    train_eval_split,
 )
 
 
@@ -188,81 +187,6 @@ class Args:
     """mu: updates per round on the same rollouts (old log-probs fixed at the round's start)"""
     beta: float = 0.0
     """weight of the k3 KL to the frozen initial model; 0 (default) loads no reference model"""
-
-
-# >>> shared:setup
-# ---------------------------------------------------------------------------------------------------------------
-# BOILERPLATE: distributed setup, model and data
-# ---------------------------------------------------------------------------------------------------------------
-def setup_distributed(device_flag: str) -> tuple:
-    """(rank, world_size, device). Under torchrun: one process per device, gloo on CPU, nccl on GPUs."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if device_flag == "auto":
-        device_flag = "cuda" if torch.cuda.is_available() else "cpu"
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", device_flag):
-        raise UserError(f"--device {device_flag!r} is not supported: use auto, cpu, cuda or cuda:N")
-    if device_flag.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device_flag} asked for, but torch sees no CUDA GPU (use --device cpu)")
-    device = torch.device(f"cuda:{local_rank}" if device_flag == "cuda" and world > 1 else device_flag)
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-    return rank, world, device
-
-
-def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        dist.all_reduce(x, op=dist.ReduceOp.SUM)
-    return x
-
-
-def load_model(name: str, log) -> tuple:
-    """Tokenizer (left padding) and causal LM on the CPU in fp32, the master weights whatever --bf16 says
-    (prepare_model places them); missing Hub models fail in seconds with one line when offline."""
-    import transformers
-
-    path = ensure_builtin_model(log=log) if name == BUILTIN else name
-    local_only = os.path.isdir(path) or hub_offline()  # offline: the local cache only, failing at once, not in ~50 s
-    try:
-        tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=local_only)
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                                  local_files_only=local_only)
-    except Exception as e:  # noqa: BLE001 (OSError, HFValidationError, ValueError: all mean "no such model here")
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"cannot load model {name!r}: {first} (offline? set --model to a local directory, or "
-                        f"'builtin')") from None
-    tok.padding_side = "left"
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok, model
-
-
-def default_split(name: str, split: str) -> str:
-    return "eval" if name == BUILTIN and split == "test" else split
-
-
-def load_task_prompts(args: Args, world: int, log) -> tuple:
-    """Training and evaluation prompts, never overlapping unless --allow-eval-overlap (one file, or one split, used
-    for both: evaluation prompts are held out of it)."""
-    eval_name = args.eval_dataset or args.dataset
-    train_split, eval_split = default_split(args.dataset, args.train_split), default_split(eval_name, args.eval_split)
-    kw = dict(question_field=args.question_field, answer_field=args.answer_field, config=args.dataset_config)
-    train = load_prompts(args.dataset, train_split, **kw)
-    same = eval_name == args.dataset and (is_local(eval_name) or eval_split == train_split)
-    evals = train if same else load_prompts(eval_name, eval_split, **kw)
-    train, evals, overlap = train_eval_split(train, evals, args.eval_prompts, same, args.allow_eval_overlap)
-    if same and not args.allow_eval_overlap:
-        log(f"evaluation: {len(evals)} prompts held out of {args.dataset} ({train_split}); {len(train)} to train on")
-    elif overlap:
-        log(f"{overlap} training prompts also in the evaluation set were " +
-            ("kept (--allow-eval-overlap)" if args.allow_eval_overlap else "removed from training"))
-    if len(train) < args.prompts_per_round:
-        raise UserError(f"--dataset {args.dataset}: {len(train)} training prompts (after holding out the evaluation "
-                        f"prompts) is fewer than --prompts-per-round {args.prompts_per_round}")
-    return train, evals, overlap
-# <<< shared:setup
 
 
 # >>> shared:rollout
@@ -505,7 +429,7 @@ def _evaluate(model, tok, prompts: list, golds: list, args: Args, rank: int, wor
 
 # >>> shared:checkpoint
 # ---------------------------------------------------------------------------------------------------------------
-# BOILERPLATE: checkpoints (save_pretrained + trainer state, swapped in atomically), logging
+# BOILERPLATE: checkpoints (save_pretrained + trainer state, swapped in atomically)
 # ---------------------------------------------------------------------------------------------------------------
 CHECKPOINT_FORMAT = 2  # trainer_state.pt of another format is refused in one line (no migrations)
 
@@ -520,25 +444,16 @@ def save_checkpoint(out_dir: str, model, ref_model, tok, opt, state: dict, args:
     ranks = gather_to_rank0({"rng": get_rng_state(), "state": state})  # e.g. ReVal's replay buffer is per rank
     if rank != 0:
         return
-    final = os.path.join(out_dir, "checkpoint")
     tmp = tempfile.mkdtemp(dir=out_dir, prefix=".checkpoint-")
     unwrap(model).save_pretrained(tmp, state_dict=model_sd)
     tok.save_pretrained(tmp)
     if ref_sd is not None:
         unwrap(ref_model).save_pretrained(os.path.join(tmp, "reference"), state_dict=ref_sd)
         tok.save_pretrained(os.path.join(tmp, "reference"))
-    # tensors and plain values only: loading it never executes code (torch.load(weights_only=True)); the folder is
-    # swapped in whole, so a plain save suffices
+    # tensors and plain values only: loading it never executes code (torch.load(weights_only=True))
     torch.save({"format": CHECKPOINT_FORMAT, "optimizer": optim_sd, "ranks": ranks, "args": dataclasses.asdict(args)},
                os.path.join(tmp, "trainer_state.pt"))
-    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700 folders; give the user's normal permissions
-    old = final + ".old"
-    if os.path.isdir(final) and os.path.exists(old):  # a kill during the last rmtree(old); final is complete
-        shutil.rmtree(old)
-    if os.path.exists(final):
-        os.replace(final, old)
-    os.replace(tmp, final)  # a crash before this line leaves the previous checkpoint (or checkpoint.old)
-    shutil.rmtree(old, ignore_errors=True)
+    swap_in_folder(tmp, os.path.join(out_dir, "checkpoint"))  # a crash leaves the previous checkpoint
 
 
 # Flags that may change when a run is resumed (budgets, evaluation, logging, hardware, the learning rate, applied to
@@ -553,52 +468,10 @@ RESUME_MAY_CHANGE = {"resume", "output_dir", "overwrite", "device", "bf16", "fsd
 def load_checkpoint(args: Args, argv: Optional[list]) -> tuple:
     """``--resume``: (checkpoint folder, trainer state loaded without executing anything, the run's config = the
     saved flags overridden by the ones given now, which must be among RESUME_MAY_CHANGE)."""
-    resume_dir = find_checkpoint(args.resume)
-    saved = safe_torch_load(os.path.join(resume_dir, "trainer_state.pt"), f"--resume {args.resume}", mmap=True)
-    fmt = saved.get("format", 1) if isinstance(saved, dict) else None
-    if fmt != CHECKPOINT_FORMAT:
-        raise UserError(f"--resume {args.resume}: the checkpoint has format {fmt} and this script reads format "
-                        f"{CHECKPOINT_FORMAT}; resume it with the version of the script that wrote it")
+    resume_dir, saved = read_trainer_state(args.resume, CHECKPOINT_FORMAT)
     folder = os.path.dirname(os.path.abspath(resume_dir))
     args = resumed_args(Args, argv, saved, folder, RESUME_MAY_CHANGE, f"--resume {args.resume}")
     return resume_dir, saved, args
-
-
-def find_checkpoint(resume: str) -> str:
-    for d in (os.path.join(resume, "checkpoint"), os.path.join(resume, "checkpoint.old"), resume):
-        if os.path.isfile(os.path.join(d, "trainer_state.pt")):
-            return d
-    raise UserError(f"--resume {resume!r}: no checkpoint/ with trainer_state.pt there")
-
-
-class Logger:
-    """TensorBoard (rank 0) always; W&B only with --track, imported lazily."""
-
-    def __init__(self, out_dir: str, args: Args, run_name: str, enabled: bool):
-        self.enabled = enabled
-        if not enabled:
-            return
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(out_dir)
-        if args.track:
-            try:
-                import wandb
-            except ImportError:
-                raise UserError("--track needs wandb: pip install wandb") from None
-            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                       config=dataclasses.asdict(args), name=run_name, save_code=True)
-        table = "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items())
-        self.writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
-
-    def scalars(self, metrics: dict, step: int) -> None:
-        if self.enabled:
-            for k, v in metrics.items():
-                self.writer.add_scalar(k, float(v), step)
-
-    def close(self) -> None:
-        if self.enabled:
-            self.writer.close()
 # <<< shared:checkpoint
 
 
@@ -669,7 +542,9 @@ def main(argv: Optional[list] = None) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
 
     # BOILERPLATE: data (checked before the model loads), model, optimizer
-    train, evalset, overlap = load_task_prompts(args, world, log)
+    train, evalset, overlap = load_task_prompts(
+        args.dataset, args.eval_dataset, args.dataset_config, args.train_split, args.eval_split, args.question_field,
+        args.answer_field, args.eval_prompts, args.prompts_per_round, args.allow_eval_overlap, log)
     if rank == 0 and args.model == BUILTIN:
         ensure_builtin_model(log=log)  # rank 0 builds it once; the others then load the cached copy
     if dist.is_initialized():
@@ -704,7 +579,8 @@ def main(argv: Optional[list] = None) -> None:
             indent=2).encode())
     if saved is not None:
         log(f"resumed {out_dir} at round {state['round']}")
-    logger = Logger(out_dir, args, run_name, enabled=rank == 0)
+    logger = Logger(out_dir, dataclasses.asdict(args), run_name, rank == 0, args.track, args.wandb_project_name,
+                    args.wandb_entity)
     per_rank = args.prompts_per_round // world
     t_start = time.time() - state["wall_time_s"]
 

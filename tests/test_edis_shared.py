@@ -50,7 +50,7 @@ def test_shared_blocks_identical():
     assert "iql_update" in iql["main"] and "calql_update" in calql["main"] and "# >>> algo" not in iql["edis"]
 
 
-LLM_EXPECTED = {"args_common", "setup", "rollout", "train", "eval", "checkpoint", "main"}
+LLM_EXPECTED = {"args_common", "rollout", "train", "eval", "checkpoint", "main"}
 
 
 def test_llm_shared_blocks_identical():

@@ -371,3 +371,34 @@ def save_curves_png(path: str, curves: dict, xlabel: str, title: str, vline: Opt
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
+
+
+class Logger:
+    """TensorBoard always (on rank 0: ``enabled``); Weights & Biases only with ``track``, imported only then."""
+
+    def __init__(self, out_dir: str, config: dict, run_name: str, enabled: bool, track: bool = False,
+                 project: str = "reference-rl", entity: Optional[str] = None):
+        self.enabled = enabled
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(out_dir)
+        if track:
+            try:
+                import wandb
+            except ImportError:
+                raise UserError("--track needs wandb: pip install wandb") from None
+            wandb.init(project=project, entity=entity, sync_tensorboard=True, config=config, name=run_name,
+                       save_code=True)
+        table = "\n".join(f"|{k}|{v}|" for k, v in config.items())
+        self.writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+
+    def scalars(self, metrics: dict, step: int) -> None:
+        if self.enabled:
+            for k, v in metrics.items():
+                self.writer.add_scalar(k, float(v), step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.writer.close()

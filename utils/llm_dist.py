@@ -1,5 +1,5 @@
-"""Scale for the LLM scripts (``grpo_llm.py``, ``reval_llm.py``): mixed precision with fp32 master weights, FSDP2
-sharding under torchrun, and checkpoints gathered from the shards. Generic harness, no algorithm.
+"""Scale for the LLM scripts (``grpo_llm.py``, ``reval_llm.py``): process setup under torchrun, mixed precision with
+fp32 master weights, FSDP2 sharding, and checkpoint folders gathered from the shards. Generic harness, no algorithm.
 
 Precision. The trained weights and AdamW's state are always fp32 ("master weights"). With ``--bf16`` the forward and
 backward passes run in bfloat16: under FSDP2 through ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``
@@ -16,9 +16,38 @@ layer at a time for its forward and backward. For generation, the whole model is
 from __future__ import annotations
 
 import contextlib
+import os
+import re
 
 import torch
 import torch.distributed as dist
+
+from utils.common import UserError
+
+
+def setup_distributed(device_flag: str) -> tuple:
+    """(rank, world_size, device). Under torchrun: one process per device, gloo on CPU, nccl on GPUs."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device_flag == "auto":
+        device_flag = "cuda" if torch.cuda.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device_flag):
+        raise UserError(f"--device {device_flag!r} is not supported: use auto, cpu, cuda or cuda:N")
+    if device_flag.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device_flag} asked for, but torch sees no CUDA GPU (use --device cpu)")
+    device = torch.device(f"cuda:{local_rank}" if device_flag == "cuda" and world > 1 else device_flag)
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+    return rank, world, device
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks (in place); ``x`` itself in a single process."""
+    if dist.is_initialized():
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
 
 
 def is_sharded(model) -> bool:
@@ -148,3 +177,42 @@ def gather_to_rank0(obj) -> list:
     out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(obj, out, dst=0)
     return out
+
+
+def find_checkpoint(resume: str) -> str:
+    """The checkpoint folder of ``--resume`` (a run folder, its checkpoint/ or a leftover checkpoint.old/)."""
+    for d in (os.path.join(resume, "checkpoint"), os.path.join(resume, "checkpoint.old"), resume):
+        if os.path.isfile(os.path.join(d, "trainer_state.pt")):
+            return d
+    raise UserError(f"--resume {resume!r}: no checkpoint/ with trainer_state.pt there")
+
+
+def read_trainer_state(resume: str, version: int) -> tuple:
+    """(checkpoint folder, its trainer_state.pt loaded without executing anything, memory-mapped); a file of another
+    format version is refused in one line (no migrations)."""
+    from utils.common import safe_torch_load
+
+    folder = find_checkpoint(resume)
+    saved = safe_torch_load(os.path.join(folder, "trainer_state.pt"), f"--resume {resume}", mmap=True)
+    fmt = saved.get("format", 1) if isinstance(saved, dict) else None
+    if fmt != version:
+        raise UserError(f"--resume {resume}: the checkpoint has format {fmt} and this script reads format {version}; "
+                        f"resume it with the version of the script that wrote it")
+    return folder, saved
+
+
+def swap_in_folder(tmp: str, final: str) -> None:
+    """Replace the folder ``final`` by the complete folder ``tmp``: a crash at any point leaves a complete
+    checkpoint (``final``, or ``final``.old, which ``find_checkpoint`` also takes)."""
+    import shutil
+
+    from utils.common import current_umask
+
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700 folders; give the user's normal permissions
+    old = final + ".old"
+    if os.path.isdir(final) and os.path.exists(old):  # a kill during the last rmtree(old); final is complete
+        shutil.rmtree(old)
+    if os.path.exists(final):
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)

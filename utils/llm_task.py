@@ -4,6 +4,8 @@ reward, and the built-in offline task and base model used on CPU and in tests.
 Public API
 ----------
 ``load_prompts(name, split, ...)``  -> list of ``{"question", "answer"}`` (built-in task, local JSONL/parquet, Hub id)
+``load_task_prompts(...)``          -> (training, evaluation, overlap): a run's prompts, evaluation held out
+``load_model(name, log)``           -> (tokenizer with left padding, causal LM in fp32 on the CPU)
 ``format_prompt(tokenizer, q, template)`` -> the prompt string (chat template when the tokenizer has one)
 ``last_boxed(text)``                -> the content of the last ``\\boxed{...}`` (nested braces), or None
 ``math_reward(completion, gold)``   -> 1.0 / 0.0 with math-verify (gold first), in worker processes killed on timeout
@@ -217,6 +219,55 @@ def train_eval_split(train: list, evals: list, n_eval: int, same_source: bool, a
     questions = {r["question"] for r in evals}
     kept = [r for r in train if r["question"] not in questions]
     return (train if allow_overlap else kept), evals, len(train) - len(kept)
+
+
+def default_split(name: str, split: str) -> str:
+    return "eval" if name == BUILTIN and split == "test" else split
+
+
+def load_task_prompts(dataset: str, eval_dataset: Optional[str], dataset_config: Optional[str], train_split: str,
+                      eval_split: str, question_field: str, answer_field: str, eval_prompts: int,
+                      prompts_per_round: int, allow_eval_overlap: bool, log) -> tuple:
+    """(training prompts, evaluation prompts, overlap): never overlapping unless ``allow_eval_overlap`` (one file, or
+    one split, used for both: the evaluation prompts are held out of it)."""
+    eval_name = eval_dataset or dataset
+    train_split, eval_split = default_split(dataset, train_split), default_split(eval_name, eval_split)
+    kw = dict(question_field=question_field, answer_field=answer_field, config=dataset_config)
+    train = load_prompts(dataset, train_split, **kw)
+    same = eval_name == dataset and (is_local(eval_name) or eval_split == train_split)
+    evals = train if same else load_prompts(eval_name, eval_split, **kw)
+    train, evals, overlap = train_eval_split(train, evals, eval_prompts, same, allow_eval_overlap)
+    if same and not allow_eval_overlap:
+        log(f"evaluation: {len(evals)} prompts held out of {dataset} ({train_split}); {len(train)} to train on")
+    elif overlap:
+        log(f"{overlap} training prompts also in the evaluation set were " +
+            ("kept (--allow-eval-overlap)" if allow_eval_overlap else "removed from training"))
+    if len(train) < prompts_per_round:
+        raise UserError(f"--dataset {dataset}: {len(train)} training prompts (after holding out the evaluation "
+                        f"prompts) is fewer than --prompts-per-round {prompts_per_round}")
+    return train, evals, overlap
+
+
+def load_model(name: str, log) -> tuple:
+    """Tokenizer (left padding) and causal LM on the CPU in fp32, the master weights whatever --bf16 says
+    (prepare_model places them); missing Hub models fail in seconds with one line when offline."""
+    import torch
+    import transformers
+
+    path = ensure_builtin_model(log=log) if name == BUILTIN else name
+    local_only = os.path.isdir(path) or hub_offline()  # offline: the local cache only, failing at once, not in ~50 s
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=local_only)
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                                  local_files_only=local_only)
+    except Exception as e:  # noqa: BLE001 (OSError, HFValidationError, ValueError: all mean "no such model here")
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"cannot load model {name!r}: {first} (offline? set --model to a local directory, or "
+                        f"'builtin')") from None
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok, model
 
 
 # ---------------------------------------------------------------------------------------------------------------
