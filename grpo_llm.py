@@ -478,7 +478,7 @@ def load_checkpoint(args: Args, argv: Optional[list]) -> tuple:
 # >>> shared:main
 COMMON_RANGES = {"seed": SEED_RANGE, "temperature": "(0, inf)", "reward_timeout": "(0, 600]",
                  "learning_rate": "(0, inf)", "weight_decay": "[0, inf)", "max_grad_norm": "(0, inf)",
-                 "eval_samples": "[0, inf)", "total_rounds": "[0, inf)",
+                 "eval_samples": "[0, inf)", "total_rounds": "[0, inf)", "plan_gpus": "[0, inf)",
                  **{name: "[1, inf)" for name in ("prompts_per_round", "group_size", "max_new_tokens",
                                                   "max_prompt_tokens", "micro_batch_size", "eval_every",
                                                   "eval_prompts", "eval_batch_size", "checkpoint_every")}}

@@ -154,6 +154,8 @@ CALQL_CASES = [(["--cql-n-actions", "0"], "--cql-n-actions must be >= 1"),
                (["--cql-temp", "0"], "--cql-temp must be > 0")]
 LLM_CASES = [
     (["--seed", "-1"], "--seed must be in [0, 4294967295]"),
+    (["--plan-gpus", "-1"], "--plan-gpus must be >= 0"),
+    (["--model", "/nonexistent/model", "--plan-gpus", "8"], "cannot read the config of model"),
     (["--max-prompt-tokens", "0"], "--max-prompt-tokens must be >= 1"),
     (["--group-size", "0"], "--group-size must be >= 1"),
     (["--prompts-per-round", "0"], "--prompts-per-round must be >= 1"),
