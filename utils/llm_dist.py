@@ -95,7 +95,8 @@ def decoder_layers(model) -> list:
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
     if layers is None:
-        raise ValueError(f"--fsdp: cannot find the decoder layers of {type(model).__name__} (expected model.layers)")
+        raise UserError(f"--fsdp: cannot find the decoder layers of {type(model).__name__} (expected model.layers); "
+                        f"run it with --fsdp False")
     return list(layers)
 
 
