@@ -1,14 +1,14 @@
-"""Study 2 of docs/results.md: EDIS vs plain fine-tuning after the same offline phase, for IQL and Cal-QL on
-PointMaze (locally collected data), seeds as arguments.
+"""Study 2 of docs/results.md: the paper's EDIS, EDIS with --edis-extras and plain fine-tuning, after the same
+offline phase, for IQL and Cal-QL on PointMaze (locally collected data), seeds as arguments.
 
-    python benchmarks/edis_study.py --algos iql calql --seeds 1 2 3     # about 11 (IQL) + 16 (Cal-QL) min per seed
+    python benchmarks/edis_study.py --algos iql --seeds 1 2 3     # about 28 min per IQL seed on one core
 
-Per algorithm and seed the offline phase runs once (``--online-steps 0``); its output folder is copied twice and both
-copies are continued with ``--resume`` for the same number of online steps, one with EDIS and one with ``--no-edis``.
-The two arms therefore start from the same agent, and their online phases see the same env reset seeds and batch
-seeds: the only difference is EDIS. Runs go to ``<out>/<algo>/seed<k>/{offline,edis,noedis}``; finished ones are
-skipped and an interrupted one is resumed, so rerunning the same command continues a study. Budgets are reduced from
-the scripts' CPU presets (see BUDGETS) so that 3 seeds of both algorithms fit in about 1.5 h on one core.
+Per algorithm and seed the offline phase runs once (``--online-steps 0``); its folder is copied once per arm and each
+copy is continued with ``--resume`` for the same online budget: ``paper`` (--edis), ``extras`` (--edis
+--edis-extras) and ``noedis`` (--no-edis). The arms start from the same agent and see the same env reset seeds and
+batch seeds: they differ only in EDIS. Runs go to ``<out>/<algo>/seed<k>/{offline,paper,extras,noedis}``; finished
+ones are skipped and an interrupted one is resumed, so rerunning the command continues a study. The endpoint is
+fixed before the runs: the mean normalized score of the last 3 evaluations (``--eval-episodes`` 20 each).
 """
 
 import dataclasses
@@ -28,8 +28,11 @@ from study_common import record_run, run_logged  # noqa: E402
 # offline updates, online env steps, evaluation and EDIS retrain intervals (online steps), per algorithm
 BUDGETS = {
     "iql": dict(offline_steps=10_000, online_steps=10_000, eval_every=2_000, retrain_every=2_500),
-    "calql": dict(offline_steps=4_000, online_steps=4_000, eval_every=1_000, retrain_every=1_500),
+    "calql": dict(offline_steps=4_000, online_steps=10_000, eval_every=2_000, retrain_every=2_500),
 }
+
+
+ARM_FLAGS = {"noedis": ["--no-edis"], "paper": ["--edis", "--no-edis-extras"], "extras": ["--edis", "--edis-extras"]}
 
 
 @dataclasses.dataclass
@@ -40,7 +43,7 @@ class Cli:
     """seeds of every run"""
     env: str = "pointmaze-umaze"
     """task of every run"""
-    eval_episodes: int = 10
+    eval_episodes: int = 20
     """episodes per evaluation"""
     threads: int = 1
     """torch threads per run (OMP_NUM_THREADS)"""
@@ -54,14 +57,12 @@ class Cli:
     """override BUDGETS[algo]['eval_every'] for every algorithm"""
     retrain_every: Optional[int] = None
     """override BUDGETS[algo]['retrain_every'] for every algorithm"""
-    arms: tuple[Literal["edis", "noedis"], ...] = ("edis", "noedis")
-    """which online arms to run (e.g. noedis first, edis later)"""
+    arms: tuple[Literal["noedis", "paper", "extras"], ...] = ("noedis", "paper", "extras")
+    """which online arms to run, in this order"""
     extra: str = ""
     """more flags for the offline phase (the arms inherit its config), written with '=': --extra='--hidden-dim 64'"""
-    edis_arm: str = "edis"
-    """folder name of the EDIS arm: another name runs a variant next to the default one (flags in --arm-extra)"""
     arm_extra: str = ""
-    """more flags for both online arms (ones a --resume may change): --arm-extra='--edis-diffusion-steps 12000'"""
+    """more flags for every online arm (ones a --resume may change): --arm-extra='--edis-ratio 0.25'"""
 
 
 def main(a: Cli) -> None:
@@ -93,9 +94,8 @@ def main(a: Cli) -> None:
                     "--eval-every", str(b["eval_every"]), "--eval-episodes", str(a.eval_episodes),
                     "--edis-retrain-every", str(b["retrain_every"]), "--checkpoint-every", str(b["offline_steps"]),
                     *shlex.split(a.extra), *resume], offline_dir + ".log")
-            for kind, arm, flag in (("edis", a.edis_arm, "--edis"), ("noedis", "noedis", "--no-edis")):
-                if kind not in a.arms:
-                    continue
+            for arm in a.arms:
+                flags = ARM_FLAGS[arm]
                 arm_dir = os.path.join(base, arm)
                 if os.path.exists(os.path.join(arm_dir, "summary.json")):
                     print(f"{algo}/seed{seed}/{arm}: done, skipped")
@@ -104,7 +104,7 @@ def main(a: Cli) -> None:
                     shutil.copytree(offline_dir, arm_dir)
                     os.remove(os.path.join(arm_dir, "summary.json"))
                 run(f"{algo}/seed{seed}/{arm}", [sys.executable, script, "--resume", arm_dir, "--online-steps",
-                                                 str(b["online_steps"]), flag, *shlex.split(a.arm_extra)],
+                                                 str(b["online_steps"]), *flags, *shlex.split(a.arm_extra)],
                     arm_dir + ".log")
 
 

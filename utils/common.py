@@ -72,9 +72,10 @@ def check_flags(args, ranges: dict, infinite_ok: tuple = ()) -> None:
 SEED_RANGE = "[0, 4294967295]"  # what numpy's legacy seeding accepts
 
 
-def resumed_args(args_cls, argv, checkpoint, folder: str, may_change: set, what: str):
+def resumed_args(args_cls, argv, checkpoint, folder: str, may_change: Optional[set], what: str,
+                 frozen: Optional[set] = None):
     """The config of a resumed run: the checkpoint's flags overridden by the ones given now, which must be among
-    ``may_change``. ``--output-dir`` defaults to the checkpoint's ``folder``; a different one branches the run there."""
+    ``may_change`` (or, with ``frozen``, outside it). ``--output-dir`` defaults to the checkpoint's ``folder``; a different one branches the run there."""
     import tyro
 
     saved = checkpoint.get("args") if isinstance(checkpoint, dict) else None
@@ -86,7 +87,7 @@ def resumed_args(args_cls, argv, checkpoint, folder: str, may_change: set, what:
                 f"resume it with the version that wrote it)") if unknown and len(unknown) < len(saved) / 2 else ""
         raise UserError(f"{what}: {folder} holds a checkpoint that is not a checkpoint of this script{hint}") from None
     args = tyro.cli(args_cls, args=argv, default=saved_args)
-    check_resume_flags(saved, dataclasses.asdict(args), may_change)
+    check_resume_flags(saved, dataclasses.asdict(args), may_change, frozen)
     if args.output_dir is None or os.path.abspath(args.output_dir) == os.path.abspath(saved_args.output_dir or folder):
         args.output_dir = folder
     return args
@@ -134,11 +135,12 @@ def preset_changes(plain, preset, final) -> str:
     return ", ".join(out) + ("; flags given on the command line override them" if out else "")
 
 
-def check_resume_flags(saved: dict, now: dict, may_change: set) -> list:
+def check_resume_flags(saved: dict, now: dict, may_change: Optional[set], frozen: Optional[set] = None) -> list:
     """Flags given together with ``--resume`` that differ from the checkpoint's: a UserError for those outside
-    ``may_change`` (network sizes, data, the algorithm's definition), else the list of changed names (applied)."""
+    ``may_change`` or inside ``frozen`` (network sizes, data, the algorithm's definition), else the list of changed
+    names (applied)."""
     changed = [k for k in now if k in saved and now[k] != saved[k]]
-    frozen = [k for k in changed if k not in may_change]
+    frozen = [k for k in changed if (k in frozen if frozen is not None else k not in may_change)]
     if frozen:
         what = ", ".join(f"{flag(k)} {now[k]} (checkpoint: {saved[k]})" for k in frozen)
         raise UserError(f"--resume: {what} cannot change when a run is resumed; start a new run instead")
@@ -374,11 +376,14 @@ def save_curves_png(path: str, curves: dict, xlabel: str, title: str, vline: Opt
 
 
 class Logger:
-    """TensorBoard always (on rank 0: ``enabled``); Weights & Biases only with ``track``, imported only then."""
+    """TensorBoard always (on rank 0: ``enabled``); Weights & Biases only with ``track``, imported only then.
 
-    def __init__(self, out_dir: str, config: dict, run_name: str, enabled: bool, track: bool = False,
+    ``accumulate`` keeps metric tensors without a device sync; ``flush`` averages them with one sync, writes them and
+    stops a diverged run (``Diverged``) naming the first step and metric that went non-finite."""
+
+    def __init__(self, out_dir: str, config: dict, run_name: str, enabled: bool = True, track: bool = False,
                  project: str = "reference-rl", entity: Optional[str] = None):
-        self.enabled = enabled
+        self.enabled, self.pending, self.pending_steps = enabled, {}, []
         if not enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
@@ -398,6 +403,30 @@ class Logger:
         if self.enabled:
             for k, v in metrics.items():
                 self.writer.add_scalar(k, float(v), step)
+
+    def accumulate(self, metrics: dict, step: int) -> None:
+        """Keep one update's metric tensors (no device sync) until the next ``flush``."""
+        for k, v in metrics.items():
+            self.pending.setdefault(k, []).append(v)
+        self.pending_steps.append(step)
+
+    def flush(self, step: int) -> dict:
+        """Average the accumulated tensors (one sync), write them at ``step`` and return the floats."""
+        import torch
+
+        if not self.pending:
+            return {}
+        keys = list(self.pending)
+        values = torch.stack([torch.stack(self.pending[k]).float() for k in keys])  # [metrics, updates]
+        bad = ~torch.isfinite(values)
+        if bad.any():
+            first = int(bad.any(0).nonzero()[0])
+            raise Diverged(f"non-finite {keys[int(bad[:, first].nonzero()[0])]} at step {self.pending_steps[first]}; "
+                           "the run stops (lower the learning rates or check the data); its last checkpoint is kept")
+        self.pending, self.pending_steps = {}, []
+        out = dict(zip(keys, values.mean(1).tolist()))
+        self.scalars(out, step)
+        return out
 
     def close(self) -> None:
         if self.enabled:
