@@ -1,16 +1,11 @@
 # edis_iql.py: IQL offline pre-training, then online fine-tuning with EDIS. Docs: docs/edis_iql.md
-#
-# IQL:  Kostrikov, Nair, Levine. "Offline Reinforcement Learning with Implicit Q-Learning." arXiv 2110.06169.
-# EDIS: Liu et al. "Energy-Guided Diffusion Sampling for Offline-to-Online Reinforcement Learning." ICML 2024,
-#       arXiv 2407.12448 (official code: liuxhym/EDIS; deviations: docs/edis_iql.md).
-# EDM:  Karras et al. "Elucidating the Design Space of Diffusion-Based Generative Models." arXiv 2206.00364.
-# IQL details (hyper-parameters, reward conventions) follow CORL's algorithms/finetune/iql.py.
-#
-# Layout, the same in edis_calql.py (`diff edis_iql.py edis_calql.py` shows only the algorithm): Args and presets,
-# replay buffers, networks, ALGO LOGIC: IQL, ALGO LOGIC: EDIS, NOT IN THE PAPER: --edis-extras, evaluation,
-# checkpoint contents, main loop. Blocks between `# >>> shared:NAME` and `# <<< shared:NAME` are identical in both
-# files (tests/test_edis_shared.py). Copying this file elsewhere: it needs utils/{__init__,common,run,tasks,
-# offline_data,collect}.py beside it (run folder and checkpoint mechanics live in utils/run.py).
+# IQL: Kostrikov et al., arXiv 2110.06169. EDIS: Liu et al., ICML 2024, arXiv 2407.12448 (official code
+# liuxhym/EDIS). EDM: Karras et al., arXiv 2206.00364. IQL details follow CORL's algorithms/finetune/iql.py.
+# Layout, as edis_calql.py (`diff edis_iql.py edis_calql.py` shows only the algorithm): Args and presets, buffers,
+# networks, ALGO LOGIC: IQL, ALGO LOGIC: EDIS, NOT IN THE PAPER: --edis-extras, evaluation, checkpoint, main.
+# `# >>> shared:NAME` blocks are identical in both files (tests/test_edis_shared.py). Copying this file: it needs
+# utils/__init__.py, utils/common.py, utils/run.py (run folder, checkpoint files), utils/tasks.py,
+# utils/offline_data.py and utils/collect.py beside it.
 from __future__ import annotations
 
 import dataclasses
@@ -20,126 +15,108 @@ import sys
 import time
 from typing import Callable, Optional
 
-import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from utils import run as harness  # run folder, presets, checkpoint files, flag ranges
 from utils.common import (
-    SEED_RANGE,
     Diverged,
     Logger,
     UserError,
     check_finite,
-    check_flags,
-    cli_with_presets,
-    config_table,
     get_rng_state,
     make_output_dir,
-    peek_args,
     run_cli,
-    save_curves_png,
     seed_everything,
     set_rng_state,
 )
-from utils.offline_data import OfflineData, load_offline_data
-from utils.run import (
-    CHECKPOINT,
-    load_checkpoint,
-    resolve_device,
-    restore_optimizer,
-    save_checkpoint,
-    start_run,
-    write_json,
-)
-from utils.tasks import TaskSpec, get_task, make_env, normalized_score
+from utils.offline_data import load_offline_data, normalization
+from utils.tasks import evaluate, get_task, make_env, normalized_score
 
 
 # >>> shared:args_common
 @dataclasses.dataclass
 class Args:
-    # Defaults here are pointmaze-umaze's on CPU; for another --env or --device the presets below replace them,
-    # flags on the command line win over everything, and `--env X --help` prints the values a run on X would use.
-    # --- run -----------------------------------------------------------------------------------------------------
+    # Defaults: pointmaze-umaze on CPU; presets set those of other tasks and devices (`--env X --help` shows them)
     env: str = "pointmaze-umaze"
-    """task: antmaze-{umaze,medium,large}[-play|-diverse], {pen,door,hammer,relocate}-{human,cloned,expert},
-    {hopper,halfcheetah,walker2d}-{simple,medium,expert}, pointmaze-{umaze,medium,large}[-dense]"""
+    """task: antmaze-large, pen-human, hopper-medium, pointmaze-umaze, ... (docs/data.md)"""
     seed: int = 1
-    """seed of python, numpy, torch, the env resets and the batch sampling"""
+    """seed of python, numpy, torch, the envs and the batches"""
     device: str = "auto"
-    """auto (cuda when available, else cpu), cpu, cuda or cuda:N; selects the device preset (GPU or CPU scale)"""
+    """auto, cpu, cuda or cuda:N; selects the device preset (GPU or CPU scale)"""
     torch_deterministic: bool = True
     """set torch.backends.cudnn.deterministic"""
     output_dir: Optional[str] = None
-    """the run folder (default runs/<env>__<script>__<seed>__<unix time>)"""
+    """the run folder (default runs/<env>__<script>__<seed>__<time>)"""
     resume: Optional[str] = None
-    """a run folder (or its checkpoint.pt) to continue; flags given with it override the saved ones (budgets, lrs)"""
+    """a run folder (or checkpoint.pt) to continue; flags given with it override the saved ones"""
     overwrite: bool = False
-    """start afresh in an --output-dir that holds an earlier run, deleting its files (otherwise refused)"""
+    """start afresh in an --output-dir holding an earlier run, deleting it"""
     dataset_path: Optional[str] = None
-    """a D4RL-layout hdf5 file or a Minari dataset folder to use instead of the task's Minari dataset"""
+    """a D4RL hdf5 file or a Minari dataset folder instead of the task's dataset"""
     track: bool = False
-    """also log to Weights & Biases (imported only then)"""
+    """also log to Weights & Biases"""
     wandb_project_name: str = "reference-rl"
     """W&B project (with --track)"""
     wandb_entity: Optional[str] = None
     """W&B entity (with --track)"""
     bf16: bool = False
-    """matrix products of the updates and EDIS in bfloat16 autocast, fp32 weights (preset: on for bf16 GPUs)"""
+    """bfloat16 autocast, fp32 weights (preset: on for bf16 GPUs)"""
     # --- budget, evaluation, logging -----------------------------------------------------------------------------
     offline_steps: int = 20_000
-    """gradient updates on the offline dataset (preset: 1,000,000 on GPU, 20,000 on CPU)"""
+    """updates on the offline dataset (GPU preset: 1M)"""
     online_steps: int = 20_000
-    """environment steps of online fine-tuning (preset: 200,000 on GPU as EDIS, 20,000 on CPU)"""
+    """env steps of online fine-tuning (GPU preset: 200k, as EDIS)"""
     utd: int = 1
-    """online updates per environment step (update-to-data ratio)"""
+    """online updates per environment step"""
     eval_every: int = 5000
-    """evaluate every this many steps (offline updates and online env steps alike), and after each phase"""
+    """evaluate every this many steps (updates offline, env steps online) and after each phase"""
     eval_episodes: int = 5
-    """episodes per evaluation (preset: AntMaze 100, others 10; CPU preset 5)"""
+    """episodes per evaluation (preset: AntMaze 100, else 10; CPU 5)"""
     checkpoint_every: int = 10_000
-    """write checkpoint.pt (atomically) every this many steps, and at the end of each phase"""
+    """write checkpoint.pt every this many steps and after each phase"""
     log_every: int = 1_000
-    """log training losses to TensorBoard every this many updates"""
+    """log losses to TensorBoard every this many updates"""
     capture_video: bool = False
-    """record the first episode of every evaluation as an mp4 in <output-dir>/videos"""
+    """record each evaluation's first episode as an mp4 in <output-dir>/videos"""
     eval_only: bool = False
-    """with --resume: evaluate the checkpoint's policy (--eval-episodes, --capture-video) into eval.json; no training"""
+    """with --resume: evaluate the checkpoint into eval.json, no training"""
     batch_size: int = 256
     """transitions per gradient update"""
     # --- EDIS (Liu et al. 2024) ----------------------------------------------------------------------------------
     edis: bool = True
-    """use EDIS in the online phase; --no-edis runs plain fine-tuning on offline + online replay (the ablation)"""
+    """use EDIS online; --no-edis: plain fine-tuning (the ablation)"""
     edis_extras: bool = False
-    """NOT IN THE PAPER: add what our PointMaze studies showed to help (EDIS_EXTRAS; docs: 'Not in the paper')"""
+    """NOT IN THE PAPER: add what our studies showed to help (EXTRAS below)"""
     edis_ratio: float = 0.5
-    """fraction of synthetic transitions in every online batch (the rest are online transitions)"""
+    """fraction of synthetic transitions in every online batch (the rest are online)"""
     edis_retrain_every: int = 5000
-    """retrain diffusion + energies and regenerate synthetic data every this many online env steps"""
+    """retrain diffusion and energies, regenerate synthetic data, every this many env steps"""
     edis_num_samples: int = 20_000
-    """synthetic transitions generated at each retrain (the synthetic buffer is replaced)"""
+    """synthetic transitions per retrain (they replace the previous ones)"""
     edis_diffusion_steps: int = 12_000
-    """gradient steps of each (fresh) diffusion model training"""
+    """training steps of each (fresh) diffusion model"""
     edis_width: int = 256
-    """width of the residual-MLP denoiser (preset: 1024 on GPU as the paper, 256 on CPU)"""
+    """width of the residual-MLP denoiser (preset: 1024 on GPU, as the paper)"""
     edis_depth: int = 3
-    """residual blocks of the denoiser (preset: 6 on GPU as the paper, 3 on CPU)"""
+    """residual blocks of the denoiser (preset: 6 on GPU, as the paper)"""
     edis_sample_steps: int = 32
-    """Heun steps of the EDM sampler (preset: 128 on GPU as the paper, 32 on CPU)"""
+    """Heun steps of the EDM sampler (preset: 128 on GPU, as the paper)"""
     guide_state: float = 1.0
-    """weight of the state energy E_s (online state distribution); 1 = the exact product p * exp(-E)"""
+    """weight of the state energy E_s; 1: the target p exp(-E)"""
     guide_policy: float = 1.0
-    """weight of the policy energy E_pi (current policy's actions)"""
+    """weight of the policy energy E_pi"""
     guide_transition: float = 1.0
-    """weight of the transition energy E_T (true dynamics)"""
+    """weight of the transition energy E_T"""
     energy_negatives: int = 10
-    """K: negatives per positive in each InfoNCE group"""
+    """K: negatives per positive in InfoNCE"""
     energy_pool: int = 2048
-    """online positives per retrain, K negatives each (preset: GPU 4096, CPU 2048)"""
+    """online positives per retrain, K negatives each (preset: GPU 4096)"""
     energy_steps: int = 100
-    """gradient steps of each energy per retrain (energies persist across retrains)"""
+    """InfoNCE steps per retrain (the energies persist across retrains)"""
     # --- networks ------------------------------------------------------------------------------------------------
     hidden_dim: int = 256
     """width of the actor and critic MLPs"""
@@ -150,19 +127,19 @@ class Args:
 # <<< shared:args_common
     # --- IQL -----------------------------------------------------------------------------------------------------
     expectile: float = 0.9
-    """IQL expectile tau of the value loss, Eq. 5 (preset: AntMaze 0.9, Adroit 0.8, locomotion 0.7)"""
+    """expectile tau of the value loss, Eq. 5 (preset: AntMaze 0.9, Adroit 0.8, locomotion 0.7)"""
     beta: float = 10.0
-    """IQL inverse temperature of the advantage-weighted actor, Eq. 7 (preset: AntMaze 10, others 3)"""
+    """inverse temperature of the actor's advantage weights, Eq. 7 (preset: AntMaze 10, else 3)"""
     critic_lr: float = 3e-4
     """Adam learning rate of Q and V"""
     actor_lr: float = 3e-4
-    """Adam learning rate of the actor (cosine-decayed over the offline phase, then constant)"""
+    """Adam learning rate of the actor (cosine decay offline, then constant)"""
     actor_dropout: float = 0.0
     """dropout in the actor (preset: Adroit 0.1, as CORL)"""
 
 
-# Per-family presets (CORL's configs/finetune/iql/*.yaml and the official EDIS code's IQL gin files), the defaults of
-# every flag the command line does not give; per-task entries refine them. DATA: reward and state conventions.
+# Per-family presets (CORL's configs/finetune/iql/*.yaml, the official EDIS IQL gin files); per-task entries refine
+# them. DATA: the families' reward and state conventions.
 PRESETS = {
     "antmaze": dict(expectile=0.9, beta=10.0, edis_ratio=0.2, edis_diffusion_steps=50_000, eval_episodes=100),
     "adroit": dict(expectile=0.8, beta=3.0, actor_dropout=0.1, edis_ratio=0.2, edis_diffusion_steps=30_000),
@@ -176,20 +153,20 @@ TASK_PRESETS = {  # EDIS IQL gins: synthetic ratio, expectile and diffusion step
     "hopper-medium": dict(edis_ratio=0.2),
     "halfcheetah-medium": dict(edis_ratio=0.5, edis_diffusion_steps=50_000),
 }
-DATA = {  # states standardised?, rewards -> scale * r + bias, locomotion: returns normalised to 1000 first (CORL)
+DATA = {  # states standardised?, rewards -> scale * r + bias, returns normalised to 1000 first (CORL)
     "antmaze": dict(normalize_states=True, reward_scale=1.0, reward_bias=-1.0, normalize_returns=False),
     "adroit": dict(normalize_states=True, reward_scale=1.0, reward_bias=0.0, normalize_returns=False),
     "mujoco": dict(normalize_states=True, reward_scale=1.0, reward_bias=0.0, normalize_returns=True),
     "pointmaze": dict(normalize_states=True, reward_scale=1.0, reward_bias=-1.0, normalize_returns=False),
 }
-ALGO_CPU_PRESETS: dict = {}  # IQL needs nothing smaller than the shared CPU preset below
+ALGO_CPU_PRESETS: dict = {}  # IQL needs nothing smaller than the shared CPU preset
 ALGO_RANGES = {"expectile": "(0, 1)", "beta": "[0, inf)", "critic_lr": "(0, inf)", "actor_lr": "(0, inf)",
                "actor_dropout": "[0, 1)"}
 INFINITE_OK: tuple = ()  # float flags that may be +-inf
-ALGO_FROZEN: set = set()  # IQL flags a --resume may not change beyond the shared ones
+ALGO_FROZEN: set = set()  # IQL flags a --resume may not change, beyond FROZEN
 # >>> shared:presets_device
-# Budgets and sizes by device. GPU: the paper's scale (1024 x 6 denoiser, 128 Heun steps, 100k samples every 10k
-# steps). CPU: small enough that `--env pointmaze-umaze` finishes in about a quarter of an hour on 2 cores.
+# By device. GPU: the paper's scale (1024 x 6 denoiser, 128 Heun steps, 100k samples every 10k steps). CPU: small
+# enough for `--env pointmaze-umaze` to finish in about a quarter of an hour on 2 cores.
 DEVICE_PRESETS = {
     "cuda": dict(offline_steps=1_000_000, online_steps=200_000, eval_every=10_000, edis_retrain_every=10_000,
                  edis_num_samples=100_000, edis_width=1024, edis_depth=6, edis_sample_steps=128, energy_pool=4096,
@@ -198,53 +175,26 @@ DEVICE_PRESETS = {
                 edis_num_samples=20_000, edis_diffusion_steps=12_000, edis_width=256, edis_depth=3,
                 edis_sample_steps=32, energy_pool=2048, energy_steps=100, eval_episodes=5),
 }
-COMMON_RANGES = {  # allowed values of the shared flags (checked before anything loads)
-    "seed": SEED_RANGE, "gamma": "[0, 1]", "tau": "[0, 1]", "edis_ratio": "[0, 1)",
-    "offline_steps": "[0, inf)", "online_steps": "[0, inf)",
-    **{name: "[1, inf)" for name in (
-        "eval_every", "eval_episodes", "checkpoint_every", "log_every", "batch_size", "utd", "hidden_dim",
-        "edis_retrain_every", "edis_num_samples", "edis_diffusion_steps", "edis_width", "edis_depth",
-        "edis_sample_steps", "energy_negatives", "energy_pool", "energy_steps")},
-}
-# Flags a --resume may not change: what the networks, the data and the algorithm were built from. --edis-extras may
-# change until the first EDIS retrain (its energies do not exist before), so one offline phase serves several arms.
+# Flags a --resume may not change (the networks and data were built from them); --edis-extras may change until the
+# first EDIS retrain (the energies do not exist before it), so one offline phase serves several arms.
 FROZEN = {"env", "seed", "dataset_path", "hidden_dim", "gamma"}
 
 
 def preset_values(args: Args) -> dict:
-    """Defaults for --env on --device: the device preset, then the family's, then the task's (later ones win; on CPU
-    the device's small budgets win over the family's GPU-scale sizes, and the algorithm's CPU sizes over both)."""
-    task, device = get_task(args.env), resolve_device(args.device)
-    merged = {**DEVICE_PRESETS["cuda" if device.type == "cuda" else "cpu"]}
-    for k, v in {**PRESETS[task.family], **TASK_PRESETS.get(task.name, {})}.items():
-        if not (device.type != "cuda" and k in merged):
-            merged[k] = v
-    if device.type != "cuda":
-        merged.update(ALGO_CPU_PRESETS)
-    merged["bf16"] = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    return merged
-
-
-def make_args(**flags) -> Args:
-    """Args as the command line would give them (presets of flags["env"] on flags["device"], then the flags): for
-    using this file from Python (tests, benchmarks)."""
-    given = Args(**flags)
-    args = dataclasses.replace(given, **{**preset_values(given), **flags})
-    check_flags(args, {**COMMON_RANGES, **ALGO_RANGES}, INFINITE_OK)
-    return args
+    """The defaults of a run on --env and --device (utils/run.py merges the presets)."""
+    task = get_task(args.env)
+    return harness.preset_defaults(harness.resolve_device(args.device), DEVICE_PRESETS, PRESETS[task.family],
+                           TASK_PRESETS.get(task.name, {}), ALGO_CPU_PRESETS)
 # <<< shared:presets_device
 
 
 # >>> shared:buffers
-# ---------------------------------------------------------------------------------------------------------------
-# Replay buffers on the training device (sampling never leaves it)
-# ---------------------------------------------------------------------------------------------------------------
+# --- Replay buffers on the training device (sampling never leaves it) ------------------------------------------------
 FIELDS = ("observations", "actions", "rewards", "next_observations", "terminals")
 
 
 class ReplayBuffer:
-    """A ring buffer of transitions as tensors on ``device``. ``extra``: more scalar fields, with the value of rows
-    that do not provide them (Cal-QL's ``mc_returns``)."""
+    """A ring buffer of transitions on ``device``; ``extra``: more fields, with the value of rows that lack them."""
 
     def __init__(self, obs_dim: int, act_dim: int, capacity: int, device: torch.device, extra: Optional[dict] = None):
         self.capacity, self.device, self.size, self.ptr = int(capacity), device, 0, 0
@@ -254,7 +204,6 @@ class ReplayBuffer:
         self.data = {k: torch.zeros((self.capacity, *s), device=device) for k, s in shapes.items()}
 
     def add_batch(self, batch: dict) -> None:
-        """Append rows (the oldest are overwritten when full)."""
         n = len(batch["rewards"])
         idx = (self.ptr + torch.arange(n, device=self.device)) % self.capacity
         for k, v in self.data.items():
@@ -271,7 +220,6 @@ class ReplayBuffer:
         return {k: v[idx] for k, v in self.data.items()}
 
     def rows(self) -> dict:
-        """All stored rows (views, no copy)."""
         return {k: v[: self.size] for k, v in self.data.items()}
 
     def state_dict(self) -> dict:
@@ -294,22 +242,10 @@ def sample_union(a: ReplayBuffer, b: ReplayBuffer, n: int, generator: torch.Gene
 
 def concat_batches(x: dict, y: dict) -> dict:
     return {k: torch.cat([x[k], y[k]]) for k in x}
-
-
-def reward_transform(data: OfflineData, scale: float, bias: float, normalize_returns: bool) -> tuple:
-    """(scale, bias) so that stored rewards are scale * r + bias; locomotion first multiplies r by 1000 / (max - min
-    episode return), as IQL and CORL."""
-    if normalize_returns:
-        returns = data.episode_returns()
-        spread = float(returns.max() - returns.min())
-        scale *= 1000.0 / spread if spread > 0 else 1.0
-    return float(scale), float(bias)
 # <<< shared:buffers
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# ALGO LOGIC: IQL networks
-# ---------------------------------------------------------------------------------------------------------------
+# --- ALGO LOGIC: IQL networks ----------------------------------------------------------------------------------------
 # >>> shared:networks
 def mlp(in_dim: int, out_dim: int, hidden: int, n_hidden: int = 2, dropout: float = 0.0) -> nn.Sequential:
     layers, d = [], in_dim
@@ -328,7 +264,7 @@ def adam(params, lr: float) -> torch.optim.Optimizer:
 
 
 class TwinQ(nn.Module):
-    """The two critics of clipped double Q-learning (Fujimoto et al. 2018): two independent MLPs Q_i of [s; a]."""
+    """The two critics of clipped double Q-learning (Fujimoto et al. 2018): two MLPs Q_i of [s; a]."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: int, n_hidden: int = 2):
         super().__init__()
@@ -336,12 +272,12 @@ class TwinQ(nn.Module):
         self.q2 = mlp(obs_dim + act_dim, 1, hidden, n_hidden)
 
     def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
-        """obs [B, S], act [B, A] -> [2, B]: Q_1(s, a) and Q_2(s, a)."""
+        """[B, S], [B, A] -> [2, B]: Q_1(s, a) and Q_2(s, a)."""
         return self.forward_multi(obs, act[:, None])[..., 0]
 
     def forward_multi(self, obs: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
-        """Q_i(s_b, a_bn) for N actions per state: obs [B, S], acts [B, N, A] -> [2, B, N]."""
-        x = torch.cat([obs.unsqueeze(1).expand(-1, acts.shape[1], -1), acts], -1)  # [B, N, S + A]
+        """N actions per state: [B, S], [B, N, A] -> [2, B, N]."""
+        x = torch.cat([obs.unsqueeze(1).expand(-1, acts.shape[1], -1), acts], -1)
         return torch.stack([self.q1(x)[..., 0], self.q2(x)[..., 0]])
 
 
@@ -363,7 +299,7 @@ class ValueNet(nn.Module):
 
 
 class GaussianActor(nn.Module):
-    """IQL's policy: mean = tanh(MLP(s)) * max_action, state-independent log-std (CORL's GaussianPolicy)."""
+    """IQL's policy: mean tanh(MLP(s)) * max_action, state-independent log-std (CORL's GaussianPolicy)."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: int, max_action: float, dropout: float = 0.0):
         super().__init__()
@@ -376,17 +312,17 @@ class GaussianActor(nn.Module):
         return torch.distributions.Normal(mean, self.log_std.clamp(-20.0, 2.0).exp(), validate_args=False)
 
     def sample(self, obs: torch.Tensor) -> torch.Tensor:
-        """Exploration and EDIS policy-energy positives: a ~ pi(.|s), clipped to the action box."""
+        """Exploration and the policy energy's positives: a ~ pi(.|s), clipped to the action box."""
         return self.dist(obs).sample().clamp(-self.max_action, self.max_action)
 
     @torch.no_grad()
     def act(self, obs: torch.Tensor) -> torch.Tensor:
-        """Evaluation action: the mean (CORL's act() in eval mode)."""
+        """Evaluation: the mean action (CORL)."""
         return self.dist(obs).mean.clamp(-self.max_action, self.max_action)
 
 
 class Agent(nn.Module):
-    """Everything IQL learns, in one module (one state_dict for checkpoints)."""
+    """Everything IQL learns (one state_dict for checkpoints)."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: int, max_action: float, actor_dropout: float):
         super().__init__()
@@ -405,40 +341,37 @@ def make_optimizers(agent: Agent, critic_lr: float, actor_lr: float) -> dict:
 
 
 def actor_lr_at(step: int, actor_lr: float, offline_steps: int) -> float:
-    """Cosine decay over the offline phase (CORL's CosineAnnealingLR, T_max = offline steps), then constant online
-    (CORL keeps decaying, leaving the actor almost frozen online: docs, deviation 4)."""
+    """Cosine decay over the offline phase (CORL's CosineAnnealingLR), then constant online (deviation 4)."""
     if step >= offline_steps:
         return actor_lr
     return actor_lr * 0.5 * (1.0 + math.cos(math.pi * step / max(offline_steps, 1)))
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# ALGO LOGIC: IQL update (Kostrikov et al. 2021, Eqs. 5-7)
-# ---------------------------------------------------------------------------------------------------------------
+# --- ALGO LOGIC: IQL update (Kostrikov et al. 2021, Eqs. 5-7) --------------------------------------------------------
 def expectile_loss(u: torch.Tensor, expectile: float) -> torch.Tensor:
-    """Eq. 5: L_2^tau(u) = |tau - 1(u < 0)| * u^2, averaged; u = Q(s, a) - V(s)."""
+    """Eq. 5: L_2^tau(u) = |tau - 1(u < 0)| u^2, averaged; u = Q(s, a) - V(s)."""
     weight = torch.where(u < 0, 1.0 - expectile, expectile)
     return (weight * u.pow(2)).mean()
 
 
 def awr_weights(adv: torch.Tensor, beta: float, max_weight: float = 100.0) -> torch.Tensor:
-    """Eq. 7: exp(beta * A(s, a)), clipped at 100 (IQL and CORL) for stability."""
+    """Eq. 7: exp(beta A(s, a)), clipped at 100 (IQL, CORL)."""
     return torch.exp(beta * adv).clamp(max=max_weight)
 
 
 def iql_losses(agent: Agent, batch: dict, expectile: float, beta: float, gamma: float) -> tuple:
-    """The three IQL losses of a batch: (V loss, Q loss, actor loss, metrics). Each reaches only its own network:
-    V(s') and the advantages come from V before this step's update (detached), as CORL."""
+    """(V loss, Q loss, actor loss, metrics) of a batch. Each loss reaches only its network: V(s') and the
+    advantages use V before this step's update (detached), as CORL."""
     s, a, r, s2, d = (batch[k] for k in FIELDS)  # [B, S], [B, A], [B], [B, S], [B]
     with torch.no_grad():
-        q_target = agent.q_target(s, a).min(0).values  # [B] min over the twin target critics
-        next_v = agent.vf(s2)  # [B]
+        q_target = agent.q_target(s, a).min(0).values  # min over the twin target critics
+        next_v = agent.vf(s2)
     v = agent.vf(s)
     adv = q_target - v  # A(s, a) = Q_target(s, a) - V(s)
     v_loss = expectile_loss(adv, expectile)  # Eq. 5
-    target = r + gamma * (1.0 - d) * next_v  # Eq. 6: only true terminals stop bootstrapping (timeouts are not)
+    target = r + gamma * (1.0 - d) * next_v  # Eq. 6: only true terminals stop bootstrapping, timeouts do not
     qs = agent.qf(s, a)  # [2, B]
-    q_loss = (qs - target.unsqueeze(0)).pow(2).mean()  # the average of the two critics' MSEs
+    q_loss = (qs - target.unsqueeze(0)).pow(2).mean()  # the mean of the two critics' MSEs
     weights = awr_weights(adv.detach(), beta)  # Eq. 7: advantage-weighted regression
     actor_loss = -(weights * agent.actor.dist(s).log_prob(a).sum(-1)).mean()
     metrics = {"losses/v_loss": v_loss.detach(), "losses/q_loss": q_loss.detach(),
@@ -450,8 +383,7 @@ def iql_losses(agent: Agent, batch: dict, expectile: float, beta: float, gamma: 
 
 def iql_update(agent: Agent, opts: dict, batch: dict, expectile: float, beta: float, gamma: float,
                tau: float) -> dict:
-    """One IQL step in CORL's order: V (Eq. 5), Q (Eq. 6), actor (Eq. 7), each its own backward and Adam; then the
-    Polyak average of the target critics."""
+    """One IQL step in CORL's order: V, Q, actor, each its own backward and Adam; then the Polyak target."""
     v_loss, q_loss, actor_loss, metrics = iql_losses(agent, batch, expectile, beta, gamma)
     for name, loss in (("v", v_loss), ("q", q_loss), ("actor", actor_loss)):
         opts[name].zero_grad(set_to_none=True)
@@ -465,30 +397,22 @@ BUFFER_EXTRA: dict = {}  # per-row fields beyond (s, a, r, s', terminal): none f
 
 
 # >>> shared:edis
-# ---------------------------------------------------------------------------------------------------------------
-# ALGO LOGIC: EDIS (Liu et al. 2024): a diffusion model of transitions whose samples are steered by learned energies
-# ---------------------------------------------------------------------------------------------------------------
-# A transition is one vector x = [s, a, r, s', terminal], standardised per dimension (TransitionCodec). The diffusion
-# prior p(x) is fitted on offline + online replay; the target is q(x) = d_pi(s) pi(a|s) T(s'|s,a) (EDIS Sec. 4):
-#     q(x) = p(x) exp(-E_s - E_pi - E_T),  E_s = -log d_pi(s)/d_p(s),  E_pi = -log pi(a|s)/mu(a|s),
-#                                          E_T = -log T(s'|s,a)/T_hat(s'|s,a).
-# The sampler needs each energy at every noise level sigma. The exact one (CEP, Lu et al. 2023, Thm. 3.1),
-# E_sigma(x_sigma) = -log E_{p(x0 | x_sigma)}[exp(-E(x0))], is a function of the WHOLE noisy transition even when
-# E(x0) depends on s0 only, so every energy is a network of the full noisy x and sigma, trained by InfoNCE on noisy
-# positives and negatives (CEP Sec. 4), and guidance uses its full gradient. Each factor is a log-ratio of two
-# distributions that differ ONLY in that factor, so its negatives come from conditionals of the prior: one denoiser
-# trained with random conditioning masks (s given, (s, a) given; CSDI, Tashiro et al. 2021) samples p(x),
-# p(a, r, s', d | s) and p(r, s', d | s, a).
+# --- ALGO LOGIC: EDIS (Liu et al. 2024): diffusion of transitions, samples steered by learned energies ---------------
+# x = [s, a, r, s', terminal], standardised. The prior p(x) is fitted on offline + online replay; the target is
+# q(x) = d_pi(s) pi(a|s) T(s'|s,a) = p(x) exp(-E_s - E_pi - E_T) (EDIS Sec. 4), E_s = -log d_pi(s)/d_p(s),
+# E_pi = -log pi(a|s)/mu(a|s), E_T = -log T(s'|s,a)/T_hat(s'|s,a). The exact energy at noise level sigma (CEP, Lu et
+# al. 2023, Thm. 3.1) is a function of the WHOLE noisy x, so each energy is a network of the full noisy x, trained by
+# InfoNCE (CEP Sec. 4), and guidance takes its full gradient. Each energy's negatives differ from its positives only
+# in its factor: conditionals of the prior, sampled by one denoiser trained with random condition masks (CSDI).
 class TransitionCodec:
-    """Block layout of a transition vector and its per-dimension standardisation (refitted at each retrain)."""
+    """Blocks of a transition vector and its per-dimension standardisation (refitted at each retrain)."""
 
     def __init__(self, obs_dim: int, act_dim: int, device: torch.device):
         S, A = obs_dim, act_dim
         self.obs_dim, self.act_dim, self.dim = S, A, 2 * S + A + 2
         self.s, self.a, self.r = slice(0, S), slice(S, S + A), slice(S + A, S + A + 1)
         self.s2, self.d = slice(S + A + 1, 2 * S + A + 1), slice(2 * S + A + 1, 2 * S + A + 2)
-        self.mean = torch.zeros(self.dim, device=device)
-        self.std = torch.ones(self.dim, device=device)
+        self.mean, self.std = torch.zeros(self.dim, device=device), torch.ones(self.dim, device=device)
 
     def mask(self, *blocks: slice) -> torch.Tensor:
         m = torch.zeros(self.dim, device=self.mean.device)
@@ -501,8 +425,7 @@ class TransitionCodec:
                           batch["next_observations"], batch["terminals"][:, None]], -1)
 
     def fit(self, x_raw: torch.Tensor) -> None:
-        self.mean = x_raw.mean(0)
-        self.std = x_raw.std(0).clamp(min=1e-3)  # constant dimensions stay finite
+        self.mean, self.std = x_raw.mean(0), x_raw.std(0).clamp(min=1e-3)
         self.mean[self.d], self.std[self.d] = 0.0, 1.0  # the terminal stays 0/1 (SynthER): no 30-sigma outliers
 
     def encode(self, batch: dict) -> torch.Tensor:
@@ -513,22 +436,16 @@ class TransitionCodec:
         return {"observations": y[:, self.s], "actions": y[:, self.a], "rewards": y[:, self.r.start],
                 "next_observations": y[:, self.s2], "terminals": (y[:, self.d.start] > 0.5).float()}
 
-    def state_dict(self) -> dict:
-        return {"mean": self.mean.cpu(), "std": self.std.cpu()}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.mean, self.std = state["mean"].to(self.mean.device), state["std"].to(self.mean.device)
-
-
-# --- EDM (Karras et al. 2022): preconditioning, loss, noise schedule, stochastic Heun sampler ----------------------
+# --- EDM (Karras et al. 2022): preconditioning, loss, noise schedule, stochastic Heun sampler ------------------------
 SIGMA_DATA, SIGMA_MIN, SIGMA_MAX, RHO = 1.0, 0.002, 80.0, 7.0
 P_MEAN, P_STD, S_CHURN, S_TMIN, S_TMAX, S_NOISE = -1.2, 1.2, 80.0, 0.05, 50.0, 1.003
-DIFFUSION_LR, DIFFUSION_BATCH, EMA_DECAY = 3e-4, 256, 0.999  # SynthER / the official code
+DIFFUSION_LR, DIFFUSION_BATCH, EMA_DECAY = 3e-4, 256, 0.999  # SynthER and the official code
 ENERGY_LR, ENERGY_BATCH, ENERGY_HIDDEN, SAMPLE_CHUNK = 1e-3, 256, 256, 10_000
 
 
 def edm_coefficients(sigma: torch.Tensor) -> tuple:
-    """Table 1 (EDM column): c_skip, c_out, c_in, c_noise for D(x; sigma) = c_skip x + c_out F(c_in x, c_noise)."""
+    """Table 1: c_skip, c_out, c_in, c_noise of D(x; sigma) = c_skip x + c_out F(c_in x, c_noise)."""
     c_skip = SIGMA_DATA**2 / (sigma**2 + SIGMA_DATA**2)
     c_out = sigma * SIGMA_DATA / (sigma**2 + SIGMA_DATA**2).sqrt()
     c_in = 1.0 / (sigma**2 + SIGMA_DATA**2).sqrt()
@@ -536,7 +453,7 @@ def edm_coefficients(sigma: torch.Tensor) -> tuple:
 
 
 class FourierEmbedding(nn.Module):
-    """Random Fourier features of the scalar noise input c_noise (fixed frequencies), then an MLP."""
+    """Random Fourier features of c_noise (fixed frequencies), then an MLP."""
 
     def __init__(self, out_dim: int, n_freq: int = 16):
         super().__init__()
@@ -549,8 +466,7 @@ class FourierEmbedding(nn.Module):
 
 
 class ResidualMLPDenoiser(nn.Module):
-    """F_theta(x, mask, c_noise): SynthER/EDIS residual MLP, blocks h <- h + Linear(SiLU(LayerNorm(h))). ``mask``
-    marks the dimensions given as a clean condition (all zero: unconditional)."""
+    """F(x, mask, c_noise): SynthER's residual MLP; ``mask``: the clean condition's dimensions."""
 
     def __init__(self, dim: int, width: int, depth: int):
         super().__init__()
@@ -569,8 +485,7 @@ class ResidualMLPDenoiser(nn.Module):
 
 def edm_denoise(net: nn.Module, x: torch.Tensor, sigma: torch.Tensor, mask: Optional[torch.Tensor] = None
                 ) -> torch.Tensor:
-    """D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) (Karras Eq. 7); sigma [B]. Where ``mask`` is 1 the input is
-    a clean condition: it enters unscaled and is returned unchanged (so the sampler never moves it)."""
+    """Eq. 7, D(x; sigma), sigma [B]. Where ``mask`` is 1 the input is a clean condition, returned unchanged."""
     c_skip, c_out, c_in, c_noise = edm_coefficients(sigma)
     mask = torch.zeros_like(x) if mask is None else mask.expand_as(x)
     given = mask.bool()
@@ -580,8 +495,7 @@ def edm_denoise(net: nn.Module, x: torch.Tensor, sigma: torch.Tensor, mask: Opti
 
 def edm_loss(net: nn.Module, x0: torch.Tensor, generator: Optional[torch.Generator] = None,
              mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Karras Eq. 8, ln(sigma) ~ N(P_mean, P_std^2), weight (sigma^2 + sd^2) / (sigma sd)^2; the dimensions given as
-    a condition (``mask`` [B, D]) stay clean and add nothing to the loss."""
+    """Eq. 8 with ln(sigma) ~ N(P_mean, P_std^2); the condition's dimensions (``mask``) stay clean."""
     sigma = (P_MEAN + P_STD * torch.randn(x0.shape[0], device=x0.device, generator=generator)).exp()
     weight = (sigma**2 + SIGMA_DATA**2) / (sigma * SIGMA_DATA) ** 2
     x = x0 + sigma[:, None] * torch.randn(x0.shape, device=x0.device, generator=generator)
@@ -591,26 +505,19 @@ def edm_loss(net: nn.Module, x0: torch.Tensor, generator: Optional[torch.Generat
 
 
 def karras_sigmas(n_steps: int, device: torch.device) -> torch.Tensor:
-    """Karras Eq. 5: sigma_i = (smax^(1/rho) + i/(N-1) (smin^(1/rho) - smax^(1/rho)))^rho, i < N, and sigma_N = 0."""
+    """Eq. 5: sigma_i = (smax^(1/rho) + i/(N-1) (smin^(1/rho) - smax^(1/rho)))^rho, i < N; sigma_N = 0."""
     i = torch.arange(n_steps, device=device, dtype=torch.float32)
     s = (SIGMA_MAX ** (1 / RHO) + i / max(n_steps - 1, 1) * (SIGMA_MIN ** (1 / RHO) - SIGMA_MAX ** (1 / RHO))) ** RHO
     return torch.cat([s, torch.zeros(1, device=device)])
 
 
-GuidanceFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
 def edm_sample(net: nn.Module, n: int, dim: int, n_steps: int, generator: torch.Generator,
-               guidance: Optional[GuidanceFn] = None, known: Optional[torch.Tensor] = None,
+               guidance: Optional[Callable] = None, known: Optional[torch.Tensor] = None,
                known_mask: Optional[torch.Tensor] = None, stats: Optional[dict] = None,
                guide_sigma_max: float = SIGMA_MAX) -> torch.Tensor:
-    """Stochastic Heun sampler (Karras Alg. 2) with energy guidance, unconditional or conditional.
-
-    Guided direction (EDIS Sec. 4 with CEP's exact intermediate energy): the probability-flow ODE of
-    q_sigma = p_sigma exp(-E_sigma) is dx/dsigma = (x - D(x; sigma)) / sigma + sigma grad_x E(x, sigma), with
-    ``guidance(x, sigma)`` = grad_x of the weighted energies, applied where sigma <= guide_sigma_max. Conditional:
-    the dimensions where ``known_mask`` is 1 are set to ``known``, given to the denoiser as a condition and never
-    noised, so they stay exactly at ``known``."""
+    """Stochastic Heun sampler (Karras Alg. 2) with energy guidance: the probability-flow ODE of p_sigma exp(-E_sigma)
+    is dx/dsigma = (x - D(x; sigma)) / sigma + sigma grad_x E(x, sigma) (EDIS Sec. 4), ``guidance`` giving grad_x E
+    where sigma <= guide_sigma_max. Dimensions where ``known_mask`` is 1 stay exactly at ``known`` (a condition)."""
     device = next(net.parameters()).device
     sigmas = karras_sigmas(n_steps, device)
     mask = torch.zeros(dim, device=device) if known_mask is None else known_mask.to(device)
@@ -627,7 +534,6 @@ def edm_sample(net: nn.Module, n: int, dim: int, n_steps: int, generator: torch.
         g = sigma * guidance(x_, sig) * (1.0 - mask)
         if stats is not None:
             stats["guidance_norm"] += g.norm(dim=-1).mean()
-            stats["denoiser_norm"] += d.norm(dim=-1).mean()
             stats["n"] += 1
         return d + g
 
@@ -647,22 +553,30 @@ def edm_sample(net: nn.Module, n: int, dim: int, n_steps: int, generator: torch.
 
 
 def ema_decay(step: int, max_decay: float = EMA_DECAY) -> float:
-    """EMA decay with the warm-up of the official code's EMA library (ema-pytorch, power 2/3): 0 at the first step,
-    so the random initialisation is forgotten at once (a constant 0.999 keeps 5 % of it after 3,000 steps)."""
+    """The official code's EMA warm-up (ema-pytorch): the random init is forgotten, not kept at 0.999^t."""
     return min(max_decay, 1.0 - (1.0 + step) ** (-2.0 / 3.0))
 
 
+def data_rows(n_rows: int, n_online: int, n: int, online_frac: float, generator: torch.Generator) -> torch.Tensor:
+    """n row indices; the last n_online rows are online, drawn with probability online_frac (0: uniform)."""
+    dev = generator.device
+    if 0 < n_online < n_rows and online_frac > 0:
+        off = torch.randint(0, n_rows - n_online, (n,), device=dev, generator=generator)
+        on = torch.randint(n_rows - n_online, n_rows, (n,), device=dev, generator=generator)
+        return torch.where(torch.rand(n, device=dev, generator=generator) < online_frac, on, off)
+    return torch.randint(0, n_rows, (n,), device=dev, generator=generator)
+
+
 def train_diffusion(x: torch.Tensor, steps: int, width: int, depth: int, generator: torch.Generator,
-                    cond_masks: torch.Tensor, n_online: int = 0, online_frac: float = 0.0) -> tuple:
-    """A fresh denoiser fitted on the normalised transitions x [N, D] (EDM loss, AdamW, cosine lr, grad clip 1) and
-    its EMA (the sampling weights). Half the rows get one of ``cond_masks`` (s, or (s, a) given) as a clean
-    condition, so the network samples conditionals too. The last ``n_online`` rows of x are online transitions,
-    a share ``online_frac`` of every batch (--edis-extras; 0: uniform over all rows, the paper)."""
+                    cond_masks: torch.Tensor, n_online: int = 0, online_frac: float = 0.0,
+                    lr: float = DIFFUSION_LR) -> tuple:
+    """A fresh denoiser of x [N, D] (EDM loss, AdamW, cosine lr, grad clip 1) and its EMA (for sampling). Half the
+    rows get one of ``cond_masks`` as a clean condition, to learn the conditionals."""
     net = ResidualMLPDenoiser(x.shape[1], width, depth).to(x.device)
     ema = ResidualMLPDenoiser(x.shape[1], width, depth).to(x.device)
     ema.load_state_dict(net.state_dict())
     ema.requires_grad_(False)
-    opt = torch.optim.AdamW(net.parameters(), lr=DIFFUSION_LR, betas=(0.9, 0.99), weight_decay=0.0)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     losses = torch.zeros(steps, device=x.device)
     B, dev = DIFFUSION_BATCH, x.device
@@ -678,44 +592,29 @@ def train_diffusion(x: torch.Tensor, steps: int, width: int, depth: int, generat
         opt.step()
         sched.step()
         decay = ema_decay(step)
-        with torch.no_grad():  # ema <- decay * ema + (1 - decay) * net
+        with torch.no_grad():
             for p_ema, p in zip(ema.parameters(), net.parameters()):
                 p_ema.mul_(decay).add_(p, alpha=1.0 - decay)
         losses[step] = loss.detach()
     return ema, losses
 
 
-def data_rows(n_rows: int, n_online: int, n: int, online_frac: float, generator: torch.Generator) -> torch.Tensor:
-    """n row indices of a diffusion batch; the last n_online rows are online, drawn with probability online_frac."""
-    dev = generator.device
-    if 0 < n_online < n_rows and online_frac > 0:
-        off = torch.randint(0, n_rows - n_online, (n,), device=dev, generator=generator)
-        on = torch.randint(n_rows - n_online, n_rows, (n,), device=dev, generator=generator)
-        return torch.where(torch.rand(n, device=dev, generator=generator) < online_frac, on, off)
-    return torch.randint(0, n_rows, (n,), device=dev, generator=generator)
-
-
 def sample_chunked(net: nn.Module, n: int, dim: int, n_steps: int, generator: torch.Generator,
                    known: Optional[torch.Tensor] = None, **kw) -> torch.Tensor:
-    """edm_sample in chunks of SAMPLE_CHUNK rows (memory)."""
     out = []
-    for i in range(0, n, SAMPLE_CHUNK):
-        m = min(SAMPLE_CHUNK, n - i)
-        k = known[i:i + m] if known is not None else None
-        out.append(edm_sample(net, m, dim, n_steps, generator, known=k, **kw))
+    for i in range(0, n, SAMPLE_CHUNK):  # (memory)
+        k = known[i:i + SAMPLE_CHUNK] if known is not None else None
+        out.append(edm_sample(net, min(SAMPLE_CHUNK, n - i), dim, n_steps, generator, known=k, **kw))
     return torch.cat(out)
 
 
 class EnergyNet(nn.Module):
-    """E_phi(x, sigma): an MLP (3 x 256) of the full noisy transition, scaled like the denoiser's input
-    (c_in(sigma) x, else inputs at sigma = 80 are 80x larger than near 0), and c_noise(sigma). ``features``: the
-    extras' sin/cos features of the maze position (EnergyFeatures), None in the paper's form."""
+    """E(x, sigma): an MLP of c_in(sigma) x (the denoiser's scaling) and c_noise; ``features``: the extras'."""
 
     def __init__(self, dim: int, features: Optional[nn.Module] = None):
         super().__init__()
         self.features = features
-        extra = 0 if features is None else features.out_dim
-        self.net = mlp(dim + extra + 1, 1, ENERGY_HIDDEN, n_hidden=3)
+        self.net = mlp(dim + (0 if features is None else features.out_dim) + 1, 1, ENERGY_HIDDEN, n_hidden=3)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         _, _, c_in, c_noise = edm_coefficients(sigma)
@@ -725,8 +624,8 @@ class EnergyNet(nn.Module):
         return self.net(torch.cat([h, c_noise[:, None]], -1)).squeeze(-1)
 
 
-def make_guidance(energies: nn.ModuleDict, weights: dict) -> Optional[GuidanceFn]:
-    """grad_x sum_k lambda_k E_k(x, sigma): the full gradient w.r.t. the whole noisy transition (CEP Thm. 3.1)."""
+def make_guidance(energies: nn.ModuleDict, weights: dict) -> Optional[Callable]:
+    """grad_x sum_k w_k E_k(x, sigma), the full gradient over the whole noisy transition (CEP Thm. 3.1)."""
     active = {k: weights.get(k, 1.0) for k in energies if weights.get(k, 1.0) != 0.0}
     if not active:
         return None
@@ -735,19 +634,17 @@ def make_guidance(energies: nn.ModuleDict, weights: dict) -> Optional[GuidanceFn
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
             e = sum(w * energies[k](x, sigma).sum() for k, w in active.items())
-            (g,) = torch.autograd.grad(e, x)
-        return g
+            return torch.autograd.grad(e, x)[0]
 
     return guidance
 
 
 def infonce_loss(energy: nn.Module, pos: torch.Tensor, neg: torch.Tensor, sigma: torch.Tensor,
                  generator: torch.Generator) -> tuple:
-    """Contrastive energy prediction: one positive, K negatives per group, all noised at the group's sigma.
-    pos [G, D], neg [G, K, D], sigma [G]; L = -log exp(-E(x+)) / (exp(-E(x+)) + sum_j exp(-E(x-_j))), minimised
-    by E(x, sigma) = -log q_sigma(x)/p_sigma(x) + c(sigma) (CEP Sec. 4). Returns (loss, accuracy)."""
+    """(loss, accuracy) of groups of one positive [G, D] and K negatives [G, K, D], noised at the group's sigma [G]:
+    -log e^-E(x+) / (e^-E(x+) + sum_j e^-E(x-_j)), minimised by E = -log q_sigma/p_sigma + c(sigma) (CEP Sec. 4)."""
     G, K, D = neg.shape
-    x = torch.cat([pos[:, None], neg], 1)  # [G, 1 + K, D], the positive first
+    x = torch.cat([pos[:, None], neg], 1)  # the positive first
     x = x + sigma[:, None, None] * torch.randn(x.shape, device=x.device, generator=generator)
     e = energy(x.reshape(G * (K + 1), D), sigma.repeat_interleave(K + 1)).view(G, K + 1)
     loss = F.cross_entropy(-e, torch.zeros(G, dtype=torch.long, device=x.device))
@@ -756,21 +653,19 @@ def infonce_loss(energy: nn.Module, pos: torch.Tensor, neg: torch.Tensor, sigma:
 
 def contrastive_sets(names: tuple, sample: Callable, codec: TransitionCodec, x_on: torch.Tensor, x_pi: torch.Tensor,
                      x_data: Optional[torch.Tensor], K: int) -> dict:
-    """Positives [M, D] and negatives [M, K, D] of each energy (normalised and clean; noise is added later).
-
-    ``sample(n, known=None, mask=None)`` draws from the prior or its conditionals. x_on: M online transitions; x_pi:
-    the same with a ~ pi(.|s) of the current policy; x_data: M rows of the denoiser's training data (extras only).
-    Each energy's positives and negatives differ only in the factor it measures (EDIS Sec. 4):
-      state       d_on(s)/d_p(s):   [s_on, (a, r, s', d) ~ p(.|s_on)]    vs  x ~ p(x)
-      policy      pi(a|s)/mu(a|s):  [s, a_pi, (r, s', d) ~ p(.|s, a_pi)] vs  [s, (a, r, s', d) ~ p(.|s)]
-      transition  T/T_hat(s'|s,a):  real online (s, a, r, s', d)         vs  [s, a, (r, s', d) ~ p(.|s, a)]
-      realism     p_data(x)/p(x):   x ~ the denoiser's training data      vs  x ~ p(x)   (--edis-extras only)"""
+    """Positives [M, D] and negatives [M, K, D] of each energy (clean, normalised). ``sample(n, known, mask)``: the
+    prior or its conditionals; x_on: M online transitions; x_pi: the same with a ~ pi(.|s); x_data: rows of the
+    denoiser's data (extras). Positives and negatives differ only in the energy's factor (EDIS Sec. 4):
+      state       [s_on, (a, r, s', d) ~ p(.|s_on)]     vs  x ~ p(x)
+      policy      [s, a_pi, (r, s', d) ~ p(.|s, a_pi)]  vs  [s, (a, r, s', d) ~ p(.|s)]
+      transition  a real online (s, a, r, s', d)        vs  [s, a, (r, s', d) ~ p(.|s, a)]
+      realism     x ~ the denoiser's data               vs  x ~ p(x)    (extras)"""
     M, D = x_on.shape
-    rep = lambda t: t.repeat_interleave(K, 0)  # noqa: E731  (K copies of each row, one per negative)
+    rep = lambda t: t.repeat_interleave(K, 0)  # noqa: E731  (K copies of each row)
     s_given, sa_given = codec.mask(codec.s), codec.mask(codec.s, codec.a)
     uncond = sample(M * K).view(M, K, D)
-    given_s = sample(M * K, rep(x_on), s_given).view(M, K, D)  # K draws of (a, r, s', d) | s_on
-    given_sa = sample(M * K, rep(x_on), sa_given).view(M, K, D)  # K draws of (r, s', d) | s, a
+    given_s = sample(M * K, rep(x_on), s_given).view(M, K, D)
+    given_sa = sample(M * K, rep(x_on), sa_given).view(M, K, D)
     sets = {"state": (given_s[:, 0], uncond), "policy": (sample(M, x_pi, sa_given), given_s),
             "transition": (x_on, given_sa)}
     if "realism" in names:
@@ -778,14 +673,12 @@ def contrastive_sets(names: tuple, sample: Callable, codec: TransitionCodec, x_o
     return sets
 
 
-# Noise bands of the held-out InfoNCE accuracy (edis/energy_acc_<name>_sigma<lo>-<hi>)
-SIGMA_BANDS = ((0.0, 0.1), (0.1, 1.0), (1.0, 5.0), (5.0, SIGMA_MAX + 1.0))
+SIGMA_BANDS = ((0.0, 0.1), (0.1, 1.0), (1.0, 5.0), (5.0, SIGMA_MAX + 1.0))  # of the held-out accuracy
 
 
 def train_energies(energies: nn.ModuleDict, opt: torch.optim.Optimizer, sets: dict, sigmas: torch.Tensor, steps: int,
                    generator: torch.Generator) -> dict:
-    """InfoNCE training of the energies at the sampler's noise levels ``sigmas`` (CEP Sec. 4; EDIS Sec. 4). 4/5 of
-    the groups train, 1/5 are held out to measure each energy's accuracy per noise band (chance: 1/(K + 1))."""
+    """InfoNCE steps at the levels ``sigmas`` on 4/5 of the groups; accuracy per noise band on the rest."""
     M, dev = len(next(iter(sets.values()))[0]), sigmas.device
     n_train = max(M - M // 5, 1)
     G = min(ENERGY_BATCH, n_train)
@@ -817,8 +710,7 @@ def train_energies(energies: nn.ModuleDict, opt: torch.optim.Optimizer, sets: di
 
 @dataclasses.dataclass
 class EDISState:
-    """What EDIS keeps between retrains (all of it goes into checkpoints). The energies are built at the first
-    retrain and persist across retrains, with their Adam (as the official code)."""
+    """What EDIS keeps; the energies exist from the first retrain on and persist (as the official code)."""
 
     codec: TransitionCodec
     energies: Optional[nn.ModuleDict] = None
@@ -829,8 +721,7 @@ class EDISState:
 
 
 def build_energies(state: EDISState, extras: bool, position_dims: tuple) -> None:
-    """The paper's three energies of the raw noisy transition; with --edis-extras also the realism energy, and all
-    of them see sin/cos features of the maze position (EnergyFeatures)."""
+    """The paper's three energies; the extras add the realism energy and position features."""
     c = state.codec
     names = ("state", "policy", "transition") + (("realism",) if extras else ())
     feats = (lambda: EnergyFeatures(position_proj(c, position_dims))) if extras else (lambda: None)
@@ -838,12 +729,30 @@ def build_energies(state: EDISState, extras: bool, position_dims: tuple) -> None
     state.energy_opt = torch.optim.Adam(state.energies.parameters(), lr=ENERGY_LR)
 
 
+def fit_energies(state: EDISState, denoiser: nn.Module, online: ReplayBuffer, policy_sample: Callable,
+                 x_train: torch.Tensor, generator: torch.Generator, *, sample_steps: int, pool: int, negatives: int,
+                 steps: int, online_frac: float, sigma_max: float) -> dict:
+    """Contrastive sets of ``pool`` online transitions, then InfoNCE at the sampler's noise levels <= sigma_max."""
+    c = state.codec
+    sample = lambda n, known=None, mask=None: sample_chunked(  # noqa: E731
+        denoiser, n, c.dim, sample_steps, generator, known=known, known_mask=mask)
+    pos = online.sample(pool, generator)
+    with torch.no_grad():
+        x_on = c.encode(pos)
+        x_pi = c.encode(dict(pos, actions=policy_sample(pos["observations"])))
+        x_data = x_train[data_rows(len(x_train), online.size, pool, online_frac, generator)]
+        sets = contrastive_sets(tuple(state.energies), sample, c, x_on, x_pi, x_data, negatives)
+    sigmas = karras_sigmas(sample_steps, c.mean.device)[:-1]
+    sigmas = sigmas[sigmas <= max(sigma_max, float(sigmas.min()))]
+    return train_energies(state.energies, state.energy_opt, sets, sigmas, steps, generator)
+
+
 def edis_retrain(state: EDISState, offline: ReplayBuffer, online: ReplayBuffer, policy_sample: Callable,
                  generator: torch.Generator, *, extras: bool, position_dims: tuple, diffusion_steps: int, width: int,
                  depth: int, sample_steps: int, n_samples: int, pool: int, negatives: int, energy_steps: int,
                  weights: dict) -> dict:
-    """One EDIS round (EDIS Alg. 1): a fresh diffusion model of offline + online replay, energy training, and
-    n_samples guided transitions that replace the synthetic buffer."""
+    """One EDIS round (Alg. 1): a fresh diffusion model of offline + online replay, the energies trained further,
+    and n_samples guided transitions that replace the synthetic buffer."""
     t0, c = time.time(), state.codec
     x_raw = torch.cat([c.raw(offline.rows()), c.raw(online.rows())])
     c.fit(x_raw)
@@ -854,59 +763,42 @@ def edis_retrain(state: EDISState, offline: ReplayBuffer, online: ReplayBuffer, 
                                             online_frac)
     if state.energies is None:
         build_energies(state, extras, position_dims)
-
-    def sample(n: int, known: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None, **kw):
-        return sample_chunked(denoiser, n, c.dim, sample_steps, generator, known=known, known_mask=mask, **kw)
-
-    pos = online.sample(pool, generator)
-    with torch.no_grad():
-        x_on = c.encode(pos)
-        x_pi = c.encode(dict(pos, actions=policy_sample(pos["observations"])))
-        x_data = x_train[data_rows(len(x_train), online.size, pool, online_frac, generator)]
-        sets = contrastive_sets(tuple(state.energies), sample, c, x_on, x_pi, x_data, negatives)
-    # the energies train at the sampler's noise levels where guidance is applied (no capacity spent elsewhere)
-    sigmas = karras_sigmas(sample_steps, c.mean.device)[:-1]
-    sigmas = sigmas[sigmas <= max(sigma_max, float(sigmas.min()))]
-    metrics = train_energies(state.energies, state.energy_opt, sets, sigmas, energy_steps, generator)
-    stats = {"guidance_norm": 0.0, "denoiser_norm": 0.0, "n": 0}
-    x = sample(n_samples, guidance=make_guidance(state.energies, weights), stats=stats, guide_sigma_max=sigma_max)
+    metrics = fit_energies(state, denoiser, online, policy_sample, x_train, generator, sample_steps=sample_steps,
+                           pool=pool, negatives=negatives, steps=energy_steps, online_frac=online_frac,
+                           sigma_max=sigma_max)
+    stats = {"guidance_norm": 0.0, "n": 0}
+    x = sample_chunked(denoiser, n_samples, c.dim, sample_steps, generator, stats=stats, guide_sigma_max=sigma_max,
+                       guidance=make_guidance(state.energies, weights))
     syn = c.decode(x.detach())
     syn["actions"] = syn["actions"].clamp(-1.0, 1.0)
     state.synthetic = ReplayBuffer(c.obs_dim, c.act_dim, n_samples, c.mean.device, extra=BUFFER_EXTRA)
     state.synthetic.add_batch(syn)
     state.retrains += 1
-    real, n = online.rows(), max(stats["n"], 1)
-    metrics.update({
-        "edis/diffusion_loss": diff_losses[-max(len(diff_losses) // 10, 1):].mean(),
-        "edis/guidance_norm": stats["guidance_norm"] / n, "edis/denoiser_norm": stats["denoiser_norm"] / n,
-        "edis/syn_reward_mean": syn["rewards"].mean(), "edis/online_reward_mean": real["rewards"].mean(),
-        "edis/syn_terminal_rate": syn["terminals"].mean(), "edis/online_terminal_rate": real["terminals"].mean(),
-        "edis/syn_state_mean_dist": (syn["observations"].mean(0) - real["observations"].mean(0)).norm(),
-        "edis/syn_state_std_ratio": (syn["observations"].std(0) / real["observations"].std(0).clamp(min=1e-6)).mean(),
-        "edis/retrain_time_s": torch.tensor(time.time() - t0),
-    })
-    return metrics
+    real = online.rows()
+    return {**metrics, "edis/diffusion_loss": diff_losses[-max(len(diff_losses) // 10, 1):].mean(),
+            "edis/guidance_norm": stats["guidance_norm"] / max(stats["n"], 1),
+            "edis/syn_reward_mean": syn["rewards"].mean(), "edis/online_reward_mean": real["rewards"].mean(),
+            "edis/syn_state_mean_dist": (syn["observations"].mean(0) - real["observations"].mean(0)).norm(),
+            "edis/retrain_time_s": torch.tensor(time.time() - t0)}
 # <<< shared:edis
 
 
 # >>> shared:extras
-# ---------------------------------------------------------------------------------------------------------------
-# NOT IN THE PAPER: --edis-extras. What the PointMaze studies of docs/results.md showed to help (off by default):
-# ---------------------------------------------------------------------------------------------------------------
-#   * a fourth, "realism" energy -log p_data(x)/p(x): the denoiser's training rows vs its own samples, which corrects
-#     the prior's errors (states inside walls) whatever the online data are (discriminator guidance, Kim et al. 2023);
+# --- NOT IN THE PAPER: --edis-extras, what the PointMaze studies of docs/results.md showed to help (off) -------------
+#   * a fourth, "realism" energy -log p_data(x)/p(x), the denoiser's data vs its samples: it corrects the prior's own
+#     errors (states inside walls) whatever the online data are (discriminator guidance, Kim et al. 2023);
 #   * sin/cos features of the maze position for every energy (EnergyFeatures): raw MLPs cannot resolve the walls;
-#   * half of every diffusion batch from online transitions, so the prior covers where guidance must take samples;
-#   * guidance (and energy training) only at sigma <= 5, where the energies are better than chance;
-#   * edis_calql.py: the CQL regulariser sees the batch's real rows plus offline rows (cql_rows_batch).
+#   * half of every diffusion batch from online transitions, so the prior covers where guidance takes samples;
+#   * guidance (and energy training) only at sigma <= 5, where the energies beat chance;
+#   * edis_calql.py: the CQL regulariser sees the batch's online rows plus offline rows (cql_rows_batch).
 EXTRAS = {"online_frac": 0.5, "guide_sigma_max": 5.0}
-OCTAVES, COARSE = 8, 4  # sin/cos(2^k pi u), k < 8; the positions of s and s' apart at 2^4 = 16x lower frequencies
+OCTAVES, COARSE = 8, 4  # sin/cos(2^k pi u), k < 8; s and s' apart at 2^4 = 16x lower frequencies
 
 
 def position_proj(codec: TransitionCodec, position_dims: tuple) -> torch.Tensor:
-    """Rows u = P x the features see: the maze (x, y) midway between s and s' (a feature of it has the same gradient
-    for s and s', so its guidance translates a transition and keeps its step s' - s), and x, y, x', y' apart at 16x
-    lower frequencies (s and s' each feel the walls, at scales too coarse to bend the step). No maze: no rows."""
+    """Rows u = P x of the features: the maze (x, y) midway between s and s' (its features have the same gradient
+    for s and s', so their guidance moves a transition without bending its step s' - s), then x, x', y, y' at 16x
+    lower frequencies (s and s' each feel the walls at coarse scales). No maze: no rows."""
     rows = []
     for i in position_dims:
         mid = codec.mask()
@@ -921,10 +813,10 @@ def position_proj(codec: TransitionCodec, position_dims: tuple) -> torch.Tensor:
 
 
 class EnergyFeatures(nn.Module):
-    """[sin(2^k pi u_j), cos(2^k pi u_j)], k < OCTAVES, u = P x: NeRF's positional encoding (an MLP of raw coordinates
-    learns sharp functions slowly: Tancik et al. 2020), each at its expected value under the input's noise (std s per
-    dimension, s |P_j| in u_j): E[sin(w(u + n))] = sin(w u) exp(-w^2 s_j^2 / 2) (Mip-NeRF, Barron et al. 2021), so
-    frequencies the noise has washed out fade and the guidance gradient stays bounded."""
+    """sin/cos(2^k pi u_j), k < OCTAVES, u = P x (NeRF's encoding: MLPs of raw coordinates learn sharp functions
+    slowly, Tancik et al. 2020), each at its expectation under the input noise (std s, s |P_j| in u_j):
+    E[sin(w(u + n))] = sin(w u) exp(-w^2 s_j^2 / 2) (Mip-NeRF), so washed-out frequencies fade, gradients stay
+    bounded."""
 
     def __init__(self, proj: torch.Tensor):
         super().__init__()
@@ -939,60 +831,26 @@ class EnergyFeatures(nn.Module):
 # <<< shared:extras
 
 
-# >>> shared:eval
-# ---------------------------------------------------------------------------------------------------------------
-# Evaluation (D4RL normalized score, success rate)
-# ---------------------------------------------------------------------------------------------------------------
-def evaluate(task: TaskSpec, policy: Callable, episodes: int, seed: int, video_dir: Optional[str] = None) -> dict:
-    """``episodes`` deterministic episodes from resets seeded seed, seed + 1, ... (the same starts each time); with
-    ``video_dir`` the first is recorded there as an mp4 (gymnasium's RecordVideo, as CleanRL)."""
-    env = make_env(task, render_mode="rgb_array" if video_dir else None)
-    if video_dir is not None:
-        env = gym.wrappers.RecordVideo(env, video_dir, name_prefix="eval", episode_trigger=lambda ep: ep == 0,
-                                       disable_logger=True)
-    returns, successes = [], []
-    for ep in range(episodes):
-        obs, _ = env.reset(seed=seed + ep)
-        done, ret, success = False, 0.0, False
-        while not done:
-            obs, r, terminated, truncated, info = env.step(policy(obs))
-            ret += float(r)
-            success |= bool(info.get("success", False))
-            done = terminated or truncated
-        returns.append(ret)
-        successes.append(success)
-    env.close()
-    scores = normalized_score(task, returns)
-    return {"eval/normalized_score": float(scores.mean()), "eval/normalized_score_std": float(scores.std()),
-            "eval/return": float(np.mean(returns)), "eval/success_rate": float(np.mean(successes))}
-# <<< shared:eval
-
-
 # >>> shared:checkpoint
-# ---------------------------------------------------------------------------------------------------------------
-# What a checkpoint holds (utils/run.py writes, finds and checks the file)
-# ---------------------------------------------------------------------------------------------------------------
+# --- What a checkpoint holds (utils/run.py writes, finds and checks the file) ----------------------------------------
 def checkpoint_state(args: Args, step: int, agent: nn.Module, opts: dict, online: ReplayBuffer, edis: EDISState,
                      norm: dict, progress: dict, gen: torch.Generator) -> dict:
     """Everything a resumed run needs to continue exactly: weights, optimizers, buffers, normalisation, EDIS, RNG."""
     if not all(torch.isfinite(p).all() for p in agent.parameters()):
         raise Diverged(f"non-finite network parameters at step {step}; the run stops, its last checkpoint is kept")
-    trained = edis.energies is not None
-    return {
-        "args": dataclasses.asdict(args), "step": step, "agent": agent.state_dict(),
-        "optimizers": {k: o.state_dict() for k, o in opts.items()}, "online_buffer": online.state_dict(),
-        "edis": {"codec": edis.codec.state_dict(), "retrains": edis.retrains,
-                 "last_retrain_step": edis.last_retrain_step,
-                 "energies": edis.energies.state_dict() if trained else None,
-                 "energy_opt": edis.energy_opt.state_dict() if trained else None,
-                 "synthetic": edis.synthetic.state_dict() if edis.synthetic is not None else None},
-        "normalization": {k: torch.as_tensor(v) for k, v in norm.items()}, "progress": progress,
-        "rng": get_rng_state(), "batch_generator": gen.get_state(),
-    }
+    e, syn = edis.energies, edis.synthetic
+    return {"args": dataclasses.asdict(args), "step": step, "agent": agent.state_dict(),
+            "optimizers": {k: o.state_dict() for k, o in opts.items()}, "online_buffer": online.state_dict(),
+            "edis": {"codec": {"mean": edis.codec.mean.cpu(), "std": edis.codec.std.cpu()}, "retrains": edis.retrains,
+                     "last_retrain_step": edis.last_retrain_step, "energies": e.state_dict() if e else None,
+                     "energy_opt": edis.energy_opt.state_dict() if e else None,
+                     "synthetic": syn.state_dict() if syn else None},
+            "normalization": {k: torch.as_tensor(v) for k, v in norm.items()}, "progress": progress,
+            "rng": get_rng_state(), "batch_generator": gen.get_state()}
 
 
 def frozen_flags(ckpt: dict) -> set:
-    """Flags a --resume of this checkpoint may not change; --edis-extras too once EDIS energies exist."""
+    """Flags a --resume of ``ckpt`` may not change; --edis-extras too once EDIS energies exist."""
     return FROZEN | ALGO_FROZEN | ({"edis_extras"} if ckpt["edis"]["energies"] is not None else set())
 
 
@@ -1001,56 +859,37 @@ def restore(ckpt: dict, args: Args, agent: nn.Module, opts: dict, online: Replay
     """The inverse of checkpoint_state, in place; returns (progress, step)."""
     agent.load_state_dict(ckpt["agent"])
     for k, o in opts.items():
-        restore_optimizer(o, ckpt["optimizers"][k])
+        harness.restore_optimizer(o, ckpt["optimizers"][k])
     if ckpt["online_buffer"]["size"] > online.capacity:
         raise UserError(f"--online-steps {args.online_steps} is smaller than the {ckpt['online_buffer']['size']} "
-                        f"online steps the checkpoint already holds")
+                        f"online steps the checkpoint holds")
     online.load_state_dict(ckpt["online_buffer"])
-    e = ckpt["edis"]
-    edis.codec.load_state_dict(e["codec"])
+    e, c = ckpt["edis"], edis.codec
+    c.mean, c.std = e["codec"]["mean"].to(c.mean.device), e["codec"]["std"].to(c.mean.device)
     edis.retrains, edis.last_retrain_step = e["retrains"], e["last_retrain_step"]
     if e["energies"] is not None:
         build_energies(edis, args.edis_extras, position_dims)
         edis.energies.load_state_dict(e["energies"])
         edis.energy_opt.load_state_dict(e["energy_opt"])
     if e["synthetic"] is not None:
-        c = edis.codec
         edis.synthetic = ReplayBuffer(c.obs_dim, c.act_dim, e["synthetic"]["size"], online.device, BUFFER_EXTRA)
         edis.synthetic.load_state_dict(e["synthetic"])
     set_rng_state(ckpt["rng"])
     gen.set_state(ckpt["batch_generator"])
     return ckpt["progress"], ckpt["step"]
-
-
-def reset_seed(seed: int, episode: int) -> int:
-    """Online episode k starts from env.reset(seed=f(k)): a resumed run restarts exactly where the killed one was."""
-    return (seed * 1_000_003 + 7_919 * (episode + 1)) % 2**32
 # <<< shared:checkpoint
 
 
 # >>> shared:main
-# ---------------------------------------------------------------------------------------------------------------
-# Main: offline phase, then online phase
-# ---------------------------------------------------------------------------------------------------------------
+# --- Main: offline phase, then online phase --------------------------------------------------------------------------
 def main(argv: Optional[list] = None) -> None:
-    args = peek_args(Args, argv)  # --help is answered below, showing the resolved defaults
-    ckpt = None
-    if args.resume:  # continue a killed run: its saved config, overridden by the flags given now (e.g. a longer budget)
-        ckpt, args = load_checkpoint(Args, args.resume, argv, frozen_flags)
-    else:  # the presets of --env on --device as defaults; flags given now win; `--env X --help` shows X's values
-        args = cli_with_presets(Args, argv, preset_values)
-    check_flags(args, {**COMMON_RANGES, **ALGO_RANGES}, INFINITE_OK)
-    task, device = get_task(args.env), resolve_device(args.device)
-    if args.eval_only and ckpt is None:
-        raise UserError("--eval-only evaluates a checkpoint: give the run with --resume DIR")
+    # the presets of --env on --device, then the flags given now; with --resume, the saved flags, then those given
+    args, ckpt = harness.parse_flags(Args, argv, preset_values, frozen_flags, ALGO_RANGES, INFINITE_OK)
+    task, device = get_task(args.env), harness.resolve_device(args.device)
     if args.edis and not args.eval_only and 0 < args.online_steps <= args.edis_retrain_every + 1:
-        print(f"warning: no EDIS retrain will happen (the first comes after --edis-retrain-every "
-              f"{args.edis_retrain_every} online steps; --online-steps is {args.online_steps}): this run is plain "
-              f"fine-tuning", file=sys.stderr)
-    exp_name, run_name, out_dir = start_run(__file__, task.name, args.seed, args.output_dir, args.resume,
-                                            args.overwrite)
-    print(f"{exp_name} on {task.name}, device {device}; flags after presets (also in config.json):\n"
-          f"{config_table(dataclasses.asdict(args))}")
+        print(f"warning: --online-steps {args.online_steps} leaves no EDIS retrain (the first is after "
+              f"--edis-retrain-every {args.edis_retrain_every}): this run is plain fine-tuning", file=sys.stderr)
+    exp_name, run_name, out_dir = harness.start_run(__file__, task.name, args, device)
 
     # TRY NOT TO MODIFY: seeding
     seed_everything(args.seed, args.torch_deterministic)
@@ -1060,15 +899,8 @@ def main(argv: Optional[list] = None) -> None:
     # data -> device buffers (states normalised, rewards transformed)
     data = load_offline_data(task, dataset_path=args.dataset_path)
     obs_dim, act_dim = data.observations.shape[1], data.actions.shape[1]
-    if ckpt is None:
-        conv = DATA[task.family]
-        on = conv["normalize_states"]
-        r_scale, r_bias = reward_transform(data, conv["reward_scale"], conv["reward_bias"], conv["normalize_returns"])
-        norm = {"obs_mean": data.observations.mean(0) if on else np.zeros(obs_dim, np.float32),
-                "obs_std": data.observations.std(0) + 1e-3 if on else np.ones(obs_dim, np.float32),
-                "reward_scale": r_scale, "reward_bias": r_bias}
-    else:
-        norm = {k: v.numpy() if v.dim() else float(v) for k, v in ckpt["normalization"].items()}
+    norm = normalization(data, **DATA[task.family]) if ckpt is None else {
+        k: v.numpy() if v.dim() else float(v) for k, v in ckpt["normalization"].items()}
     norm_obs = lambda o: ((o - norm["obs_mean"]) / norm["obs_std"]).astype(np.float32)  # noqa: E731
     norm_rew = lambda r: r * norm["reward_scale"] + norm["reward_bias"]  # noqa: E731
     rewards = norm_rew(data.rewards)
@@ -1081,7 +913,7 @@ def main(argv: Optional[list] = None) -> None:
     online = ReplayBuffer(obs_dim, act_dim, max(args.online_steps, 1), device, extra=BUFFER_EXTRA)
 
     env = make_env(task, seed=args.seed)
-    # >>> algo: the agent and its optimizers
+    # >>> algo: the agent, its optimizers and its update
     agent = Agent(obs_dim, act_dim, args.hidden_dim, float(env.action_space.high[0]), args.actor_dropout).to(device)
     opts = make_optimizers(agent, args.critic_lr, args.actor_lr)
 
@@ -1104,18 +936,13 @@ def main(argv: Optional[list] = None) -> None:
         agent.actor.train()
         return a[0].cpu().numpy()
 
-    def videos(step: int, kind: str = "step") -> Optional[str]:
-        return os.path.join(out_dir, "videos", f"{kind}{step}") if args.capture_video else None
+    def run_eval(step: int, kind: str = "step") -> dict:
+        video = os.path.join(out_dir, "videos", f"{kind}{step}") if args.capture_video else None
+        return evaluate(task, policy_eval, args.eval_episodes, args.seed + 10_000, video_dir=video)
 
     if args.eval_only:  # evaluate a checkpoint (e.g. --resume run --eval-only --capture-video)
-        res = {"step": start_step, **evaluate(task, policy_eval, args.eval_episodes, args.seed + 10_000,
-                                              video_dir=videos(start_step, "eval-only-step"))}
-        write_json(os.path.join(out_dir, "eval.json"), res)
-        print(f"{task.name}: normalized score {res['eval/normalized_score']:.1f} (success "
-              f"{res['eval/success_rate']:.2f}) over {args.eval_episodes} episodes at step {start_step}; "
-              f"{out_dir}/eval.json")
-        return
-    write_json(os.path.join(out_dir, "config.json"),  # the effective config, also on resume
+        return harness.write_eval(out_dir, task.name, start_step, run_eval(start_step, "eval-only-step"))
+    harness.write_json(os.path.join(out_dir, "config.json"),  # the effective config, also on resume
                {"args": dataclasses.asdict(args), "task": dataclasses.asdict(task), "device": str(device)})
     if ckpt is not None:
         print(f"resumed {out_dir} at step {start_step}")
@@ -1123,24 +950,20 @@ def main(argv: Optional[list] = None) -> None:
     logger = Logger(out_dir, dataclasses.asdict(args), run_name, track=args.track, project=args.wandb_project_name,
                     entity=args.wandb_entity)
 
-    def run_eval(step: int) -> dict:
-        res = evaluate(task, policy_eval, args.eval_episodes, seed=args.seed + 10_000, video_dir=videos(step))
-        logger.scalars(res, step)
+    def evaluation(step: int) -> None:
+        res = run_eval(step)
         progress["evals"].append({"step": step, **res})
-        return res
+        logger.scalars(res, step)
+        bar.set_postfix(score=f"{res['eval/normalized_score']:.1f}")
 
     def checkpoint(step: int) -> None:
         logger.flush(step)  # stops a diverged run before its checkpoint could overwrite the last good one
-        save_checkpoint(os.path.join(out_dir, CHECKPOINT),
+        harness.save_checkpoint(os.path.join(out_dir, harness.CHECKPOINT),
                         checkpoint_state(args, step, agent, opts, online, edis, norm, progress, gen))
 
     def after_update(metrics: dict, step: int) -> None:
         logger.accumulate(metrics, step)
         progress["updates"] += 1
-
-    def log_speed(step: int, n: int, t: float, **extra) -> None:
-        logger.flush(step)
-        logger.scalars({"charts/SPS": n / max(time.time() - t, 1e-9), **extra}, step)
 
     total = args.offline_steps + args.online_steps
     bar = tqdm(total=total, initial=start_step, desc=task.name, unit="step", dynamic_ncols=True, mininterval=2.0)
@@ -1154,22 +977,23 @@ def main(argv: Optional[list] = None) -> None:
         n_sps += 1
         bar.update(1)
         if (step + 1) % args.log_every == 0:
-            log_speed(step + 1, n_sps, t_sps)
+            logger.flush(step + 1)
+            logger.scalars({"charts/SPS": n_sps / max(time.time() - t_sps, 1e-9)}, step + 1)
             t_sps, n_sps = time.time(), 0
         if (step + 1) % args.eval_every == 0 and step + 1 < args.offline_steps:
-            bar.set_postfix(score=f"{run_eval(step + 1)['eval/normalized_score']:.1f}")
+            evaluation(step + 1)
         if (step + 1) % args.checkpoint_every == 0:
             checkpoint(step + 1)
     if start_step <= args.offline_steps and progress["offline_score"] is None:
-        res = run_eval(args.offline_steps)
-        progress["offline_score"] = res["eval/normalized_score"]
-        tqdm.write(f"offline phase done: normalized score {res['eval/normalized_score']:.1f} "
-                   f"(success {res['eval/success_rate']:.2f})")
+        evaluation(args.offline_steps)
+        progress["offline_score"] = progress["evals"][-1]["eval/normalized_score"]
+        tqdm.write(f"offline phase done: normalized score {progress['offline_score']:.1f} "
+                   f"(success {progress['evals'][-1]['eval/success_rate']:.2f})")
         checkpoint(args.offline_steps)
 
     # ALGO LOGIC: online phase: act, store, update (EDIS batches once synthetic data exist). Online checkpoints wait
     # for the end of the episode in progress, so a resumed run starts the same next episode as an uninterrupted one.
-    obs, _ = env.reset(seed=reset_seed(args.seed, progress["episodes"]))
+    obs, _ = env.reset(seed=harness.reset_seed(args.seed, progress["episodes"]))
     ep_ret, ep_success, ep_start, checkpoint_due = 0.0, False, online.size, False
     for step in range(max(start_step, args.offline_steps), total):
         t = step - args.offline_steps  # online env steps done so far
@@ -1192,7 +1016,7 @@ def main(argv: Optional[list] = None) -> None:
             if task.goal_reaching:  # CORL's regret: 1 - mean success over the online training episodes
                 ep_stats["charts/regret"] = 1.0 - float(np.mean(progress["train_successes"]))
             logger.scalars(ep_stats, step + 1)
-            obs, _ = env.reset(seed=reset_seed(args.seed, progress["episodes"]))
+            obs, _ = env.reset(seed=harness.reset_seed(args.seed, progress["episodes"]))
             ep_ret, ep_success, ep_start = 0.0, False, online.size
         # EDIS (Alg. 1): retrain every --edis-retrain-every online steps, the first once that many online transitions
         # exist (not on the last step: no update would use the samples)
@@ -1224,41 +1048,31 @@ def main(argv: Optional[list] = None) -> None:
             n_sps += 1
         bar.update(1)
         if (step + 1) % args.log_every == 0:
-            log_speed(step + 1, n_sps, t_sps, **{"charts/synthetic_fraction": args.edis_ratio if (
-                args.edis and edis.synthetic is not None) else 0.0})
+            logger.flush(step + 1)
+            logger.scalars({"charts/SPS": n_sps / max(time.time() - t_sps, 1e-9), "charts/synthetic_fraction":
+                            args.edis_ratio if args.edis and edis.synthetic is not None else 0.0}, step + 1)
             t_sps, n_sps = time.time(), 0
         if (step + 1) % args.eval_every == 0 and step + 1 < total:
-            bar.set_postfix(score=f"{run_eval(step + 1)['eval/normalized_score']:.1f}")
+            evaluation(step + 1)
         checkpoint_due |= (step + 1) % args.checkpoint_every == 0
         if checkpoint_due and episode_over:
             checkpoint(step + 1)
             checkpoint_due = False
+    if not progress["evals"] or progress["evals"][-1]["step"] != total:
+        evaluation(total)
     bar.close()
-
-    last = progress["evals"][-1] if progress["evals"] else None
-    final = last if last is not None and last["step"] == total else run_eval(total)
     checkpoint(total)
-    summary = {
+    final, successes = progress["evals"][-1], progress["train_successes"]
+    harness.finish_run(out_dir, {
         "env": task.name, "seed": args.seed, "edis": args.edis, "edis_extras": args.edis_extras,
         "offline_normalized_score": progress["offline_score"],
         "final_normalized_score": final["eval/normalized_score"], "final_success_rate": final["eval/success_rate"],
-        "regret": (1.0 - float(np.mean(progress["train_successes"]))
-                   if task.goal_reaching and progress["train_successes"] else None),
+        "regret": 1.0 - float(np.mean(successes)) if task.goal_reaching and successes else None,
         "updates": progress["updates"], "online_env_steps": online.size, "online_episodes": progress["episodes"],
         "edis_retrains": edis.retrains, "wall_time_s": time.time() - t_start, "output_dir": out_dir,
-    }
-    write_json(os.path.join(out_dir, "summary.json"), summary)
-    curves = {"evaluation": ([e["step"] for e in progress["evals"]],
-                             [e["eval/normalized_score"] for e in progress["evals"]], "D4RL normalized score")}
-    if progress["episode_scores"]:
-        curves["online training episodes"] = (*zip(*progress["episode_scores"]), "D4RL normalized score")
-    save_curves_png(os.path.join(out_dir, "learning_curve.png"), curves,
-                    "step (offline updates, then online env steps)", f"{task.name}: {exp_name}, seed {args.seed}",
-                    vline=(args.offline_steps, "offline -> online"))
+    }, progress, args.offline_steps, f"{task.name}: {exp_name}, seed {args.seed}")
     logger.close()
     env.close()
-    print(f"{task.name}: normalized score {summary['offline_normalized_score']:.1f} (offline) -> "
-          f"{summary['final_normalized_score']:.1f} (after {online.size} online steps); {out_dir}/summary.json")
 # <<< shared:main
 
 

@@ -16,14 +16,13 @@
 # replicated with DDP for --fsdp False; rank 0 logs and saves). fp32 master weights, bf16 compute with --bf16.
 # Before renting GPUs: --plan-gpus 8 prints the memory each GPU needs (utils/llm_memory.py).
 # Copying this file into another project: it needs utils/__init__.py, utils/common.py, utils/llm_task.py,
-# utils/llm_dist.py and utils/llm_memory.py beside it (docs/reliability.md, "Copying a script").
+# utils/llm_dist.py, utils/llm_memory.py and utils/llm_run.py (flags, run folder, checkpoint files) beside it.
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 import os
 import random
-import tempfile
 import time
 from typing import Literal, Optional
 
@@ -33,22 +32,11 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from utils.common import (
-    SEED_RANGE,
     Diverged,
     Logger,
-    UserError,
-    atomic_write_bytes,
     check_finite,
-    check_flags,
-    check_output_dir,
-    cli_with_presets,
-    config_table,
-    get_rng_state,
     make_output_dir,
-    peek_args,
-    resumed_args,
     run_cli,
-    save_curves_png,
     seed_everything,
     set_rng_state,
 )
@@ -56,18 +44,24 @@ from utils.llm_dist import (
     all_finite,
     all_reduce_sum,
     as_float,
-    full_state,
-    gather_to_rank0,
     gathered,
     load_optimizer_state,
     precision,
     prepare_model,
-    read_trainer_state,
     setup_distributed,
-    swap_in_folder,
     unwrap,
 )
 from utils.llm_memory import memory_plan_text
+from utils.llm_run import (
+    accuracy_text,
+    finish_run,
+    model_defaults,
+    parse_flags,
+    resolve_hardware,
+    save_checkpoint,
+    start_run,
+    write_json,
+)
 from utils.llm_task import (
     BUILTIN,
     QWEN_MATH_SYSTEM,
@@ -357,7 +351,7 @@ def optimizer_step(model, opt, batch: dict, args: Args, world: int, amp) -> dict
     sums, total = None, torch.zeros((), device=normalizer.device)
     for i, mb in enumerate(mbs):
         sync = i == len(mbs) - 1 or not hasattr(model, "no_sync")
-        ctx = model.no_sync() if not sync else _nullcontext()
+        ctx = model.no_sync() if not sync else contextlib.nullcontext()
         with ctx, amp():
             loss, s = loss_terms(model, mb, args, normalizer)
             (loss * world).backward()  # DDP and FSDP average gradients over ranks; the loss is a global sum share
@@ -372,14 +366,6 @@ def optimizer_step(model, opt, batch: dict, args: Args, world: int, amp) -> dict
     out = {k: float(sums[i] / sums[n + i].clamp(min=1)) for i, k in enumerate(ALGO_METRICS)}
     out.update({"train/loss": float(sums[-1]), "train/grad_norm": as_float(grad_norm)})
     return out
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 # <<< shared:train
 
 
@@ -427,82 +413,12 @@ def _evaluate(model, tok, prompts: list, golds: list, args: Args, rank: int, wor
 # <<< shared:eval
 
 
-# >>> shared:checkpoint
-# ---------------------------------------------------------------------------------------------------------------
-# BOILERPLATE: checkpoints (save_pretrained + trainer state, swapped in atomically)
-# ---------------------------------------------------------------------------------------------------------------
-CHECKPOINT_FORMAT = 2  # trainer_state.pt of another format is refused in one line (no migrations)
-
-
-def save_checkpoint(out_dir: str, model, ref_model, tok, opt, state: dict, args: Args, rank: int) -> None:
-    """checkpoint/ holds a plain save_pretrained model + tokenizer (fp32, loadable by transformers and vLLM),
-    reference/ when the frozen model is no longer the initial one (ReVal's resets), and trainer_state.pt (optimizer
-    by parameter name, each rank's RNG and state, round, counters). Every rank calls it (FSDP gathers the shards to
-    rank 0, which writes). Written to a temporary folder, then swapped in."""
-    model_sd, optim_sd = full_state(model, opt)
-    ref_sd = full_state(ref_model)[0] if state.get("ref_resets") else None
-    ranks = gather_to_rank0({"rng": get_rng_state(), "state": state})  # e.g. ReVal's replay buffer is per rank
-    if rank != 0:
-        return
-    tmp = tempfile.mkdtemp(dir=out_dir, prefix=".checkpoint-")
-    unwrap(model).save_pretrained(tmp, state_dict=model_sd)
-    tok.save_pretrained(tmp)
-    if ref_sd is not None:
-        unwrap(ref_model).save_pretrained(os.path.join(tmp, "reference"), state_dict=ref_sd)
-        tok.save_pretrained(os.path.join(tmp, "reference"))
-    # tensors and plain values only: loading it never executes code (torch.load(weights_only=True))
-    torch.save({"format": CHECKPOINT_FORMAT, "optimizer": optim_sd, "ranks": ranks, "args": dataclasses.asdict(args)},
-               os.path.join(tmp, "trainer_state.pt"))
-    swap_in_folder(tmp, os.path.join(out_dir, "checkpoint"))  # a crash leaves the previous checkpoint
-
-
-# Flags that may change when a run is resumed (budgets, evaluation, logging, hardware, the learning rate, applied to
-# the restored optimizer); any other flag given with --resume must equal the checkpoint's.
-RESUME_MAY_CHANGE = {"resume", "output_dir", "overwrite", "device", "bf16", "fsdp", "gradient_checkpointing",
-                     "plan_gpus", "track", "wandb_project_name",
-                     "wandb_entity", "total_rounds", "eval_every", "eval_samples", "eval_batch_size",
-                     "checkpoint_every", "micro_batch_size", "learning_rate", "max_grad_norm",
-                     "reward_timeout", "eval_only", "eval_prompts"} | ALGO_RESUME_MAY_CHANGE
-
-
-def load_checkpoint(args: Args, argv: Optional[list]) -> tuple:
-    """``--resume``: (checkpoint folder, trainer state loaded without executing anything, the run's config = the
-    saved flags overridden by the ones given now, which must be among RESUME_MAY_CHANGE)."""
-    resume_dir, saved = read_trainer_state(args.resume, CHECKPOINT_FORMAT)
-    folder = os.path.dirname(os.path.abspath(resume_dir))
-    args = resumed_args(Args, argv, saved, folder, RESUME_MAY_CHANGE, f"--resume {args.resume}")
-    return resume_dir, saved, args
-# <<< shared:checkpoint
-
-
 # >>> shared:main
-COMMON_RANGES = {"seed": SEED_RANGE, "temperature": "(0, inf)", "reward_timeout": "(0, 600]",
-                 "learning_rate": "(0, inf)", "weight_decay": "[0, inf)", "max_grad_norm": "(0, inf)",
-                 "eval_samples": "[0, inf)", "total_rounds": "[0, inf)", "plan_gpus": "[0, inf)",
-                 **{name: "[1, inf)" for name in ("prompts_per_round", "group_size", "max_new_tokens",
-                                                  "max_prompt_tokens", "micro_batch_size", "eval_every",
-                                                  "eval_prompts", "eval_batch_size", "checkpoint_every")}}
-
-
-def model_defaults(args: Args) -> dict:
-    """Defaults that depend on --model: the learning rate (the built-in 1M-parameter model trains at 5e-5; real
-    models at the ReVal paper's 1e-6)."""
-    return {"learning_rate": 5e-5 if args.model == BUILTIN else 1e-6}
-
-
 def main(argv: Optional[list] = None) -> None:
-    args = peek_args(Args, argv)  # --help is answered below, showing the resolved defaults
-    resume_dir = saved = None
-    if args.resume:  # the saved config, overridden by the flags given now
-        resume_dir, saved, args = load_checkpoint(args, argv)
-    else:
-        # >>> algo: defaults that depend on the model (flags given now win; --help shows them resolved)
-        args = cli_with_presets(Args, argv, model_defaults)
-        # <<< algo
-    check_flags(args, COMMON_RANGES)
-    if args.eval_only and saved is None:
-        raise UserError("--eval-only evaluates a checkpoint: give the run with --resume DIR")
-    check_flags(args, ALGO_RANGES)
+    # >>> algo: defaults that depend on the model (flags given now win; --help shows them resolved)
+    defaults = model_defaults
+    # <<< algo
+    args, resume_dir, saved = parse_flags(Args, argv, defaults, ALGO_RESUME_MAY_CHANGE, ALGO_RANGES)
     # >>> algo: GRPO needs pi_ref only for its KL term (beta > 0)
     use_ref = args.beta > 0
     # <<< algo
@@ -514,27 +430,9 @@ def main(argv: Optional[list] = None) -> None:
                                * max(args.eval_samples, 1)))
         return
     rank, world, device = setup_distributed(args.device)
-    if args.prompts_per_round % world:
-        raise UserError(f"--prompts-per-round {args.prompts_per_round} must be divisible by the {world} ranks")
-    if args.bf16 is None:
-        args.bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    if args.fsdp is None:  # shard real models under torchrun (a 7B model does not fit a GPU replicated, with AdamW)
-        args.fsdp = world > 1 and args.model != BUILTIN
-    args.fsdp = args.fsdp and world > 1  # nothing to shard over in one process
-    if saved is not None and len(saved["ranks"]) != world:  # each rank resumes its own random streams and state
-        raise UserError(f"--resume: the checkpoint was written by {len(saved['ranks'])} processes; resume it with "
-                        f"as many (torchrun --nproc_per_node {len(saved['ranks'])})")
-    if args.prompt_template == "auto":
-        args.prompt_template = "plain" if args.model == BUILTIN else "r1"
+    resolve_hardware(args, device, world, saved)  # bf16, FSDP and the prompt template by default; checks
     log = print if rank == 0 else (lambda *a, **k: None)
-    exp_name = os.path.basename(__file__)[: -len(".py")]
-    run_name = f"{os.path.basename(args.model.rstrip('/'))}__{exp_name}__{args.seed}__{int(time.time())}"
-    out_dir = args.output_dir or os.path.join("runs", run_name)
-    in_place = resume_dir is not None and os.path.abspath(out_dir) == os.path.dirname(os.path.abspath(resume_dir))
-    if rank == 0:
-        check_output_dir(out_dir, resuming=in_place, overwrite=args.overwrite)
-    log(f"{exp_name}, device {device} x {world}; flags after defaults (also in config.json):\n"
-        f"{config_table(dataclasses.asdict(args))}")
+    exp_name, run_name, out_dir = start_run(__file__, args, rank, world, device, resume_dir, log)
 
     # TRY NOT TO MODIFY: seeding (same init on every rank; data and sampling streams differ per rank)
     seed_everything(args.seed)
@@ -573,10 +471,9 @@ def main(argv: Optional[list] = None) -> None:
     if rank == 0:  # only now: a run that fails on its flags, data or model leaves no folder behind
         make_output_dir(out_dir)
     if rank == 0 and not args.eval_only:
-        atomic_write_bytes(os.path.join(out_dir, "config.json"), json.dumps(
-            {**dataclasses.asdict(args), "device_used": str(device), "world_size": world,
-             "train_prompts": len(train), "eval_prompts_used": len(evalset), "train_eval_overlap": overlap},
-            indent=2).encode())
+        write_json(os.path.join(out_dir, "config.json"), {**dataclasses.asdict(args), "device_used": str(device),
+                   "world_size": world, "train_prompts": len(train), "eval_prompts_used": len(evalset),
+                   "train_eval_overlap": overlap})
     if saved is not None:
         log(f"resumed {out_dir} at round {state['round']}")
     logger = Logger(out_dir, dataclasses.asdict(args), run_name, rank == 0, args.track, args.wandb_project_name,
@@ -587,10 +484,9 @@ def main(argv: Optional[list] = None) -> None:
     if args.eval_only:  # BOILERPLATE: evaluate a checkpoint (e.g. --resume run --eval-only --eval-samples 16)
         res = {"round": state["round"], **evaluate(policy, tok, eval_prompts, eval_golds, args, rank, world)}
         if rank == 0:
-            atomic_write_bytes(os.path.join(out_dir, "eval.json"), json.dumps(res, indent=2).encode())
-        log(f"round {state['round']}: eval accuracy {res['eval/accuracy']:.3f}" + (
-            f", sampled mean@{args.eval_samples} {res['eval/accuracy_sampled']:.3f}" if args.eval_samples else "")
-            + f" on {len(eval_prompts)} prompts; {out_dir}/eval.json")
+            write_json(os.path.join(out_dir, "eval.json"), res)
+        log(f"round {state['round']}: {accuracy_text(res, args.eval_samples)} on {len(eval_prompts)} prompts; "
+            f"{out_dir}/eval.json")
         if dist.is_initialized():
             dist.destroy_process_group()
         return
@@ -600,8 +496,7 @@ def main(argv: Optional[list] = None) -> None:
         state["initial_eval"] = res["eval/accuracy"]
         state["evals"].append({"round": 0, **res})
         logger.scalars(res, 0)
-        log(f"round 0: eval accuracy {res['eval/accuracy']:.3f}"
-            + (f", sampled mean@{args.eval_samples} {res['eval/accuracy_sampled']:.3f}" if args.eval_samples else ""))
+        log(f"round 0: {accuracy_text(res, args.eval_samples)}")
     bar = tqdm(total=args.total_rounds, initial=state["round"], desc=exp_name, unit="round", disable=rank != 0,
                dynamic_ncols=True)
     for rnd in range(state["round"], args.total_rounds):
@@ -663,36 +558,14 @@ def main(argv: Optional[list] = None) -> None:
             res = evaluate(policy, tok, eval_prompts, eval_golds, args, rank, world)
             state["evals"].append({"round": rnd + 1, **res})
             logger.scalars(res, rnd + 1)
-            (bar.write if rank == 0 else log)(f"round {rnd + 1}: eval accuracy {res['eval/accuracy']:.3f}" + (
-                f", sampled mean@{args.eval_samples} {res['eval/accuracy_sampled']:.3f}" if args.eval_samples else ""))
+            (bar.write if rank == 0 else log)(f"round {rnd + 1}: {accuracy_text(res, args.eval_samples)}")
         state["wall_time_s"] = time.time() - t_start
         if (rnd + 1) % args.checkpoint_every == 0 or rnd + 1 == args.total_rounds:
             save_checkpoint(out_dir, model, ref_model, tok, opt, state, args, rank)
     bar.close()
     if rank == 0:
-        first, last = state["evals"][0], state["evals"][-1]
-        summary = {"model": args.model, "dataset": args.dataset, "seed": args.seed,
-                   "initial_eval_accuracy": state["initial_eval"], "final_eval_accuracy": last["eval/accuracy"],
-                   "initial_eval_accuracy_sampled": first.get("eval/accuracy_sampled"),
-                   "final_eval_accuracy_sampled": last.get("eval/accuracy_sampled"), "rounds": state["round"],
-                   "generated_trajectories": state["generated"], "wall_time_s": time.time() - t_start,
-                   "world_size": world, "output_dir": out_dir,
-                   **{k: v for k, v in state.items() if k in SUMMARY_KEYS}}
-        atomic_write_bytes(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2).encode())
-        curves = {"greedy": ([e["round"] for e in state["evals"]], [e["eval/accuracy"] for e in state["evals"]],
-                             "held-out accuracy")}
-        if args.eval_samples:
-            curves[f"sampled mean@{args.eval_samples}"] = ([e["round"] for e in state["evals"]],
-                                                           [e["eval/accuracy_sampled"] for e in state["evals"]],
-                                                           "held-out accuracy")
-        if state.get("reward_history"):
-            curves["training reward"] = (*zip(*state["reward_history"]), "mean verifier reward per round")
-        save_curves_png(os.path.join(out_dir, "learning_curve.png"), curves, "round",
-                        f"{os.path.basename(args.model.rstrip('/'))}: {exp_name}, seed {args.seed}")
-        sampled = (f", sampled mean@{args.eval_samples} {summary['initial_eval_accuracy_sampled']:.3f} -> "
-                   f"{summary['final_eval_accuracy_sampled']:.3f}" if args.eval_samples else "")
-        log(f"eval accuracy (greedy) {summary['initial_eval_accuracy']:.3f} -> {summary['final_eval_accuracy']:.3f}"
-            f"{sampled} after {summary['rounds']} rounds; {out_dir}/summary.json")
+        finish_run(out_dir, args, state, world, time.time() - t_start, exp_name, log,
+                   {k: v for k, v in state.items() if k in SUMMARY_KEYS})
     logger.close()
     if dist.is_initialized():  # wait for rank 0's checkpoint and summary: a rank leaving early can abort the group
         dist.barrier()

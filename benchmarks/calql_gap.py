@@ -5,7 +5,7 @@
 Runs already in results/calql_gap.json that are not under --runs any more (runs/ is not committed) are kept.
 
 The CQL regulariser of Cal-QL (and its Lagrange multiplier alpha', which keeps the batch's mean gap at
---cql-target-action-gap) sees a batch-average gap, logsumexp_a Q(s, a) - Q(s, a_data). This script loads each run's
+its target 0.8) sees a batch-average gap, logsumexp_a Q(s, a) - Q(s, a_data). This script loads each run's
 final checkpoint and measures that gap separately on offline rows, online rows and EDIS's synthetic rows (4,096 of
 each, uniform, the same offline rows for every run), with the run's critics and actor and calql_update's action sets
 (no calibration bound: the online phase's default). It shows whether a rising alpha' comes from what a source's gap
@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 from study_common import machine_info  # noqa: E402
 
 import edis_calql as m  # noqa: E402
+from utils.run import CHECKPOINT_FORMAT  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -51,8 +52,8 @@ def action_gap(agent: m.Agent, args: m.Args, rows: dict, generator: torch.Genera
     a_next, logp_next = agent.actor.rsample(s2, k)
     q = agent.qf.forward_multi(s, torch.cat([a[:, None], a_rand, a_curr, a_next], 1))
     ood = m.cql_logsumexp(q[..., 1:1 + k], q[..., 1 + k:1 + 2 * k], q[..., 1 + 2 * k:], logp_curr, logp_next,
-                          act_dim, args.cql_temp, args.cql_importance_sample)
-    gap = (ood - q[..., 0]).clamp(args.cql_clip_diff_min, args.cql_clip_diff_max)
+                          act_dim)
+    gap = (ood - q[..., 0]).clamp(min=args.cql_clip_diff_min)
     return {"gap": gap.mean().item(), "q_data": q[..., 0].mean().item()}
 
 
@@ -77,14 +78,16 @@ def main(c: Cli) -> None:
         if not os.path.exists(os.path.join(run_dir, "summary.json")):
             continue  # still running
         seed, arm = int(os.path.basename(os.path.dirname(run_dir))[4:]), os.path.basename(run_dir)
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        args = m.Args(**{k: v for k, v in ckpt["args"].items() if k in m.Args.__dataclass_fields__})  # (older
-        # versions' flags that are gone, e.g. --cql-synthetic, do not matter here)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values only
+        if ckpt.get("format") != CHECKPOINT_FORMAT:
+            sys.exit(f"error: {path} has checkpoint format {ckpt.get('format')}, this script reads "
+                     f"{CHECKPOINT_FORMAT}: measure it with the version that wrote it")
+        args = m.Args(**ckpt["args"])
         if data is None:
             data = m.load_offline_data(m.get_task(args.env), dataset_path=args.dataset_path)
             offline_idx = np.random.default_rng(0).integers(0, len(data), c.rows)
         norm = {k: v.numpy() if v.dim() else float(v) for k, v in ckpt["normalization"].items()}
-        agent = m.Agent(len(norm["obs_mean"]), data.actions.shape[1], args, 1.0)
+        agent = m.Agent(len(norm["obs_mean"]), data.actions.shape[1], args.hidden_dim, 1.0, args.q_layers)
         agent.load_state_dict(ckpt["agent"])
         gen = torch.Generator().manual_seed(seed)
         sources = {"offline": {k: torch.as_tensor(v[offline_idx]) for k, v in (
@@ -95,7 +98,7 @@ def main(c: Cli) -> None:
                 idx = torch.randint(0, buf["size"], (c.rows,), generator=gen)
                 sources[name] = {k: buf["data"][k][idx] for k in ("observations", "actions", "next_observations")}
         row = {"seed": seed, "arm": arm, "step": ckpt["step"], "alpha_prime": agent.log_alpha_prime.exp().item(),
-               "target_gap": args.cql_target_action_gap,
+               "target_gap": m.TARGET_ACTION_GAP,
                **{name: action_gap(agent, args, rows, gen) for name, rows in sources.items()}}
         print(json.dumps(row), flush=True)
         results.append(row)

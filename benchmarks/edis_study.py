@@ -32,7 +32,11 @@ BUDGETS = {
 }
 
 
-ARM_FLAGS = {"noedis": ["--no-edis"], "paper": ["--edis", "--no-edis-extras"], "extras": ["--edis", "--edis-extras"]}
+ARM_FLAGS = {"noedis": ["--no-edis"], "paper": ["--edis", "--no-edis-extras"], "extras": ["--edis", "--edis-extras"],
+             # diagnosis: EDIS's batches without synthetic rows (ratio 0: online only after the first "retrain",
+             # whose tiny model is never sampled from), to tell the loss of offline rows from the synthetic data
+             "online_only": ["--edis", "--edis-ratio", "0", "--edis-diffusion-steps", "10", "--edis-num-samples", "10",
+                             "--edis-sample-steps", "2", "--energy-pool", "16", "--energy-steps", "1"]}
 
 
 @dataclasses.dataclass
@@ -57,7 +61,7 @@ class Cli:
     """override BUDGETS[algo]['eval_every'] for every algorithm"""
     retrain_every: Optional[int] = None
     """override BUDGETS[algo]['retrain_every'] for every algorithm"""
-    arms: tuple[Literal["noedis", "paper", "extras"], ...] = ("noedis", "paper", "extras")
+    arms: tuple[Literal["noedis", "paper", "extras", "online_only"], ...] = ("noedis", "paper", "extras")
     """which online arms to run, in this order"""
     extra: str = ""
     """more flags for the offline phase (the arms inherit its config), written with '=': --extra='--hidden-dim 64'"""

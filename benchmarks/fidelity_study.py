@@ -1,16 +1,16 @@
 """Study 3 of docs/results.md: how physically correct are EDIS's synthetic transitions, how close are their states to
-the online state distribution and their actions to the current policy? Unguided diffusion vs each energy design of
-EDIS guidance vs real data, on PointMaze.
+the online state distribution and their actions to the current policy? Unguided diffusion vs guided samples of the
+paper's EDIS and of --edis-extras vs real data, on PointMaze.
 
     python benchmarks/fidelity_study.py --algo iql --seeds 1 2 3     # needs benchmarks/edis_study.py's runs
 
 For each seed it loads the final checkpoint of one arm of the EDIS study (default: plain fine-tuning, so the buffer
 does not depend on any EDIS design): the agent (the "current policy"), the online replay and the normalisation. It
-rebuilds the offline buffer and keeps ``--held-out`` online transitions out of every training pool. Then, for each
-energy design, it does what the script's EDIS retrain does (fresh denoiser on offline + online data, fresh energies
-trained for ``--energy-steps`` InfoNCE steps) and draws ``--samples`` transitions from the same initial noise without
-guidance and with guidance restricted to each ``--guide-sigma-max``. The factored design's conditional sampler is
-checked on its own: (r, s', d) generated given real held-out (s, a).
+rebuilds the offline buffer and keeps ``--held-out`` online transitions out of every training pool. Then, for the
+paper's form and the extras, it does what the script's EDIS retrain does (fresh denoiser on offline + online data,
+fresh energies trained for ``--energy-steps`` InfoNCE steps) and draws ``--samples`` transitions from the same
+initial noise without and with guidance. The conditional sampler is checked on its own: (r, s', d) generated given
+real held-out (s, a).
 
 Measured for each set (and for real offline / held-out online transitions, which check the measurement itself):
 
@@ -33,13 +33,10 @@ Writes ``<out>/<algo>_seed<k>.json``; ``benchmarks/make_results.py`` turns them 
 
 import dataclasses
 import importlib
-import itertools
 import json
-import math
 import os
 import sys
 import time
-from typing import Optional
 
 import numpy as np
 import torch
@@ -49,6 +46,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 from study_common import machine_info  # noqa: E402
+
+from utils.common import safe_torch_load, seed_everything  # noqa: E402
 
 
 def mmd2(x: torch.Tensor, y: torch.Tensor, bandwidth: float) -> float:
@@ -109,9 +108,7 @@ def ball_radius(env) -> float:
     return float(model.geom_size[mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_GEOM, "particle_geom")][0])
 
 
-def measure(name: str, raw: dict, env, online_ref: torch.Tensor, norm_state, bandwidth: float,
-            policy_mean, model_rewards: Optional[np.ndarray] = None) -> dict:
-    """``model_rewards``: the same transitions' rewards relabelled by the reward model (--edis-reward-model)."""
+def measure(name: str, raw: dict, env, online_ref: torch.Tensor, norm_state, bandwidth: float, policy_mean) -> dict:
     obs, act = raw["observations"], raw["actions"]
     nxt, rew = raw["next_observations"], raw["rewards"]
     sim = simulate(env, obs, act)
@@ -126,8 +123,7 @@ def measure(name: str, raw: dict, env, online_ref: torch.Tensor, norm_state, ban
     wall_dist = wall_distance(env, obs[:, :2])
     overlap = wall_dist < radius
     clear = ~overlap & (wall_distance(env, nxt[:, :2]) >= radius)
-    extra = {} if model_rewards is None else {"reward_model_error_mean": float(np.abs(model_rewards - r_true).mean())}
-    return {**extra, "set": name, "n": len(obs), "dynamics_error_mean": float(dyn.mean()),
+    return {"set": name, "n": len(obs), "dynamics_error_mean": float(dyn.mean()),
             "dynamics_error_median": float(np.median(dyn)),
             "dynamics_error_free_mean": float(dyn[free].mean()) if free.any() else None,
             "dynamics_error_clear_mean": float(dyn[clear].mean()) if clear.any() else None,
@@ -141,44 +137,6 @@ def measure(name: str, raw: dict, env, online_ref: torch.Tensor, norm_state, ban
             "policy_action_dist": float(np.linalg.norm(act - policy_mean(obs), axis=1).mean())}
 
 
-def generated_rows(a: "Cli", args, mod, edis, denoiser, cond, variant: str, seed: int, reward_model, norm: dict,
-                   speed: dict, measure_set, to_raw, base: dict) -> list:
-    """Generate and measure each (sampler, guidance, energy weights) set of one trained denoiser + energies."""
-    rows, codec = [], edis.codec
-    # energy weight sets: the design's energies (EDIS), + realism, realism alone
-    weight_sets, off = {"": dict(base, realism=0.0)}, {k: 0.0 for k in base}
-    for lam in a.realism:
-        r = "realism" if lam == 1.0 else f"realism x {lam:g}"
-        weight_sets.update({f" + {r}": dict(base, realism=lam), f", {r} only": dict(off, realism=lam)})
-    for w in a.energy_scales:  # the design's energies scaled by w, realism (if trained) at weight 1
-        weight_sets[f", design energies x {w:g}" + (" + realism" if a.realism else "")] = dict(
-            {k: w * v for k, v in base.items()}, realism=1.0 if a.realism else 0.0)
-    cases = [(sampler, gsm, w) for sampler in a.samplers if sampler == "joint" or cond is not None
-             for gsm in (None, *a.guide_sigma_max) for w in (("",) if gsm is None else weight_sets)]
-    for sampler, gsm, w in cases:
-        args.edis_sampler = sampler
-        args.guide_sigma_max = math.inf if gsm is None else gsm
-        for k, v in weight_sets[w].items():
-            setattr(args, f"guide_{k}", v)
-        noise = torch.Generator().manual_seed(seed + 123)  # the same initial noise for every set
-        t1 = time.time()
-        x = mod.generate(edis, denoiser, a.samples, args, noise, guided=gsm is not None).detach()
-        name = (f"{variant}, {sampler} sampler: "
-                + ("unguided" if gsm is None else f"guided at sigma <= {gsm:g}{w}"))
-        speed[name] = a.samples / (time.time() - t1)
-        syn = codec.decode(x)
-        with torch.no_grad():
-            r_model = reward_model(torch.cat([syn["observations"], syn["actions"], syn["next_observations"]],
-                                             -1)).squeeze(-1)
-        r_model = ((r_model - norm["reward_bias"]) / norm["reward_scale"]).numpy()
-        rows.append(measure_set(name, to_raw(syn), r_model))
-        print(f"seed {seed} {name:>60}: dyn err {rows[-1]['dynamics_error_mean']:.4f}  "
-              f"reward err {rows[-1]['reward_error_mean']:.3f}  walls {rows[-1]['states_in_walls']:.3f}  "
-              f"(model {rows[-1]['reward_model_error_mean']:.3f})  MMD2 {rows[-1]['mmd2_to_online']:.4f}  "
-              f"pi {rows[-1]['policy_action_dist']:.3f}", flush=True)
-    return rows
-
-
 @dataclasses.dataclass
 class Cli:
     algo: str = "iql"
@@ -187,20 +145,8 @@ class Cli:
     """seeds of benchmarks/edis_study.py whose checkpoints are used"""
     arm: str = "noedis"
     """which arm's final checkpoint gives the online buffer and the current policy (noedis: independent of EDIS)"""
-    designs: tuple[str, ...] = ("factored", "joint")
-    """energy designs (--edis-energies) to compare"""
-    online_fracs: tuple[float, ...] = (0.5,)
-    """--edis-online-frac values to compare (share of online rows in the diffusion batches; 0 = uniform)"""
-    guide_sigma_max: tuple[float, ...] = (5.0,)
-    """noise levels up to which guidance is applied (80 = the whole schedule)"""
-    samplers: tuple[str, ...] = ("joint", "sequential")
-    """--edis-sampler values to compare (sequential needs a denoiser trained for conditionals: factored design)"""
-    realism: tuple[float, ...] = (1.0,)
-    """weights of the realism energy (--guide-realism) in the sets that add it, and alone (none: not trained)"""
-    energy_scales: tuple[float, ...] = ()
-    """more sets: the design's energies' guidance weights times each value (realism at 1 if trained), e.g. 0.5"""
-    energy_pools: tuple[int, ...] = (256,)
-    """--energy-pool values to compare (positives per retrain; presets now 2048 CPU, 4096 GPU; 256 before)"""
+    forms: tuple[str, ...] = ("paper", "extras")
+    """EDIS as the paper writes it, and with --edis-extras"""
     energy_steps: int = 400
     """InfoNCE steps of the (fresh) energies: a run's energies persist over its retrains, 4 x 100 at the CPU preset"""
     runs: str = os.path.join(ROOT, "benchmarks", "runs", "edis")
@@ -221,15 +167,13 @@ def main(a: Cli) -> None:
     torch.set_num_threads(a.threads)
     os.makedirs(a.out, exist_ok=True)
     mod = importlib.import_module(f"edis_{a.algo}")
-    base = mod.guidance_weights(mod.Args())  # the scripts' default weights
     for seed in a.seeds:
-        ckpt_path = os.path.join(a.runs, a.algo, f"seed{seed}", a.arm, mod.CHECKPOINT)
+        ckpt_path = os.path.join(a.runs, a.algo, f"seed{seed}", a.arm, "checkpoint.pt")
         if not os.path.exists(ckpt_path):
             sys.exit(f"error: no checkpoint at {ckpt_path}; run benchmarks/edis_study.py --seeds {seed} first")
         t0 = time.time()
-        ckpt = mod.safe_torch_load(ckpt_path, "fidelity study")  # never executes code from the file
+        ckpt = safe_torch_load(ckpt_path, "fidelity study")  # never executes code from the file
         args = mod.Args(**ckpt["args"])
-        args.energy_steps = a.energy_steps
         for item in a.overrides:
             name, _, value = item.partition("=")
             old = getattr(args, name, None)
@@ -241,7 +185,7 @@ def main(a: Cli) -> None:
                 sys.exit(f"error: --overrides {item}: {value!r} is not a {type(old).__name__}")
         task = mod.get_task(args.env)
         device = torch.device("cpu")
-        mod.seed_everything(seed, False)
+        seed_everything(seed, False)
         gen = torch.Generator().manual_seed(seed)
         norm = {k: v.numpy() if v.dim() else float(v) for k, v in ckpt["normalization"].items()}
         mean, std = torch.as_tensor(norm["obs_mean"]), torch.as_tensor(norm["obs_std"])
@@ -258,14 +202,14 @@ def main(a: Cli) -> None:
         # the held-out online transitions never enter a training pool: split once, train on the rest
         perm = torch.randperm(full.size, generator=gen)
         n_held = min(a.held_out, full.size // 2)
-        held_rows = full.get(perm[:n_held])
+        rows_of = lambda idx: {k: v[idx] for k, v in full.data.items()}  # noqa: E731
+        held_rows = rows_of(perm[:n_held])
         online = mod.ReplayBuffer(obs_dim, act_dim, full.size - n_held, device, extra=mod.BUFFER_EXTRA)
-        online.add_batch(full.get(perm[n_held:]))
+        online.add_batch(rows_of(perm[n_held:]))
         env = mod.make_env(task, seed=seed)
-        agent = mod.Agent(obs_dim, act_dim, args, float(env.action_space.high[0]))
-        # only the actor is used (the "current policy"); the critics' layout may be an older version's
-        agent.actor.load_state_dict({k.removeprefix("actor."): v for k, v in ckpt["agent"].items()
-                                     if k.startswith("actor.")})
+        agent = mod.Agent(obs_dim, act_dim, args.hidden_dim, float(env.action_space.high[0]),
+                          *((args.actor_dropout,) if a.algo == "iql" else (args.q_layers,)))
+        agent.load_state_dict(ckpt["agent"])  # only the actor is used (the "current policy")
 
         def to_raw(batch: dict) -> dict:  # normalised buffer rows -> env units
             return {"observations": (batch["observations"] * std + mean).numpy(),
@@ -280,48 +224,55 @@ def main(a: Cli) -> None:
         agent.eval()  # the deterministic evaluation action of the current policy (no dropout)
         policy_mean = lambda s: agent.actor.act(norm_state(s)).detach().clamp(-1, 1).numpy()  # noqa: E731
         off_idx = torch.randint(0, offline.size, (a.samples,), generator=gen)
-        rows = [measure("offline (real)", to_raw(offline.get(off_idx)), env, online_ref, norm_state, bandwidth,
+        off_rows = {k: v[off_idx] for k, v in offline.data.items()}
+        rows = [measure("offline (real)", to_raw(off_rows), env, online_ref, norm_state, bandwidth,
                         policy_mean),
                 measure("online (real, held out)", to_raw({k: v[half:] for k, v in held_rows.items()}), env,
                         online_ref, norm_state, bandwidth, policy_mean)]
         speed, energy_acc, timing = {}, {}, {}
-        for online_frac, design in itertools.product(a.online_fracs, a.designs):
-            args.edis_energies, args.edis_online_frac = design, online_frac
-            args.guide_realism = 1.0 if a.realism else 0.0  # trained with the others; the weights pick per set
-            args.guide_sigma_max = max(a.guide_sigma_max)  # energies train at the levels guidance uses
-            variant = f"{design} energies, online frac {online_frac:g}"
-            codec = mod.TransitionCodec(obs_dim, act_dim, device)
+        for form in a.forms:
+            extras = form == "extras"
+            online_frac, sigma_max = (mod.EXTRAS["online_frac"], mod.EXTRAS["guide_sigma_max"]) if extras else (
+                0.0, mod.SIGMA_MAX)
+            edis = mod.EDISState(mod.TransitionCodec(obs_dim, act_dim, device))
+            codec = edis.codec
             x_raw = torch.cat([codec.raw(offline.rows()), codec.raw(online.rows())])
             codec.fit(x_raw)
-            cond = codec.cond_masks() if design == "factored" else None
+            cond = torch.stack([codec.mask(codec.s), codec.mask(codec.s, codec.a)])
             t1 = time.time()
             x_train = (x_raw - codec.mean) / codec.std
-            denoiser, _ = mod.train_diffusion(x_train, args, gen, cond, online.size)
+            denoiser, _ = mod.train_diffusion(x_train, args.edis_diffusion_steps, args.edis_width, args.edis_depth,
+                                              gen, cond, online.size, online_frac)
             diffusion_s = time.time() - t1
-            if design == "factored":  # the conditional sampler: (r, s', d) given real held-out (s, a)
-                x_held = codec.encode(held_rows)[: a.samples]
-                with torch.no_grad():
-                    x = mod.sample_chunked(denoiser, len(x_held), codec.dim, args, gen, known=x_held,
-                                           known_mask=codec.mask(codec.s, codec.a))
-                rows.append(measure(f"{variant}: (r, s', d) given real (s, a), conditional sampler",
-                                    to_raw(codec.decode(x)), env, online_ref, norm_state, bandwidth, policy_mean))
-            reward_model, _ = mod.fit_reward_model(x_raw, codec, args, gen)  # as --edis-reward-model
-            for pool in a.energy_pools:
-                args.energy_pool = pool
-                name_v = variant + (f", energy pool {pool}" if len(a.energy_pools) > 1 else "")
-                edis = mod.new_edis_state(obs_dim, act_dim, args, device)
-                edis.codec = codec
-                t2 = time.time()
-                energy_metrics = mod.train_energies(edis, denoiser, online, lambda o: agent.actor.sample(o), args,
-                                                    gen, x_train)
-                timing[name_v] = {"diffusion_s": diffusion_s, "energies_s": time.time() - t2}
-                energy_acc[name_v] = {k: float(v) for k, v in energy_metrics.items() if "acc" in k}
-                rows += generated_rows(a, args, mod, edis, denoiser, cond, name_v, seed, reward_model, norm, speed,
-                                       lambda n, raw, r: measure(n, raw, env, online_ref, norm_state, bandwidth,
-                                                                 policy_mean, r), to_raw, base)
+            x_held = codec.encode(held_rows)[: a.samples]  # the conditional sampler: (r, s', d) given real (s, a)
+            with torch.no_grad():
+                x = mod.sample_chunked(denoiser, len(x_held), codec.dim, args.edis_sample_steps, gen, known=x_held,
+                                       known_mask=codec.mask(codec.s, codec.a))
+            rows.append(measure(f"{form}: (r, s', d) given real (s, a), conditional sampler",
+                                to_raw(codec.decode(x)), env, online_ref, norm_state, bandwidth, policy_mean))
+            mod.build_energies(edis, extras, task.position_dims)
+            t2 = time.time()
+            metrics = mod.fit_energies(edis, denoiser, online, agent.actor.sample, x_train, gen,
+                                       sample_steps=args.edis_sample_steps, pool=args.energy_pool,
+                                       negatives=args.energy_negatives, steps=a.energy_steps,
+                                       online_frac=online_frac, sigma_max=sigma_max)
+            timing[form] = {"diffusion_s": diffusion_s, "energies_s": time.time() - t2}
+            energy_acc[form] = {k: float(v) for k, v in metrics.items() if "acc" in k}
+            for name, guidance in (("unguided", None), ("guided", mod.make_guidance(edis.energies, {}))):
+                noise = torch.Generator().manual_seed(seed + 123)  # the same initial noise for every set
+                t3 = time.time()
+                x = mod.sample_chunked(denoiser, a.samples, codec.dim, args.edis_sample_steps, noise,
+                                       guidance=guidance, guide_sigma_max=sigma_max).detach()
+                speed[f"{form}: {name}"] = a.samples / (time.time() - t3)
+                rows.append(measure(f"{form}: {name}", to_raw(codec.decode(x)), env, online_ref, norm_state,
+                                    bandwidth, policy_mean))
+                r = rows[-1]
+                print(f"seed {seed} {form}: {name:>9}: dyn err {r['dynamics_error_mean']:.4f}  reward err "
+                      f"{r['reward_error_mean']:.3f}  walls {r['states_in_walls']:.3f}  MMD2 {r['mmd2_to_online']:.4f}"
+                      f"  pi {r['policy_action_dist']:.3f}", flush=True)
         result = {"algo": a.algo, "seed": seed, "checkpoint": os.path.relpath(ckpt_path, ROOT),
                   "online_transitions_train": online.size, "held_out": n_held, "samples": a.samples,
-                  "guidance_weights": base, "energy_steps": a.energy_steps, "overrides": list(a.overrides),
+                  "energy_steps": a.energy_steps, "overrides": list(a.overrides),
                   "sample_steps": args.edis_sample_steps, "samples_per_s": speed, "energy_acc": energy_acc,
                   "timing_s": timing, "rows": rows, "wall_s": round(time.time() - t0, 1), **machine_info()}
         with open(os.path.join(a.out, f"{a.algo}_seed{seed}.json"), "w") as f:

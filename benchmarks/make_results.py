@@ -85,7 +85,8 @@ def extract_llm_tuning() -> None:
 
 
 # study 2's folders under runs/ and their extracted files: the default's study and later designs' studies
-EDIS_STUDIES = {"edis": "edis_study.json", "edis_midpoint": "edis_study_midpoint.json"}
+EDIS_STUDIES = {"edis": "edis_study.json"}
+ENDPOINT_EVALS = 3  # study 2's endpoint, fixed before the runs: the mean score of the last 3 evaluations
 
 
 def extract_edis(study: str = "edis") -> None:
@@ -107,7 +108,7 @@ def extract_edis(study: str = "edis") -> None:
                      # Cal-QL's critic at the end of the online phase (last logged value; absent for IQL)
                      "end": {k: s[k][-1][1] for k in ("losses/alpha_prime", "losses/cql_loss", "losses/td_loss")
                              if k in s},
-                     **{k: cfg[k] for k in ("cql_rows", "energy_octave_dims") if k in cfg}})
+                     "eval_episodes": cfg["eval_episodes"]})
     manifest = read_manifest(study)
     write_json(EDIS_STUDIES[study], merged_with_committed(EDIS_STUDIES[study], manifest, runs))
 
@@ -397,95 +398,86 @@ def llm_tuning_figures(data: dict) -> None:
     save(fig, "llm_beta.png")
 
 
-EDIS_ARMS = {"noedis": "no EDIS", "edis": "EDIS", "edis_cql_base": "EDIS, CQL rows base (default)",  # folder -> label
-             "edis_cql_real": "EDIS, --cql-rows real", "edis_keep_offline": "EDIS, 1/4 synthetic + 1/4 offline",
-             "edis_cql_all": "EDIS, --cql-rows all", "edis_midpos": "EDIS, midpoint+position energies (default)"}
+EDIS_ARMS = {"noedis": "no EDIS", "paper": "EDIS as the paper", "extras": "EDIS + --edis-extras",
+             "online_only": "diagnosis: EDIS batches without synthetic rows"}  # folder -> label
 
 
-def arm_label(arm: str, algo: str, runs: list = ()) -> str:
-    """A study-2 arm's label. Cal-QL's plain EDIS arm ran the paper's batch for the CQL term (--cql-rows all) until
-    "base" became the default; runs extracted since then carry their --cql-rows, which names the arm. The plain EDIS
-    arm's energy features changed default too: runs extracted since then carry their --energy-octave-dims, which
-    names the arm where the study compares several."""
-    mine = [r for r in runs if r["algo"] == algo and r["arm"] == arm]
-    label = EDIS_ARMS.get(arm, arm)
-    if (algo, arm) == ("calql", "edis"):
-        rows = {r.get("cql_rows") for r in mine} or {None}
-        label = "EDIS, CQL rows base (default)" if rows == {"base"} else "EDIS, CQL on all rows (the paper)"
-    dims = {r.get("energy_octave_dims") for r in mine}
-    compared = {r.get("energy_octave_dims") for r in runs if r["algo"] == algo and r["arm"] != "noedis"}
-    if arm == "edis" and len(dims) == 1 and None not in dims and len(compared) > 1:
-        label += f", {dims.pop()} energies"
-    return label
+def arm_label(arm: str, algo: str = "", runs: list = ()) -> str:
+    return EDIS_ARMS.get(arm, arm)
 
 
 def edis_arms(runs: list) -> list:
-    """The arms in a study: no EDIS, EDIS, then the EDIS variants (edis_study.py --edis-arm NAME)."""
+    """The arms in a study, in EDIS_ARMS' order, then any others."""
     found = {r["arm"] for r in runs}
     return [a for a in EDIS_ARMS if a in found] + sorted(found - set(EDIS_ARMS))
 
 
+def endpoint(run: dict) -> float:
+    return statistics.mean(e["score"] for e in run["evals"][-ENDPOINT_EVALS:])
+
+
 def edis_tables(data: dict, name: str = "edis") -> dict:
+    """Study 2: per algorithm and arm, the endpoint (mean of the last 3 evaluations), the final evaluation, the
+    training success rate, and each EDIS arm against no EDIS (paired by seed, the same offline phase) and the extras
+    against the paper's form."""
     runs = data["runs"]
     arms = edis_arms(runs)
-    lines = ["| algorithm | arm | seeds | score after offline | final score | mean score over online evals | "
-             "training success rate (1 − regret) | EDIS − no-EDIS, final (paired) | "
-             "paired test of the final score |",
-             "|---" * 9 + "|"]
+    lines = ["| algorithm | arm | seeds | score after offline | endpoint: last 3 evals | final eval | "
+             "training success rate | endpoint − no EDIS (paired) | paired test | endpoint − paper (paired) | "
+             "paired test |", "|---" * 11 + "|"]
     for algo in ("iql", "calql"):
-        by_arm = {arm: sorted((r for r in runs if r["algo"] == algo and r["arm"] == arm), key=lambda r: r["seed"])
-                  for arm in arms}
+        by_arm = {arm: {r["seed"]: r for r in runs if r["algo"] == algo and r["arm"] == arm} for arm in arms}
         for arm, rs in by_arm.items():
             if not rs:
                 continue
-            online_mean = [statistics.mean(e["score"] for e in r["evals"] if e["step"] > r["offline_steps"])
-                           for r in rs]
-            diff = test = ""
-            if arm != "noedis":
-                base = {r["seed"]: r["final_score"] for r in by_arm.get("noedis", [])}
-                diffs = [r["final_score"] - base[r["seed"]] for r in rs if r["seed"] in base]
-                diff, test = ms(diffs, "{:.1f}"), paired(diffs)
-            lines.append(f"| {'IQL' if algo == 'iql' else 'Cal-QL'} | {arm_label(arm, algo, runs)} | "
-                         f"{len(rs)} | {ms([r['offline_score'] for r in rs], '{:.1f}')} | "
-                         f"{ms([r['final_score'] for r in rs], '{:.1f}')} | {ms(online_mean, '{:.1f}')} | "
-                         f"{ms([1 - r['regret'] for r in rs if r['regret'] is not None], '{:.2f}')} | "
-                         f"{diff} | {test} |")
-    lines.append("")
-    lines.append("| algorithm | arm | offline updates / s (1 core) | online phase wall-clock, s (1 core) | "
-                 "EDIS retrain, s each |")
-    lines.append("|---|---|---|---|---|")
+            cells = []
+            for ref in ("noedis", "paper"):
+                base = by_arm.get(ref, {})
+                diffs = [endpoint(r) - endpoint(base[s]) for s, r in rs.items() if s in base]
+                cells += [ms(diffs, "{:.1f}"), paired(diffs)] if arm != ref and arm in ("paper", "extras",
+                                                                                       "online_only") else ["", ""]
+            if arm == "online_only":
+                cells[2:] = ["", ""]
+            vals = list(rs.values())
+            lines.append(f"| {'IQL' if algo == 'iql' else 'Cal-QL'} | {arm_label(arm)} | {len(vals)} | "
+                         f"{ms([r['offline_score'] for r in vals], '{:.1f}')} | "
+                         f"{ms([endpoint(r) for r in vals], '{:.1f}')} | "
+                         f"{ms([r['final_score'] for r in vals], '{:.1f}')} | "
+                         f"{ms([1 - r['regret'] for r in vals if r['regret'] is not None], '{:.2f}')} | "
+                         + " | ".join(cells) + " |")
+    lines += ["", "| algorithm | arm | offline updates / s (1 core) | online phase wall-clock, s | "
+              "EDIS retrain, s each |", "|---|---|---|---|---|"]
     for algo in ("iql", "calql"):
         for arm in arms:
             rs = [r for r in runs if r["algo"] == algo and r["arm"] == arm]
             if rs:
                 rt = [t for r in rs for t in r["retrain_time_s"]]
-                lines.append(f"| {'IQL' if algo == 'iql' else 'Cal-QL'} | {arm_label(arm, algo, runs)} | "
+                lines.append(f"| {'IQL' if algo == 'iql' else 'Cal-QL'} | {arm_label(arm)} | "
                              f"{ms([r['offline_updates_per_s'] for r in rs], '{:.1f}')} | "
                              f"{ms([r['online_wall_s'] for r in rs], '{:.0f}')} | "
-                             f"{ms(rt, '{:.1f}') if rt else '–'} |")
-    variants = [(algo, arm) for algo in ("iql", "calql") for arm in arms if arm not in ("noedis", "edis")
-                and any(r["algo"] == algo and r["arm"] == arm for r in runs)]
-    if variants:  # each EDIS variant against the plain EDIS arm, on the seeds both have
-        lines += ["", "| algorithm | arm | seeds with both | arm − EDIS arm, final (paired) | paired test |",
-                  "|---|---|---|---|---|"]
-        for algo, arm in variants:
-            plain = {r["seed"]: r["final_score"] for r in runs if r["algo"] == algo and r["arm"] == "edis"}
-            diffs = [r["final_score"] - plain[r["seed"]] for r in runs
-                     if r["algo"] == algo and r["arm"] == arm and r["seed"] in plain]
-            if diffs:
-                lines.append(f"| {'IQL' if algo == 'iql' else 'Cal-QL'} | {arm_label(arm, algo, runs)} | "
-                             f"{len(diffs)} | {ms(diffs, '{:.1f}')} | {paired(diffs)} |")
-    ends = [(algo, arm, [r["end"] for r in runs if r["algo"] == algo and r["arm"] == arm and r.get("end")])
-            for algo in ("iql", "calql") for arm in arms]
-    if any(e for _, _, e in ends):  # the critic's state at the end of the online phase (Cal-QL's CQL multiplier)
-        lines += ["", "| algorithm | arm | CQL multiplier α′ at the end | CQL loss at the end | TD loss at the end |",
-                  "|---|---|---|---|---|"]
-        for algo, arm, e in ends:
-            if e:
-                lines.append(f"| {'IQL' if algo == 'iql' else 'Cal-QL'} | {arm_label(arm, algo, runs)} | " + " | ".join(
-                    ms([x[k] for x in e], "{:.2f}") for k in ("losses/alpha_prime", "losses/cql_loss",
-                                                               "losses/td_loss")) + " |")
+                             f"{ms(rt, '{:.1f}') if rt and arm != 'online_only' else '–'} |")
     return {name: "\n".join(lines)}
+
+
+def success_table(data: dict) -> dict:
+    """benchmarks/iql_success.py: IQL's training success around the first retrain, and the final policies acting
+    as in training (sampled actions) and as in evaluation (mean action)."""
+    runs = data["runs"]
+    lines = ["| arm | seeds | training success before the 1st retrain | after it | by quarter of the online phase | "
+             "final policy, sampled actions: success / score | mean action: success / score | actor std |",
+             "|---" * 8 + "|"]
+    for arm in edis_arms(runs):
+        rs = [r for r in runs if r["arm"] == arm]
+        q = " / ".join(ms([r["train_success_by_quarter"][i] for r in rs], "{:.2f}") for i in range(4))
+        std = ms([sum(r["actor_std"]) / len(r["actor_std"]) for r in rs], "{:.2f}")
+        lines.append(f"| {arm_label(arm)} | {len(rs)} | "
+                     f"{ms([r['train_success_before_first_retrain'] for r in rs], '{:.2f}')} | "
+                     f"{ms([r['train_success_after_first_retrain'] for r in rs], '{:.2f}')} | {q} | "
+                     f"{ms([r['final_stochastic_success'] for r in rs], '{:.2f}')} / "
+                     f"{ms([r['final_stochastic_score'] for r in rs], '{:.1f}')} | "
+                     f"{ms([r['final_mean_success'] for r in rs], '{:.2f}')} / "
+                     f"{ms([r['final_mean_score'] for r in rs], '{:.1f}')} | {std} |")
+    return {"iql_success": "\n".join(lines)}
 
 
 def calql_gap_table(data: dict) -> dict:
@@ -538,7 +530,6 @@ FID_COLS = [("dynamics_error_mean", "dynamics error ‖s'−sim(s,a)‖", "{:.3f
             ("position_error_mean", "position error", "{:.3f}"),
             ("step_size_mean", "‖s'−s‖ (scale)", "{:.3f}"),
             ("reward_error_mean", "reward error", "{:.3f}"),
-            ("reward_model_error_mean", "reward error, relabelled by the reward model", "{:.3f}"),
             ("goal_change_mean", "goal change", "{:.3f}"),
             ("states_in_walls", "states in walls", "{:.3f}"),
             ("states_overlapping_walls", "states overlapping walls", "{:.3f}"),
@@ -591,25 +582,23 @@ def fidelity_tables(data: dict, name: str = "fidelity") -> dict:
 
 
 def toy_table(results: list) -> dict:
-    """benchmarks/results/toy_guidance.json (from benchmarks/toy_pointmass.py): one row per energy design and
-    guidance range, unguided -> guided, mean ± std over seeds."""
+    """benchmarks/results/toy_guidance.json (from benchmarks/toy_pointmass.py): one row per form of EDIS,
+    unguided -> guided, mean ± std over seeds."""
     if not results:
         return {}
     cols = [("dynamics_error", "dynamics error", "{:.4f}"), ("reward_error", "reward error", "{:.3f}"),
             ("states_in_wall", "states in wall", "{:.3f}"), ("nn_dist_to_online", "NN distance to online states",
                                                               "{:.3f}"),
             ("policy_action_error", "‖a − π(s)‖", "{:.3f}")]
-    lines = ["| energies | guided at σ ≤ | seeds | " + " | ".join(f"{c[1]}: unguided → guided" for c in cols)
-             + " | (r, s′, d) given real (s, a): dynamics error |", "|---" * (len(cols) + 4) + "|"]
+    lines = ["| EDIS | seeds | " + " | ".join(f"{c[1]}: unguided → guided" for c in cols)
+             + " | (r, s′, d) given real (s, a): dynamics error |", "|---" * (len(cols) + 3) + "|"]
     groups = {}
     for r in results:
-        groups.setdefault((r["design"], r["guide_sigma_max"]), []).append(r)
-    for (design, gsm), rs in groups.items():
+        groups.setdefault("with --edis-extras" if r["extras"] else "as the paper", []).append(r)
+    for form, rs in groups.items():
         cells = [f"{ms([r['unguided'][k] for r in rs], f)} → {ms([r['guided'][k] for r in rs], f)}" for k, _, f in cols]
         cond = ms([r["conditional_given_sa"]["dynamics_error"] for r in rs], "{:.4f}")
-        if design != "factored":
-            cond += " (denoiser not trained for conditioning)"
-        lines.append(f"| {design} | {gsm:g} | {len(rs)} | " + " | ".join(cells) + f" | {cond} |")
+        lines.append(f"| {form} | {len(rs)} | " + " | ".join(cells) + f" | {cond} |")
     return {"toy_guidance": "\n".join(lines)}
 
 
@@ -640,11 +629,8 @@ def report() -> None:
     tables = {}
     loaders = {"llm_study.json": (llm_tables, llm_figures), "llm_tuning.json": (llm_tuning_tables, llm_tuning_figures),
                "edis_study.json": (edis_tables, edis_figures),
-               "fidelity_study.json": (fidelity_tables, None), "calql_gap.json": (calql_gap_table, None)}
-    for path in sorted(glob.glob(os.path.join(RESULTS, "*_study_*.json"))):  # earlier versions', other designs'
-        study, version = os.path.basename(path)[:-5].split("_study_")
-        tab = {"fidelity": fidelity_tables, "edis": edis_tables}[study]
-        loaders[os.path.basename(path)] = (lambda d, tab=tab, n=f"{study}_{version}": tab(d, n), None)
+               "fidelity_study.json": (fidelity_tables, None), "calql_gap.json": (calql_gap_table, None),
+               "iql_success.json": (success_table, None)}
     for name, (tab, figs) in loaders.items():
         path = os.path.join(RESULTS, name)
         if not os.path.exists(path):

@@ -1,13 +1,14 @@
 """A 2-D point mass with a wall and a goal: a toy with known dynamics on which EDIS guidance can be checked exactly.
 
-    python benchmarks/toy_pointmass.py --seeds 1 2 3        # ~1 min per seed on one core
+    python benchmarks/toy_pointmass.py --seeds 1 2 3        # ~2 min per seed and form on one core
 
 State s = (x, y) in [-1, 1]^2, action a in [-1, 1]^2, s' = clip(s + 0.15 a) unless s' would be inside the wall
 (x in [-0.1, 0.1], y <= 0.3), then s' = s; reward and terminal 1 when s' is within 0.2 of the goal (0.7, 0.7).
 Offline data: uniform states and uniform actions. Online data: a noisy waypoint policy from (-0.7, -0.7) through the
 gap above the wall to the goal, the "current policy" of EDIS. The script's own EDIS functions (edis_iql.py) fit the
-diffusion prior on offline + online data, train the energies, and sample with and without guidance; every sample is
-checked against the true step function. Results: benchmarks/results/toy_guidance.json (docs/results.md, study 3).
+diffusion prior on offline + online data, train the energies, and sample with and without guidance, in the paper's
+form and with --edis-extras; every sample is checked against the true step function.
+Results: benchmarks/results/toy_guidance.json (docs/results.md, study 3).
 tests/test_edis_iql.py runs the same toy at a smaller size.
 """
 
@@ -77,10 +78,7 @@ def buffer(data: dict) -> m.ReplayBuffer:
     return buf
 
 
-def toy_args(**kw) -> m.Args:
-    sizes = dict(edis_width=128, edis_depth=2, edis_diffusion_steps=3000, edis_diffusion_lr=1e-3,
-                 edis_sample_steps=32, energy_pool=512, energy_steps=500, energy_hidden=128, edis_num_samples=2000)
-    return m.make_args(env="pointmaze-umaze", device="cpu", offline_steps=0, online_steps=0, **{**sizes, **kw})
+TOY = dict(diffusion_steps=3000, width=128, depth=2, lr=1e-3, sample_steps=32, pool=512, energy_steps=500)
 
 
 def measure(x: torch.Tensor, codec: m.TransitionCodec, online_states: torch.Tensor) -> dict:
@@ -96,35 +94,44 @@ def measure(x: torch.Tensor, codec: m.TransitionCodec, online_states: torch.Tens
             "policy_action_error": float((a - policy(s, torch.Generator().manual_seed(0), 0.0)).norm(dim=1).mean())}
 
 
-def run(seed: int, args: m.Args, n_eval: int = 2000) -> dict:
-    """Fit the prior, train the energies of args.edis_energies, then sample unguided and guided from the same noise."""
+def run(seed: int, extras: bool, n_eval: int = 2000, **sizes) -> dict:
+    """EDIS as edis_retrain runs it (the paper's form, or with --edis-extras): fit the prior, train the energies,
+    then sample unguided and guided from the same noise."""
+    z = {**TOY, **sizes}
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     off, on = buffer(offline_data(20_000, g)), buffer(online_data(3_000, g))
     held_out = online_data(2_000, torch.Generator().manual_seed(seed + 1000))  # never in a training pool
-    edis = m.new_edis_state(2, 2, args, torch.device("cpu"))
+    edis = m.EDISState(m.TransitionCodec(2, 2, torch.device("cpu")))
     codec = edis.codec
     x_raw = torch.cat([codec.raw(off.rows()), codec.raw(on.rows())])
     codec.fit(x_raw)
-    cond = codec.cond_masks() if m.needs_conditionals(args) else None
+    online_frac, sigma_max = (m.EXTRAS["online_frac"], m.EXTRAS["guide_sigma_max"]) if extras else (0.0, m.SIGMA_MAX)
     t0 = time.time()
     x_train = (x_raw - codec.mean) / codec.std
-    denoiser, _ = m.train_diffusion(x_train, args, g, cond, on.size)  # as edis_retrain
+    cond = torch.stack([codec.mask(codec.s), codec.mask(codec.s, codec.a)])
+    denoiser, _ = m.train_diffusion(x_train, z["diffusion_steps"], z["width"], z["depth"], g, cond, on.size,
+                                    online_frac, lr=z["lr"])
     t1 = time.time()
-    metrics = m.train_energies(edis, denoiser, on, lambda o: policy(o, g), args, g, x_train)
+    m.build_energies(edis, extras, position_dims=(0, 1))  # the toy's state is the position (x, y)
+    metrics = m.fit_energies(edis, denoiser, on, lambda o: policy(o, g), x_train, g, sample_steps=z["sample_steps"],
+                             pool=z["pool"], negatives=10, steps=z["energy_steps"], online_frac=online_frac,
+                             sigma_max=sigma_max)
     t2 = time.time()
-    out = {"seed": seed, "design": args.edis_energies, "diffusion_s": t1 - t0, "energies_s": t2 - t1,
+    out = {"seed": seed, "extras": extras, "diffusion_s": t1 - t0, "energies_s": t2 - t1,
            "energy_metrics": {k: float(v) for k, v in metrics.items()}}
     with torch.no_grad():  # conditional sampler check: (r, s', d) given real held-out (s, a)
         x_held = codec.encode(held_out)[:n_eval]
-        x_cond = m.sample_chunked(denoiser, len(x_held), codec.dim, args, g, known=x_held,
+        x_cond = m.sample_chunked(denoiser, len(x_held), codec.dim, z["sample_steps"], g, known=x_held,
                                   known_mask=codec.mask(codec.s, codec.a))
     online_states = held_out["observations"]
     out["conditional_given_sa"] = measure(x_cond, codec, online_states)
     out["online_real"] = measure(x_held, codec, online_states[n_eval // 2:])
-    for name, guided in (("unguided", False), ("guided", True)):
+    guidance = m.make_guidance(edis.energies, {})
+    for name, guide in (("unguided", None), ("guided", guidance)):
         noise = torch.Generator().manual_seed(seed + 123)  # the same initial noise for both
-        x = m.generate(edis, denoiser, n_eval, args, noise, guided=guided)  # as edis_retrain (--edis-sampler)
+        x = m.sample_chunked(denoiser, n_eval, codec.dim, z["sample_steps"], noise, guidance=guide,
+                             guide_sigma_max=sigma_max)  # as edis_retrain
         out[name] = measure(x.detach(), codec, online_states)
     return out
 
@@ -133,10 +140,6 @@ def run(seed: int, args: m.Args, n_eval: int = 2000) -> dict:
 class Cli:
     seeds: tuple[int, ...] = (1, 2, 3)
     """seeds of the toy (data, networks, sampling)"""
-    designs: tuple[str, ...] = ("factored", "joint")
-    """energy designs to compare (--edis-energies of the scripts)"""
-    guide_sigma_max: tuple[float, ...] = (80.0, 5.0, 1.0)
-    """noise levels up to which guidance is applied (80 = everywhere)"""
     out: str = os.path.join(ROOT, "benchmarks", "results", "toy_guidance.json")
     """where the results go"""
 
@@ -144,18 +147,16 @@ class Cli:
 def main(cli: Cli) -> None:
     torch.set_num_threads(1)
     results = []
-    for design in cli.designs:
-        for gsm in cli.guide_sigma_max:
-            for seed in cli.seeds:
-                r = run(seed, toy_args(edis_energies=design, guide_sigma_max=gsm))
-                r["guide_sigma_max"] = gsm
-                results.append(r)
-                u, gd = r["unguided"], r["guided"]
-                print(f"{design:>8} sigma<={gsm:<4g} seed {seed}: dyn {u['dynamics_error']:.4f} -> "
-                      f"{gd['dynamics_error']:.4f}  wall {u['states_in_wall']:.3f} -> {gd['states_in_wall']:.3f}  "
-                      f"NN {u['nn_dist_to_online']:.3f} -> {gd['nn_dist_to_online']:.3f}  "
-                      f"pi-err {u['policy_action_error']:.3f} -> {gd['policy_action_error']:.3f}  "
-                      f"cond dyn {r['conditional_given_sa']['dynamics_error']:.4f}", flush=True)
+    for extras in (False, True):
+        for seed in cli.seeds:
+            r = run(seed, extras)
+            results.append(r)
+            u, gd = r["unguided"], r["guided"]
+            print(f"{'extras' if extras else 'paper':>6} seed {seed}: dyn {u['dynamics_error']:.4f} -> "
+                  f"{gd['dynamics_error']:.4f}  wall {u['states_in_wall']:.3f} -> {gd['states_in_wall']:.3f}  "
+                  f"NN {u['nn_dist_to_online']:.3f} -> {gd['nn_dist_to_online']:.3f}  "
+                  f"pi-err {u['policy_action_error']:.3f} -> {gd['policy_action_error']:.3f}  "
+                  f"cond dyn {r['conditional_given_sa']['dynamics_error']:.4f}", flush=True)
     os.makedirs(os.path.dirname(cli.out), exist_ok=True)
     with open(cli.out, "w") as f:
         json.dump(results, f, indent=2)

@@ -38,23 +38,21 @@ class Cli:
     device: str = "cpu"
     """torch device"""
     compile: bool = False
-    """torch.compile the update (as the scripts' --compile)"""
+    """torch.compile the update"""
     bf16: bool = False
     """bfloat16 autocast (as the scripts' --bf16)"""
-    fused_update: bool = False
-    """the scripts' --fused-update"""
 
 
 def main(a: Cli) -> None:
     torch.set_num_threads(a.threads)
     mod = importlib.import_module("edis_iql" if a.algo == "iql" else "edis_calql")
+    from utils import run as harness
     from utils.tasks import get_task
 
     task = get_task("antmaze-large")
     dev = torch.device(a.device)
     sizes = {"q_layers": 5, "cql_n_actions": 10} if a.algo == "calql" else {}  # AntMaze sizes, not the CPU preset's
-    sizes["fused_update"] = a.fused_update
-    args = mod.make_args(env=task.name, device=a.device, offline_steps=10**6, online_steps=0, bf16=a.bf16, **sizes)
+    args = harness.make_args(mod, env=task.name, device=a.device, offline_steps=10**6, online_steps=0, **sizes)
     obs_dim, act_dim, n = 29, 8, 100_000
     gen = torch.Generator(device=dev)
     gen.manual_seed(0)
@@ -67,8 +65,9 @@ def main(a: Cli) -> None:
         return buf
 
     offline, synthetic = filled(n), filled(n)
-    agent = mod.Agent(obs_dim, act_dim, args, 1.0).to(dev)
-    opts = mod.make_optimizers(agent, args)
+    agent = mod.Agent(obs_dim, act_dim, args.hidden_dim, 1.0, args.actor_dropout if a.algo == "iql" else args.q_layers)
+    agent = agent.to(dev)
+    opts = mod.make_optimizers(agent, args.critic_lr, args.actor_lr)
 
     def batch():
         if a.edis_batch:
@@ -76,13 +75,20 @@ def main(a: Cli) -> None:
             return mod.concat_batches(synthetic.sample(k, gen), offline.sample(args.batch_size - k, gen))
         return offline.sample(args.batch_size, gen)
 
-    fn = mod.iql_update if a.algo == "iql" else mod.calql_update
+    if a.algo == "iql":  # main()'s offline-phase call
+        def fn(b):
+            return mod.iql_update(agent, opts, b, args.expectile, args.beta, args.gamma, args.tau)
+    else:
+        def fn(b):
+            return mod.calql_update(agent, opts, b, None, gamma=args.gamma, tau=args.tau,
+                                    n_actions=args.cql_n_actions, max_target_backup=args.cql_max_target_backup,
+                                    lagrange=args.cql_lagrange, clip_min=args.cql_clip_diff_min,
+                                    calibrate=args.calibration, cql_alpha=args.cql_alpha)
     update = torch.compile(fn) if a.compile else fn
-    extra = () if a.algo == "iql" else (args.calibration, args.cql_alpha)  # main()'s offline-phase call
 
     def step():
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.bf16):
-            return update(agent, opts, batch(), args, *extra)
+            return update(batch())
 
     for _ in range(a.warmup):
         step()
@@ -94,7 +100,6 @@ def main(a: Cli) -> None:
     float(next(iter(out.values())))  # one sync at the end
     dt = time.perf_counter() - t0
     print(json.dumps({"algo": a.algo, "edis_batch": a.edis_batch, "compile": a.compile, "bf16": a.bf16,
-                      "fused_update": a.fused_update,
                       "threads": a.threads,
                       "device": a.device,
                       "updates": a.updates, "updates_per_s": round(a.updates / dt, 3),

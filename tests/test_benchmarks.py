@@ -133,42 +133,50 @@ def test_edis_and_fidelity_pipeline(tiny_pointmaze, tmp_path):
              "--edis-sample-steps 4 --energy-pool 16 --energy-negatives 4 --energy-steps 3 --hidden-dim 32 "
              "--batch-size 32 --log-every 50 --device cpu")
     p = run_script(["benchmarks/edis_study.py", "--algos", "iql", "--seeds", "1", "--out", str(runs / "edis"),
-                    "--offline-steps", "100", "--online-steps", "160", "--eval-every", "80", "--retrain-every", "70",
-                    "--eval-episodes", "1", f"--extra={extra}"], tiny_pointmaze, timeout=600)
+                    "--offline-steps", "100", "--online-steps", "160", "--eval-every", "40", "--retrain-every", "70",
+                    "--eval-episodes", "1", "--arms", "noedis", "paper", "extras", "online_only", f"--extra={extra}"],
+                   tiny_pointmaze, timeout=900)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     base = runs / "edis" / "iql" / "seed1"
-    edis, noedis = (json.loads((base / arm / "summary.json").read_text()) for arm in ("edis", "noedis"))
-    assert edis["edis_retrains"] == 2 and noedis["edis_retrains"] == 0  # retrains at online steps 70 and 140
-    assert edis["online_env_steps"] == noedis["online_env_steps"] == 160
-    assert edis["offline_normalized_score"] == noedis["offline_normalized_score"]  # one shared offline phase
-    assert edis["updates"] == noedis["updates"] == 100 + 160
+    arms = {a: json.loads((base / a / "summary.json").read_text()) for a in ("noedis", "paper", "extras",
+                                                                              "online_only")}
+    assert arms["noedis"]["edis_retrains"] == 0 and arms["paper"]["edis_retrains"] == 2  # at online steps 70, 140
+    assert not arms["paper"]["edis_extras"] and arms["extras"]["edis_extras"]
+    assert len({a["offline_normalized_score"] for a in arms.values()}) == 1  # one shared offline phase
+    assert all(a["updates"] == 100 + 160 and a["online_env_steps"] == 160 for a in arms.values())
     p = run_script(["benchmarks/edis_study.py", "--algos", "iql", "--seeds", "1", "--out", str(runs / "edis")],
                    tiny_pointmaze)
-    assert p.returncode == 0 and p.stdout.count("done, skipped") == 2  # a finished study is not rerun
+    assert p.returncode == 0 and p.stdout.count("done, skipped") == 3  # a finished study is not rerun
+    p = run_script(["benchmarks/iql_success.py", "--runs", str(runs / "edis" / "iql"), "--episodes", "2", "--out",
+                    str(tmp_path / "res_success.json")], tiny_pointmaze, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    success = {r["arm"]: r for r in json.loads((tmp_path / "res_success.json").read_text())["runs"]}
+    assert set(success) == {"noedis", "paper", "extras", "online_only"}
+    for r in success.values():
+        assert 0 <= r["final_stochastic_success"] <= 1 and len(r["actor_std"]) == 2
     p = run_script(["benchmarks/fidelity_study.py", "--algo", "iql", "--seeds", "1", "--runs", str(runs / "edis"),
                     "--samples", "64", "--held-out", "40", "--energy-steps", "3", "--out", str(runs / "fidelity"),
-                    "--overrides", "edis_diffusion_steps=40", "--energy-scales", "0.5"],
-                   tiny_pointmaze, timeout=300)
+                    "--overrides", "edis_diffusion_steps=40"], tiny_pointmaze, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     rows = {r["set"]: r for r in json.loads((runs / "fidelity" / "iql_seed1.json").read_text())["rows"]}
     assert rows["offline (real)"]["dynamics_error_mean"] < 1e-5 and rows["online (real, held out)"][
         "dynamics_error_mean"] < 1e-5
-    f = "factored energies, online frac 0.5"
-    assert rows[f"{f}, joint sampler: unguided"]["dynamics_error_mean"] > 1e-3  # a 40-step denoiser
-    measured = [f"{f}, {s}" for s in ("joint sampler: unguided", "joint sampler: guided at sigma <= 5",
-                                      "joint sampler: guided at sigma <= 5 + realism",
-                                      "joint sampler: guided at sigma <= 5, realism only",
-                                      "joint sampler: guided at sigma <= 5, design energies x 0.5 + realism",
-                                      "sequential sampler: unguided", "sequential sampler: guided at sigma <= 5",
-                                      "sequential sampler: guided at sigma <= 5 + realism")]
-    measured += ["joint energies, online frac 0.5, joint sampler: guided at sigma <= 5 + realism"]
-    for name in measured:  # every variant, sampler and guidance setting is measured, with the reward model's error
-        assert rows[name]["dynamics_error_mean"] > 0 and rows[name]["reward_model_error_mean"] >= 0
-        assert 0 <= rows[name]["states_overlapping_walls"] <= rows[name]["states_touching_walls"] <= 1
-    assert "joint energies, online frac 0.5, sequential sampler: unguided" not in rows  # needs conditionals
-    assert f"{f}: (r, s', d) given real (s, a), conditional sampler" in rows
-    text = fill_doc(tmp_path, runs)
-    assert "| IQL | EDIS | 1 |" in text and f"| {f}, sequential sampler: guided at sigma <= 5 |" in text
+    assert rows["paper: unguided"]["dynamics_error_mean"] > 1e-3  # a 40-step denoiser
+    for form in ("paper", "extras"):  # both forms, unguided and guided, and the conditional sampler
+        for name in (f"{form}: unguided", f"{form}: guided", f"{form}: (r, s', d) given real (s, a), conditional "
+                     "sampler"):
+            assert rows[name]["dynamics_error_mean"] > 0, name
+            assert 0 <= rows[name]["states_overlapping_walls"] <= rows[name]["states_touching_walls"] <= 1
+    doc = tmp_path / "results.md"
+    doc.write_text(DOC + "<!-- table:iql_success -->\n<!-- /table:iql_success -->\n")
+    shutil.copy(tmp_path / "res_success.json", tmp_path / "iql_success.json")
+    os.makedirs(tmp_path / "res", exist_ok=True)
+    shutil.copy(tmp_path / "res_success.json", tmp_path / "res" / "iql_success.json")
+    make_results.main(["--runs", str(runs), "--results", str(tmp_path / "res"), "--doc", str(doc),
+                       "--img", str(tmp_path / "img")])
+    text = doc.read_text()
+    assert "| IQL | EDIS as the paper | 1 |" in text and "| IQL | EDIS + --edis-extras | 1 |" in text
+    assert "| paper: guided |" in text and "| diagnosis: EDIS batches without synthetic rows | 1 |" in text
     assert (tmp_path / "img" / "edis_curves.png").stat().st_size > 1000
     assert (tmp_path / "res" / "edis_study.json").exists()
     for bad, text in (("edis_diffusion_steps=abc", "'abc' is not a int"), ("no_such_flag=1", "not a number")):
@@ -177,7 +185,6 @@ def test_edis_and_fidelity_pipeline(tiny_pointmaze, tmp_path):
         assert p.returncode == 1 and text in p.stderr and "Traceback" not in p.stderr, p.stderr[-500:]
     # settings of the same seeds in sub-folders: one table, each set prefixed by its folder's name, real rows once
     fid = runs / "fidelity"
-    assert json.loads((fid / "iql_seed1.json").read_text())["overrides"] == ["edis_diffusion_steps=40"]
     for sub in ("denoiser_40_steps", "denoiser_80_steps"):
         (fid / sub).mkdir()
         shutil.copy(fid / "iql_seed1.json", fid / sub / "iql_seed1.json")
@@ -186,7 +193,7 @@ def test_edis_and_fidelity_pipeline(tiny_pointmaze, tmp_path):
     merged = json.loads((tmp_path / "res" / "fidelity_study.json").read_text())["seeds"]
     names = [r["set"] for r in merged[0]["rows"]]
     assert len(merged) == 1 and names.count("offline (real)") == 1 and len(names) == 2 * len(rows) - 2
-    assert f"denoiser 80 steps: {f}, joint sampler: unguided" in names
+    assert "denoiser 80 steps: paper: unguided" in names
 
 
 def test_llm_pipeline(tiny_model_dir, tmp_path):

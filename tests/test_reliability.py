@@ -117,7 +117,7 @@ EDIS_CASES = [
     (["--tau", "-0.5"], "--tau must be in [0, 1]"),
     (["--critic-lr", "nan"], "--critic-lr must be a finite number"),
     (["--critic-lr", "0"], "--critic-lr must be > 0"),
-    (["--reward-scale", "nan"], "--reward-scale must be a finite number"),
+    (["--edis-ratio", "nan"], "--edis-ratio must be a finite number"),
     (["--actor-lr", "inf"], "--actor-lr must be a finite number"),
     (["--seed", "-1"], "--seed must be in [0, 4294967295]"),
     (["--seed", "4294967296"], "--seed must be in [0, 4294967295]"),
@@ -125,7 +125,7 @@ EDIS_CASES = [
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--offline-steps", "-5"], "--offline-steps must be >= 0"),
     (["--edis-ratio", "1.5"], "--edis-ratio must be in [0, 1)"),
-    (["--edis-ema", "1"], "--edis-ema must be in [0, 1)"),
+    (["--energy-pool", "0"], "--energy-pool must be >= 1"),
     (["--device", "mps"], "--device 'mps' is not supported"),
     (["--device", "foo"], "--device 'foo' is not a torch device"),
     (["--env", "antmaze-hugest"], "antmaze-large"),
@@ -150,8 +150,8 @@ EDIS_CASES = [
 ]
 IQL_CASES = [(["--expectile", "1.5"], "--expectile must be in (0, 1)"), (["--beta", "-1"], "--beta must be >= 0")]
 CALQL_CASES = [(["--cql-n-actions", "0"], "--cql-n-actions must be >= 1"),
-               (["--mixing-ratio", "2"], "--mixing-ratio must be in [0, 1)"),
-               (["--cql-temp", "0"], "--cql-temp must be > 0")]
+               (["--q-layers", "0"], "--q-layers must be >= 1"),
+               (["--cql-alpha", "-1"], "--cql-alpha must be >= 0")]
 LLM_CASES = [
     (["--seed", "-1"], "--seed must be in [0, 4294967295]"),
     (["--plan-gpus", "-1"], "--plan-gpus must be >= 0"),
@@ -266,9 +266,7 @@ TINY_EDIS = ["--env", "pointmaze-umaze", "--offline-steps", "150", "--online-ste
 
 
 @pytest.mark.parametrize("script, flags", [("edis_iql.py", ["--critic-lr", "1e10"]),  # the Gaussian actor's NaN mean
-                                           ("edis_iql.py", ["--reward-scale", "1e30"]),
-                                           ("edis_iql.py", ["--deterministic-actor", "--reward-scale", "1e30"]),
-                                           ("edis_calql.py", ["--reward-scale", "1e30", "--q-layers", "2",
+                                           ("edis_calql.py", ["--critic-lr", "1e10", "--q-layers", "2",
                                                               "--cql-n-actions", "4"])])
 def test_edis_divergence_stops_with_one_line(script, flags, tiny_pointmaze, tmp_path):
     out = tmp_path / "run"
@@ -334,7 +332,7 @@ def test_interrupted_collection_leaves_no_dataset(tmp_path, monkeypatch):
 
 def test_old_checkpoint_does_not_overwrite_a_newer_one(tiny_pointmaze, tmp_path):
     run = tmp_path / "run"
-    p = run_script(["edis_iql.py", *TINY_EDIS, "--reward-scale", "1", "--output-dir", str(run)], tiny_pointmaze)
+    p = run_script(["edis_iql.py", *TINY_EDIS, "--output-dir", str(run)], tiny_pointmaze)
     assert p.returncode == 0, p.stderr[-2000:]
     old = run / "old.pt"
     old.write_bytes((run / "checkpoint.pt").read_bytes())
@@ -346,7 +344,7 @@ def test_old_checkpoint_does_not_overwrite_a_newer_one(tiny_pointmaze, tmp_path)
     p = run_script(["edis_iql.py", "--resume", str(old), "--output-dir", str(branch), "--online-steps", "20"],
                    tiny_pointmaze)
     assert p.returncode == 0 and (branch / "summary.json").exists(), p.stderr[-2000:]
-    p = run_script(["edis_iql.py", *TINY_EDIS, "--reward-scale", "1", "--output-dir", str(run), "--overwrite"],
+    p = run_script(["edis_iql.py", *TINY_EDIS, "--output-dir", str(run), "--overwrite"],
                    tiny_pointmaze)
     assert p.returncode == 0 and not old.exists()  # --overwrite empties an earlier run's folder first
 

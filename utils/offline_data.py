@@ -304,3 +304,17 @@ def load_offline_data(
         f"({reason}). Get it with `pip install \"minari[hf]\" && minari download {task.minari_id}` on a machine "
         f"with internet and copy that folder here (or point MINARI_DATASETS_PATH at it),{extra} or pass "
         f"--dataset-path to a D4RL-layout hdf5 file of {task.d4rl_name}.")
+
+
+def normalization(data: OfflineData, normalize_states: bool, reward_scale: float, reward_bias: float,
+                  normalize_returns: bool, **_) -> dict:
+    """The offline RL scripts' data conventions (CORL's): state mean/std (or 0 and 1), and rewards -> scale * r + bias,
+    on locomotion after r * 1000 / (max - min episode return), as IQL."""
+    if normalize_returns:
+        returns = data.episode_returns()
+        spread = float(returns.max() - returns.min())
+        reward_scale *= 1000.0 / spread if spread > 0 else 1.0
+    n = data.observations.shape[1]
+    return {"obs_mean": data.observations.mean(0) if normalize_states else np.zeros(n, np.float32),
+            "obs_std": data.observations.std(0) + 1e-3 if normalize_states else np.ones(n, np.float32),
+            "reward_scale": float(reward_scale), "reward_bias": float(reward_bias)}

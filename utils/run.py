@@ -6,6 +6,7 @@ with one format version), found, checked against the flags given with ``--resume
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -14,15 +15,30 @@ from typing import Callable, Optional
 import torch
 
 from utils.common import (
+    SEED_RANGE,
     UserError,
     atomic_torch_save,
     atomic_write_bytes,
+    check_flags,
     check_output_dir,
+    cli_with_presets,
+    config_table,
+    peek_args,
     resumed_args,
     safe_torch_load,
+    save_curves_png,
 )
 
 CHECKPOINT = "checkpoint.pt"
+# Allowed values of the flags both EDIS scripts share (flag validation, before anything loads)
+COMMON_RANGES = {
+    "seed": SEED_RANGE, "gamma": "[0, 1]", "tau": "[0, 1]", "edis_ratio": "[0, 1)",
+    "offline_steps": "[0, inf)", "online_steps": "[0, inf)",
+    **{name: "[1, inf)" for name in (
+        "eval_every", "eval_episodes", "checkpoint_every", "log_every", "batch_size", "utd", "hidden_dim",
+        "edis_retrain_every", "edis_num_samples", "edis_diffusion_steps", "edis_width", "edis_depth",
+        "edis_sample_steps", "energy_negatives", "energy_pool", "energy_steps")},
+}
 CHECKPOINT_FORMAT = 3  # any other format is refused in one line (no migrations)
 
 
@@ -41,6 +57,53 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+def preset_defaults(device: torch.device, device_presets: dict, family_presets: dict, task_presets: dict,
+                    algo_cpu: dict) -> dict:
+    """An EDIS script's defaults on ``device``: the device preset, then the task family's, then the task's (later
+    ones win; on CPU the device's budgets win over the family's GPU-scale sizes, the algorithm's CPU sizes over
+    both); bf16 on GPUs that have it."""
+    merged = {**device_presets["cuda" if device.type == "cuda" else "cpu"]}
+    for k, v in {**family_presets, **task_presets}.items():
+        if not (device.type != "cuda" and k in merged):
+            merged[k] = v
+    if device.type != "cuda":
+        merged.update(algo_cpu)
+    merged["bf16"] = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return merged
+
+
+def parse_flags(args_cls, argv: Optional[list], presets: Callable, frozen: Callable, algo_ranges: dict,
+                infinite_ok: tuple) -> tuple:
+    """(args, checkpoint or None) of an EDIS script's command line: the presets of --env on --device, then the flags
+    given; with --resume, the checkpoint's flags, then those given (``frozen(checkpoint)`` may not change). Every
+    flag's range is checked before anything loads; --help shows the resolved defaults."""
+    args, ckpt = peek_args(args_cls, argv), None
+    if args.resume:
+        ckpt, args = load_checkpoint(args_cls, args.resume, argv, frozen)
+    else:
+        args = cli_with_presets(args_cls, argv, presets)
+    check_flags(args, {**COMMON_RANGES, **algo_ranges}, infinite_ok)
+    if args.eval_only and ckpt is None:
+        raise UserError("--eval-only evaluates a checkpoint: give the run with --resume DIR")
+    return args, ckpt
+
+
+def write_eval(out_dir: str, task: str, step: int, res: dict) -> None:
+    """--eval-only: eval.json and one line."""
+    write_json(os.path.join(out_dir, "eval.json"), {"step": step, **res})
+    print(f"{task}: normalized score {res['eval/normalized_score']:.1f} (success {res['eval/success_rate']:.2f}) at "
+          f"step {step}; {out_dir}/eval.json")
+
+
+def make_args(script, **flags):
+    """An EDIS script's Args as its command line gives them (presets of flags["env"], then the flags), checked: for
+    using the script from Python (benchmarks)."""
+    given = script.Args(**flags)
+    args = dataclasses.replace(given, **{**script.preset_values(given), **flags})
+    check_flags(args, {**COMMON_RANGES, **script.ALGO_RANGES}, script.INFINITE_OK)
+    return args
+
+
 def find_checkpoint(resume: str) -> str:
     path = resume if resume.endswith(".pt") else os.path.join(resume, CHECKPOINT)
     if not os.path.isfile(path):
@@ -48,16 +111,31 @@ def find_checkpoint(resume: str) -> str:
     return path
 
 
-def start_run(script: str, task: str, seed: int, output_dir: Optional[str], resume: Optional[str],
-              overwrite: bool) -> tuple:
-    """(experiment name, run name, output folder) of a run; the folder is checked (not created) here."""
+def start_run(script: str, task: str, args, device: torch.device) -> tuple:
+    """(experiment name, run name, output folder) of a run, its flags printed; the folder is checked, not created."""
     exp_name = os.path.basename(script)[: -len(".py")]
-    run_name = f"{task}__{exp_name}__{seed}__{int(time.time())}"
-    out_dir = output_dir or os.path.join("runs", run_name)
-    in_place = resume is not None and os.path.abspath(out_dir) == os.path.dirname(os.path.abspath(
-        find_checkpoint(resume)))
-    check_output_dir(out_dir, resuming=in_place, overwrite=overwrite)
+    run_name = f"{task}__{exp_name}__{args.seed}__{int(time.time())}"
+    out_dir = args.output_dir or os.path.join("runs", run_name)
+    in_place = args.resume is not None and os.path.abspath(out_dir) == os.path.dirname(os.path.abspath(
+        find_checkpoint(args.resume)))
+    check_output_dir(out_dir, resuming=in_place, overwrite=args.overwrite)
+    print(f"{exp_name} on {task}, device {device}; flags after presets (also in config.json):\n"
+          f"{config_table(dataclasses.asdict(args))}")
     return exp_name, run_name, out_dir
+
+
+def finish_run(out_dir: str, summary: dict, progress: dict, offline_steps: int, title: str) -> None:
+    """summary.json and learning_curve.png (evaluations and online training episodes), then the last line."""
+    write_json(os.path.join(out_dir, "summary.json"), summary)
+    curves = {"evaluation": ([e["step"] for e in progress["evals"]],
+                             [e["eval/normalized_score"] for e in progress["evals"]], "D4RL normalized score")}
+    if progress["episode_scores"]:
+        curves["online training episodes"] = (*zip(*progress["episode_scores"]), "D4RL normalized score")
+    save_curves_png(os.path.join(out_dir, "learning_curve.png"), curves,
+                    "step (offline updates, then online env steps)", title, vline=(offline_steps, "offline -> online"))
+    print(f"{summary['env']}: normalized score {summary['offline_normalized_score']:.1f} (offline) -> "
+          f"{summary['final_normalized_score']:.1f} (after {summary['online_env_steps']} online steps); "
+          f"{out_dir}/summary.json")
 
 
 def save_checkpoint(path: str, state: dict) -> None:
@@ -89,6 +167,11 @@ def restore_optimizer(opt: torch.optim.Optimizer, state: dict) -> None:
     opt.load_state_dict(state)
     for g, lr in zip(opt.param_groups, lrs):
         g["lr"] = lr
+
+
+def reset_seed(seed: int, episode: int) -> int:
+    """Online episode k starts from env.reset(seed=f(k)): a resumed run restarts where the killed one was."""
+    return (seed * 1_000_003 + 7_919 * (episode + 1)) % 2**32
 
 
 def write_json(path: str, obj) -> None:

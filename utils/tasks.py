@@ -17,7 +17,7 @@ import difflib
 import os
 import sys
 import warnings
-from typing import Optional
+from typing import Callable, Optional
 
 import gymnasium as gym
 import numpy as np
@@ -355,3 +355,28 @@ def minari_dataset_dir(dataset_id: str) -> str:
 
 def is_cached(dataset_id: str) -> bool:
     return os.path.isdir(os.path.join(minari_dataset_dir(dataset_id), "data"))
+
+
+def evaluate(task: TaskSpec, policy: Callable, episodes: int, seed: int, video_dir: Optional[str] = None) -> dict:
+    """The evaluation protocol of the offline RL scripts: ``episodes`` deterministic episodes from resets seeded
+    seed, seed + 1, ... (the same starts each time); the D4RL normalized score and the success rate. With
+    ``video_dir`` the first episode is recorded there as an mp4 (gymnasium's RecordVideo, as CleanRL)."""
+    env = make_env(task, render_mode="rgb_array" if video_dir else None)
+    if video_dir is not None:
+        env = gym.wrappers.RecordVideo(env, video_dir, name_prefix="eval", episode_trigger=lambda ep: ep == 0,
+                                       disable_logger=True)
+    returns, successes = [], []
+    for ep in range(episodes):
+        obs, _ = env.reset(seed=seed + ep)
+        done, ret, success = False, 0.0, False
+        while not done:
+            obs, r, terminated, truncated, info = env.step(policy(obs))
+            ret += float(r)
+            success |= bool(info.get("success", False))
+            done = terminated or truncated
+        returns.append(ret)
+        successes.append(success)
+    env.close()
+    scores = normalized_score(task, returns)
+    return {"eval/normalized_score": float(scores.mean()), "eval/normalized_score_std": float(scores.std()),
+            "eval/return": float(np.mean(returns)), "eval/success_rate": float(np.mean(successes))}
