@@ -75,7 +75,8 @@ SEED_RANGE = "[0, 4294967295]"  # what numpy's legacy seeding accepts
 def resumed_args(args_cls, argv, checkpoint, folder: str, may_change: Optional[set], what: str,
                  frozen: Optional[set] = None):
     """The config of a resumed run: the checkpoint's flags overridden by the ones given now, which must be among
-    ``may_change`` (or, with ``frozen``, outside it). ``--output-dir`` defaults to the checkpoint's ``folder``; a different one branches the run there."""
+    ``may_change`` (or, with ``frozen``, outside it). ``--output-dir`` defaults to the checkpoint's ``folder``; a
+    different one branches the run there."""
     import tyro
 
     saved = checkpoint.get("args") if isinstance(checkpoint, dict) else None
