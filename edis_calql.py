@@ -203,7 +203,7 @@ def preset_values(args: Args) -> dict:
     """The defaults of a run on --env and --device (utils/run.py merges the presets)."""
     task = get_task(args.env)
     return harness.preset_defaults(harness.resolve_device(args.device), DEVICE_PRESETS, PRESETS[task.family],
-                           TASK_PRESETS.get(task.name, {}), ALGO_CPU_PRESETS)
+                                   TASK_PRESETS.get(task.name, {}), ALGO_CPU_PRESETS)
 # <<< shared:presets_device
 
 
@@ -1024,20 +1024,18 @@ def main(argv: Optional[list] = None) -> None:
         progress, start_step = restore(ckpt, args, agent, opts, online, edis, gen, task.position_dims)
     make_output_dir(out_dir)  # only now: a run that fails on its flags or data leaves no folder behind
 
-    def policy_eval(o: np.ndarray) -> np.ndarray:
-        agent.actor.eval()
-        a = agent.actor.act(torch.as_tensor(norm_obs(o), device=device)[None])
-        agent.actor.train()
-        return a[0].cpu().numpy()
-
-    def run_eval(step: int, kind: str = "step") -> dict:
+    def run_eval(step: int, kind: str = "step") -> dict:  # deterministic episodes of the actor's mean action
         video = os.path.join(out_dir, "videos", f"{kind}{step}") if args.capture_video else None
-        return evaluate(task, policy_eval, args.eval_episodes, args.seed + 10_000, video_dir=video)
+        agent.actor.eval()
+        res = evaluate(task, lambda o: agent.actor.act(torch.as_tensor(norm_obs(o), device=device)[None])[0].cpu()
+                       .numpy(), args.eval_episodes, args.seed + 10_000, video_dir=video)
+        agent.actor.train()
+        return res
 
     if args.eval_only:  # evaluate a checkpoint (e.g. --resume run --eval-only --capture-video)
         return harness.write_eval(out_dir, task.name, start_step, run_eval(start_step, "eval-only-step"))
     harness.write_json(os.path.join(out_dir, "config.json"),  # the effective config, also on resume
-               {"args": dataclasses.asdict(args), "task": dataclasses.asdict(task), "device": str(device)})
+                       {"args": dataclasses.asdict(args), "task": dataclasses.asdict(task), "device": str(device)})
     if ckpt is not None:
         print(f"resumed {out_dir} at step {start_step}")
     amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)  # noqa: E731
@@ -1053,7 +1051,7 @@ def main(argv: Optional[list] = None) -> None:
     def checkpoint(step: int) -> None:
         logger.flush(step)  # stops a diverged run before its checkpoint could overwrite the last good one
         harness.save_checkpoint(os.path.join(out_dir, harness.CHECKPOINT),
-                        checkpoint_state(args, step, agent, opts, online, edis, norm, progress, gen))
+                                checkpoint_state(args, step, agent, opts, online, edis, norm, progress, gen))
 
     def after_update(metrics: dict, step: int) -> None:
         logger.accumulate(metrics, step)
