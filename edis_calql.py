@@ -3,10 +3,9 @@
 # 2006.04779. EDIS: Liu et al., ICML 2024, arXiv 2407.12448 (official code liuxhym/EDIS). EDM: Karras et al., arXiv
 # 2206.00364. Cal-QL details follow CORL's algorithms/finetune/cal_ql.py.
 # Layout, as edis_iql.py (`diff edis_iql.py edis_calql.py` shows only the algorithm): Args and presets, buffers,
-# networks, ALGO LOGIC: Cal-QL, ALGO LOGIC: EDIS, NOT IN THE PAPER: --edis-extras, checkpoint, main.
-# `# >>> shared:NAME` blocks are identical in both files (tests/test_edis_shared.py). Copying this file: it needs
-# utils/__init__.py, utils/common.py, utils/run.py (run folder, checkpoint files), utils/tasks.py,
-# utils/offline_data.py and utils/collect.py beside it.
+# networks, ALGO LOGIC: Cal-QL, ALGO LOGIC: EDIS, NOT IN THE PAPER: --edis-extras, checkpoint, main. `# >>> shared`
+# blocks are identical in both (tests/test_edis_shared.py). Copying it: utils/__init__.py, utils/common.py,
+# utils/run.py (harness), utils/tasks.py (envs, evaluation), utils/offline_data.py, utils/collect.py go with it.
 from __future__ import annotations
 
 import dataclasses
@@ -66,7 +65,7 @@ class Args:
     """W&B entity (with --track)"""
     bf16: bool = False
     """bfloat16 autocast, fp32 weights (preset: on for bf16 GPUs)"""
-    # --- budget, evaluation, logging -----------------------------------------------------------------------------
+    # --- budget, evaluation, logging ---
     offline_steps: int = 20_000
     """updates on the offline dataset (GPU preset: 1M)"""
     online_steps: int = 20_000
@@ -87,7 +86,7 @@ class Args:
     """with --resume: evaluate the checkpoint into eval.json, no training"""
     batch_size: int = 256
     """transitions per gradient update"""
-    # --- EDIS (Liu et al. 2024) ----------------------------------------------------------------------------------
+    # --- EDIS (Liu et al. 2024) ---
     edis: bool = True
     """use EDIS online; --no-edis: plain fine-tuning (the ablation)"""
     edis_extras: bool = False
@@ -118,7 +117,7 @@ class Args:
     """online positives per retrain, K negatives each (preset: GPU 4096)"""
     energy_steps: int = 100
     """InfoNCE steps per retrain (the energies persist across retrains)"""
-    # --- networks ------------------------------------------------------------------------------------------------
+    # --- networks ---
     hidden_dim: int = 256
     """width of the actor and critic MLPs"""
     gamma: float = 0.99
@@ -126,7 +125,7 @@ class Args:
     tau: float = 0.005
     """Polyak rate of the target critics"""
 # <<< shared:args_common
-    # --- Cal-QL / CQL --------------------------------------------------------------------------------------------
+    # --- Cal-QL / CQL ---
     cql_alpha: float = 5.0
     """weight of the CQL regulariser in the offline phase (preset: AntMaze 5, Adroit 1, locomotion 5)"""
     cql_alpha_online: float = 5.0
@@ -149,9 +148,8 @@ class Args:
     """Adam learning rate of the actor and of the entropy temperature alpha (CORL configs: 1e-4)"""
 
 
-# Per-family presets (CORL's configs/finetune/cal_ql/*.yaml, the official Cal-QL scripts, the official EDIS Cal-QL
-# gins); per-task entries refine them. DATA: reward and state conventions. The same everywhere (CORL): CQL
-# temperature 1 with importance sampling, no entropy in the backup, target gap 0.8, orthogonal init, 3 x 256 actor.
+# Presets per family (CORL's finetune/cal_ql configs, the Cal-QL scripts, the EDIS Cal-QL gins) and per task; DATA:
+# reward/state conventions. Everywhere (CORL): CQL(H) with importance sampling, gap 0.8, orthogonal init.
 INF = float("inf")
 PRESETS = {
     "antmaze": dict(cql_alpha=5.0, cql_alpha_online=5.0, cql_lagrange=True, q_layers=5, cql_max_target_backup=True,
@@ -176,16 +174,14 @@ DATA = {  # states standardised?, rewards -> scale * r + bias, returns normalise
     "mujoco": dict(normalize_states=True, reward_scale=1.0, reward_bias=0.0, normalize_returns=True, sparse=False),
     "pointmaze": dict(normalize_states=True, reward_scale=10.0, reward_bias=-5.0, normalize_returns=False, sparse=True),
 }
-# On CPU: smaller budgets, 4 CQL actions per set and 2 x 256 critics (the 1 + 3N actions per state dominate).
 ALGO_CPU_PRESETS = dict(offline_steps=6_000, online_steps=6_000, eval_every=3_000, edis_retrain_every=2_000,
-                        q_layers=2, cql_n_actions=4)
+                        q_layers=2, cql_n_actions=4)  # on CPU the 1 + 3N critic passes per state dominate
 ALGO_RANGES = {"critic_lr": "(0, inf)", "actor_lr": "(0, inf)", "cql_alpha": "[0, inf)", "cql_alpha_online": "[0, inf)",
                "cql_n_actions": "[1, inf)", "q_layers": "[1, inf)"}
 INFINITE_OK = ("cql_clip_diff_min",)  # float flags that may be +-inf (no clipping)
 ALGO_FROZEN = {"q_layers"}  # Cal-QL flags a --resume may not change beyond the shared ones
 # >>> shared:presets_device
-# By device. GPU: the paper's scale (1024 x 6 denoiser, 128 Heun steps, 100k samples every 10k steps). CPU: small
-# enough for `--env pointmaze-umaze` to finish in about a quarter of an hour on 2 cores.
+# GPU: the paper's scale. CPU: `--env pointmaze-umaze` in about a quarter of an hour on 2 cores.
 DEVICE_PRESETS = {
     "cuda": dict(offline_steps=1_000_000, online_steps=200_000, eval_every=10_000, edis_retrain_every=10_000,
                  edis_num_samples=100_000, edis_width=1024, edis_depth=6, edis_sample_steps=128, energy_pool=4096,
@@ -194,13 +190,12 @@ DEVICE_PRESETS = {
                 edis_num_samples=20_000, edis_diffusion_steps=12_000, edis_width=256, edis_depth=3,
                 edis_sample_steps=32, energy_pool=2048, energy_steps=100, eval_episodes=5),
 }
-# Flags a --resume may not change (the networks and data were built from them); --edis-extras may change until the
-# first EDIS retrain (the energies do not exist before it), so one offline phase serves several arms.
+# Flags a --resume may not change; --edis-extras may until the first EDIS retrain builds the energies.
 FROZEN = {"env", "seed", "dataset_path", "hidden_dim", "gamma"}
 
 
 def preset_values(args: Args) -> dict:
-    """The defaults of a run on --env and --device (utils/run.py merges the presets)."""
+    """The defaults on --env and --device (merged by utils/run.py)."""
     task = get_task(args.env)
     return harness.preset_defaults(harness.resolve_device(args.device), DEVICE_PRESETS, PRESETS[task.family],
                                    TASK_PRESETS.get(task.name, {}), ALGO_CPU_PRESETS)
@@ -208,7 +203,7 @@ def preset_values(args: Args) -> dict:
 
 
 # >>> shared:buffers
-# --- Replay buffers on the training device (sampling never leaves it) ------------------------------------------------
+# --- Replay buffers on the training device (sampling never leaves it) ---
 FIELDS = ("observations", "actions", "rewards", "next_observations", "terminals")
 
 
@@ -264,7 +259,7 @@ def concat_batches(x: dict, y: dict) -> dict:
 # <<< shared:buffers
 
 
-# --- ALGO LOGIC: Cal-QL networks -------------------------------------------------------------------------------------
+# --- ALGO LOGIC: Cal-QL networks ---
 # >>> shared:networks
 def mlp(in_dim: int, out_dim: int, hidden: int, n_hidden: int = 2, dropout: float = 0.0) -> nn.Sequential:
     layers, d = [], in_dim
@@ -275,7 +270,7 @@ def mlp(in_dim: int, out_dim: int, hidden: int, n_hidden: int = 2, dropout: floa
 
 
 def adam(params, lr: float) -> torch.optim.Optimizer:
-    """Adam, fused into one kernel where torch supports it (same math, fewer kernel launches)."""
+    """Adam, in one fused kernel where torch has it (same math)."""
     try:
         return torch.optim.Adam(params, lr=lr, fused=True)
     except (RuntimeError, TypeError):  # an older torch or an unsupported device
@@ -318,14 +313,12 @@ def orthogonal_init_(module: nn.Module, last_gain: float = 1e-2) -> None:
 
 
 class TanhGaussianActor(nn.Module):
-    """SAC's policy: a = max_action tanh(u), u ~ N(mu(s), sigma(s)), log sigma = m raw + o clamped to [-20, 2];
-    learnable m = 1, o = -1 at init (CORL's TanhGaussianPolicy)."""
+    """a = max_action tanh(u), u ~ N(mu(s), sigma(s)), log sigma = m raw + o (CORL's TanhGaussianPolicy)."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: int, max_action: float, n_hidden: int = 3):
         super().__init__()
         self.net = mlp(obs_dim, 2 * act_dim, hidden, n_hidden)
-        self.log_std_multiplier = nn.Parameter(torch.tensor(1.0))
-        self.log_std_offset = nn.Parameter(torch.tensor(-1.0))
+        self.log_std_multiplier, self.log_std_offset = nn.Parameter(torch.tensor(1.0)), nn.Parameter(torch.tensor(-1.0))
         self.max_action = max_action
 
     def _mu_logstd(self, obs: torch.Tensor) -> tuple:
@@ -378,12 +371,11 @@ def make_optimizers(agent: Agent, critic_lr: float, actor_lr: float) -> dict:
             "q": adam(agent.qf.parameters(), critic_lr), "alpha_prime": adam([agent.log_alpha_prime], critic_lr)}
 
 
-# --- ALGO LOGIC: Monte-Carlo returns-to-go, the reference values of the calibration (Cal-QL, Alg. 1) ------------------
+# --- ALGO LOGIC: Monte-Carlo returns-to-go, the reference values of the calibration (Cal-QL, Alg. 1) ---
 def mc_returns(rewards: np.ndarray, episode_ends: np.ndarray, gamma: float,
                sparse_failure_reward: Optional[float] = None) -> np.ndarray:
-    """G_t = sum_{k=t}^{T-1} gamma^(k-t) r_k within each episode (no bootstrap past its end, as CORL). Sparse tasks
-    (official Cal-QL): an episode whose rewards all equal ``sparse_failure_reward`` never reached the goal; each step
-    gets r / (1 - gamma), failing forever, not a return truncated at the time limit (too high: r < 0)."""
+    """G_t = sum_{k>=t} gamma^(k-t) r_k within each episode (CORL); an episode of only ``sparse_failure_reward``
+    never reached the goal: each step gets r / (1 - gamma), failing forever (official Cal-QL)."""
     r = np.asarray(rewards, dtype=np.float64)
     ends = np.flatnonzero(episode_ends)
     out = np.empty_like(r)
@@ -399,13 +391,12 @@ def mc_returns(rewards: np.ndarray, episode_ends: np.ndarray, gamma: float,
     return out.astype(np.float32)
 
 
-# --- ALGO LOGIC: Cal-QL update (CQL with importance-sampled logsumexp and Lagrange alpha', Cal-QL's calibration) -----
+# --- ALGO LOGIC: Cal-QL update (CQL with importance-sampled logsumexp and Lagrange alpha', Cal-QL's calibration) ---
 TARGET_ACTION_GAP, MIXING_RATIO = 0.8, 0.5  # CORL; MIXING_RATIO: offline share of fine-tuning batches without EDIS
 
 
 def cql_logsumexp(q_rand, q_curr, q_next, logp_curr, logp_next, act_dim: int) -> torch.Tensor:
-    """log sum_a exp Q(s, a) from the three action sets [2, B, N] -> [2, B]: CQL(H), each Q divided by its
-    sampling density (uniform 0.5^A, pi(a|s), pi(a'|s')), as CORL."""
+    """CQL(H): log sum_a exp Q(s, a) of the three sets [2, B, N] -> [2, B], each Q over its sampling density."""
     cat = torch.cat([q_rand - act_dim * math.log(0.5), q_next - logp_next.detach().unsqueeze(0),
                      q_curr - logp_curr.detach().unsqueeze(0)], -1)
     return torch.logsumexp(cat, -1)
@@ -414,8 +405,7 @@ def cql_logsumexp(q_rand, q_curr, q_next, logp_curr, logp_next, act_dim: int) ->
 def calql_update(agent: Agent, opts: dict, batch: dict, cql_batch: Optional[dict], *, gamma: float, tau: float,
                  n_actions: int, max_target_backup: bool, lagrange: bool, clip_min: float, calibrate: bool,
                  cql_alpha: float) -> dict:
-    """One Cal-QL step (Alg. 1) in CORL's order: temperature, actor, then TD + CQL critics with the Lagrange alpha',
-    each its own backward and Adam; then the Polyak target. The CQL term's rows: ``cql_batch``, else ``batch``."""
+    """One Cal-QL step (Alg. 1), CORL's order: temperature, actor, critics + alpha'; the CQL rows: ``cql_batch``."""
     s, a, r, s2, d = (batch[k] for k in FIELDS)
     c = batch if cql_batch is None else cql_batch
     cs, ca, cs2, mc = c["observations"], c["actions"], c["next_observations"], c["mc_returns"]
@@ -428,8 +418,7 @@ def calql_update(agent: Agent, opts: dict, batch: dict, cql_batch: Optional[dict
     actor_loss = (alpha * logp - agent.qf(s, pi_a).min(0).values).mean()
 
     with torch.no_grad():
-        # TD target r + gamma (1 - terminal) min_i Q'_i(s', a'), a' ~ pi(s'); with max-target-backup the max over N
-        # sampled a' (CQL's max backup, as CORL and the official code); no entropy term (CORL, official Cal-QL)
+        # TD target r + gamma (1 - d) min_i Q'_i(s', a'), a' ~ pi(s'), the max over N a' with max backup (CORL)
         a2, _ = agent.actor.rsample(s2, N if max_target_backup else 1)  # [B, n, A]
         td = r + gamma * (1.0 - d) * agent.q_target.forward_multi(s2, a2).min(0).values.max(1).values
         # CQL action sets: N uniform actions, N from pi(.|s) and N from pi(.|s'), all evaluated at s
@@ -441,10 +430,9 @@ def calql_update(agent: Agent, opts: dict, batch: dict, cql_batch: Optional[dict
     q_curr, q_next = q_all[..., 1 + N:1 + 2 * N], q_all[..., 1 + 2 * N:]
     q_data = q_cdata if cql_batch is None else agent.qf(s, a)  # [2, B]: the TD rows' Q(s, a)
     td_loss = (q_data - td.unsqueeze(0)).pow(2).mean(1).sum()  # MSE of each critic, summed (CORL)
-    bound_rate = torch.zeros((), device=a.device)
-    if calibrate:  # Cal-QL: the policy actions' Q-values are lower-bounded by the reference value V^mu(s) = MC return
-        bound = mc.view(1, Bc, 1)
-        bound_rate = (q_curr < bound).float().mean()
+    bound = mc.view(1, Bc, 1)  # Cal-QL: the reference value V^mu(s), the Monte-Carlo return
+    bound_rate = (q_curr < bound).float().mean() if calibrate else torch.zeros((), device=a.device)
+    if calibrate:  # the policy actions' Q-values are lower-bounded by it
         q_curr, q_next = torch.maximum(q_curr, bound), torch.maximum(q_next, bound)
     ood = cql_logsumexp(q_rand, q_curr, q_next, logp_curr, logp_next, A)
     gap = (ood - q_cdata).clamp(min=clip_min).mean(1)  # [2]: the action gap of each critic
@@ -478,23 +466,20 @@ BUFFER_EXTRA: dict = {"mc_returns": -INF}  # per-row Monte-Carlo return; -inf = 
 
 
 def cql_rows_batch(batch: dict, n_syn: int, offline: ReplayBuffer, generator: torch.Generator) -> dict:
-    """NOT IN THE PAPER (--edis-extras): the CQL term's rows of an EDIS batch [n_syn synthetic | online]: its online
-    rows and as many offline rows, the mix Cal-QL's Lagrange target gap has without EDIS (docs, detail 9)."""
+    """NOT IN THE PAPER (--edis-extras): the CQL rows of an EDIS batch: its online rows and as many offline ones."""
     real = {k: v[n_syn:] for k, v in batch.items()}
     n_extra = round(len(real["rewards"]) * MIXING_RATIO / (1.0 - MIXING_RATIO))
     return concat_batches(real, offline.sample(n_extra, generator)) if n_extra > 0 else real
 
 
 # >>> shared:edis
-# --- ALGO LOGIC: EDIS (Liu et al. 2024): diffusion of transitions, samples steered by learned energies ---------------
-# x = [s, a, r, s', terminal], standardised. The prior p(x) is fitted on offline + online replay; the target is
-# q(x) = d_pi(s) pi(a|s) T(s'|s,a) = p(x) exp(-E_s - E_pi - E_T) (EDIS Sec. 4), E_s = -log d_pi(s)/d_p(s),
-# E_pi = -log pi(a|s)/mu(a|s), E_T = -log T(s'|s,a)/T_hat(s'|s,a). The exact energy at noise level sigma (CEP, Lu et
-# al. 2023, Thm. 3.1) is a function of the WHOLE noisy x, so each energy is a network of the full noisy x, trained by
-# InfoNCE (CEP Sec. 4), and guidance takes its full gradient. Each energy's negatives differ from its positives only
-# in its factor: conditionals of the prior, sampled by one denoiser trained with random condition masks (CSDI).
+# --- ALGO LOGIC: EDIS (Liu et al. 2024): diffusion of transitions, samples steered by learned energies ---
+# x = [s, a, r, s', terminal]. Prior p(x): offline + online replay. Target (EDIS Sec. 4): q(x) = d_pi(s) pi(a|s)
+# T(s'|s,a) = p(x) exp(-E_s - E_pi - E_T), each E a log-ratio of q's and p's factor. The exact energy at noise level
+# sigma is a function of the WHOLE noisy x (CEP, Lu et al. 2023, Thm. 3.1): networks of the full noisy x, trained by
+# InfoNCE (CEP Sec. 4), guiding by their full gradient; negatives from the prior's conditionals (CSDI masks).
 class TransitionCodec:
-    """Blocks of a transition vector and its per-dimension standardisation (refitted at each retrain)."""
+    """Blocks of a transition vector and its standardisation (refitted at each retrain)."""
 
     def __init__(self, obs_dim: int, act_dim: int, device: torch.device):
         S, A = obs_dim, act_dim
@@ -526,7 +511,7 @@ class TransitionCodec:
                 "next_observations": y[:, self.s2], "terminals": (y[:, self.d.start] > 0.5).float()}
 
 
-# --- EDM (Karras et al. 2022): preconditioning, loss, noise schedule, stochastic Heun sampler ------------------------
+# --- EDM (Karras et al. 2022): preconditioning, loss, noise schedule, stochastic Heun sampler ---
 SIGMA_DATA, SIGMA_MIN, SIGMA_MAX, RHO = 1.0, 0.002, 80.0, 7.0
 P_MEAN, P_STD, S_CHURN, S_TMIN, S_TMAX, S_NOISE = -1.2, 1.2, 80.0, 0.05, 50.0, 1.003
 DIFFUSION_LR, DIFFUSION_BATCH, EMA_DECAY = 3e-4, 256, 0.999  # SynthER and the official code
@@ -542,7 +527,7 @@ def edm_coefficients(sigma: torch.Tensor) -> tuple:
 
 
 class FourierEmbedding(nn.Module):
-    """Random Fourier features of c_noise (fixed frequencies), then an MLP."""
+    """Random Fourier features of c_noise, then an MLP."""
 
     def __init__(self, out_dim: int, n_freq: int = 16):
         super().__init__()
@@ -604,9 +589,8 @@ def edm_sample(net: nn.Module, n: int, dim: int, n_steps: int, generator: torch.
                guidance: Optional[Callable] = None, known: Optional[torch.Tensor] = None,
                known_mask: Optional[torch.Tensor] = None, stats: Optional[dict] = None,
                guide_sigma_max: float = SIGMA_MAX) -> torch.Tensor:
-    """Stochastic Heun sampler (Karras Alg. 2) with energy guidance: the probability-flow ODE of p_sigma exp(-E_sigma)
-    is dx/dsigma = (x - D(x; sigma)) / sigma + sigma grad_x E(x, sigma) (EDIS Sec. 4), ``guidance`` giving grad_x E
-    where sigma <= guide_sigma_max. Dimensions where ``known_mask`` is 1 stay exactly at ``known`` (a condition)."""
+    """Stochastic Heun (Karras Alg. 2) on dx/dsigma = (x - D(x; sigma)) / sigma + sigma grad_x E(x, sigma), the ODE of
+    p_sigma exp(-E_sigma) (EDIS Sec. 4), guided where sigma <= guide_sigma_max; ``known`` dimensions stay fixed."""
     device = next(net.parameters()).device
     sigmas = karras_sigmas(n_steps, device)
     mask = torch.zeros(dim, device=device) if known_mask is None else known_mask.to(device)
@@ -659,8 +643,7 @@ def data_rows(n_rows: int, n_online: int, n: int, online_frac: float, generator:
 def train_diffusion(x: torch.Tensor, steps: int, width: int, depth: int, generator: torch.Generator,
                     cond_masks: torch.Tensor, n_online: int = 0, online_frac: float = 0.0,
                     lr: float = DIFFUSION_LR) -> tuple:
-    """A fresh denoiser of x [N, D] (EDM loss, AdamW, cosine lr, grad clip 1) and its EMA (for sampling). Half the
-    rows get one of ``cond_masks`` as a clean condition, to learn the conditionals."""
+    """A fresh denoiser of x [N, D] (AdamW, cosine lr, grad clip 1) and its EMA; half the rows get a condition."""
     net = ResidualMLPDenoiser(x.shape[1], width, depth).to(x.device)
     ema = ResidualMLPDenoiser(x.shape[1], width, depth).to(x.device)
     ema.load_state_dict(net.state_dict())
@@ -698,7 +681,7 @@ def sample_chunked(net: nn.Module, n: int, dim: int, n_steps: int, generator: to
 
 
 class EnergyNet(nn.Module):
-    """E(x, sigma): an MLP of c_in(sigma) x (the denoiser's scaling) and c_noise; ``features``: the extras'."""
+    """E(x, sigma): an MLP of c_in(sigma) x and c_noise (the denoiser's inputs); ``features``: the extras'."""
 
     def __init__(self, dim: int, features: Optional[nn.Module] = None):
         super().__init__()
@@ -730,8 +713,8 @@ def make_guidance(energies: nn.ModuleDict, weights: dict) -> Optional[Callable]:
 
 def infonce_loss(energy: nn.Module, pos: torch.Tensor, neg: torch.Tensor, sigma: torch.Tensor,
                  generator: torch.Generator) -> tuple:
-    """(loss, accuracy) of groups of one positive [G, D] and K negatives [G, K, D], noised at the group's sigma [G]:
-    -log e^-E(x+) / (e^-E(x+) + sum_j e^-E(x-_j)), minimised by E = -log q_sigma/p_sigma + c(sigma) (CEP Sec. 4)."""
+    """(loss, accuracy) of groups of a positive [G, D] and K negatives [G, K, D] noised at sigma [G]; its minimiser
+    is E = -log q_sigma/p_sigma + c(sigma) (CEP Sec. 4)."""
     G, K, D = neg.shape
     x = torch.cat([pos[:, None], neg], 1)  # the positive first
     x = x + sigma[:, None, None] * torch.randn(x.shape, device=x.device, generator=generator)
@@ -742,9 +725,8 @@ def infonce_loss(energy: nn.Module, pos: torch.Tensor, neg: torch.Tensor, sigma:
 
 def contrastive_sets(names: tuple, sample: Callable, codec: TransitionCodec, x_on: torch.Tensor, x_pi: torch.Tensor,
                      x_data: Optional[torch.Tensor], K: int) -> dict:
-    """Positives [M, D] and negatives [M, K, D] of each energy (clean, normalised). ``sample(n, known, mask)``: the
-    prior or its conditionals; x_on: M online transitions; x_pi: the same with a ~ pi(.|s); x_data: rows of the
-    denoiser's data (extras). Positives and negatives differ only in the energy's factor (EDIS Sec. 4):
+    """Positives [M, D] and negatives [M, K, D] of each energy, differing only in its factor (EDIS Sec. 4);
+    ``sample(n, known, mask)``: the prior or a conditional; x_pi: x_on with a ~ pi(.|s):
       state       [s_on, (a, r, s', d) ~ p(.|s_on)]     vs  x ~ p(x)
       policy      [s, a_pi, (r, s', d) ~ p(.|s, a_pi)]  vs  [s, (a, r, s', d) ~ p(.|s)]
       transition  a real online (s, a, r, s', d)        vs  [s, a, (r, s', d) ~ p(.|s, a)]
@@ -799,7 +781,7 @@ def train_energies(energies: nn.ModuleDict, opt: torch.optim.Optimizer, sets: di
 
 @dataclasses.dataclass
 class EDISState:
-    """What EDIS keeps; the energies exist from the first retrain on and persist (as the official code)."""
+    """What EDIS keeps; the energies exist from the first retrain on and persist (the official code)."""
 
     codec: TransitionCodec
     energies: Optional[nn.ModuleDict] = None
@@ -821,7 +803,7 @@ def build_energies(state: EDISState, extras: bool, position_dims: tuple) -> None
 def fit_energies(state: EDISState, denoiser: nn.Module, online: ReplayBuffer, policy_sample: Callable,
                  x_train: torch.Tensor, generator: torch.Generator, *, sample_steps: int, pool: int, negatives: int,
                  steps: int, online_frac: float, sigma_max: float) -> dict:
-    """Contrastive sets of ``pool`` online transitions, then InfoNCE at the sampler's noise levels <= sigma_max."""
+    """Contrastive sets of ``pool`` online transitions; InfoNCE at the sampler's levels <= sigma_max."""
     c = state.codec
     sample = lambda n, known=None, mask=None: sample_chunked(  # noqa: E731
         denoiser, n, c.dim, sample_steps, generator, known=known, known_mask=mask)
@@ -840,8 +822,7 @@ def edis_retrain(state: EDISState, offline: ReplayBuffer, online: ReplayBuffer, 
                  generator: torch.Generator, *, extras: bool, position_dims: tuple, diffusion_steps: int, width: int,
                  depth: int, sample_steps: int, n_samples: int, pool: int, negatives: int, energy_steps: int,
                  weights: dict) -> dict:
-    """One EDIS round (Alg. 1): a fresh diffusion model of offline + online replay, the energies trained further,
-    and n_samples guided transitions that replace the synthetic buffer."""
+    """One EDIS round (Alg. 1): fresh diffusion, energies trained further, n_samples guided transitions."""
     t0, c = time.time(), state.codec
     x_raw = torch.cat([c.raw(offline.rows()), c.raw(online.rows())])
     c.fit(x_raw)
@@ -873,21 +854,18 @@ def edis_retrain(state: EDISState, offline: ReplayBuffer, online: ReplayBuffer, 
 
 
 # >>> shared:extras
-# --- NOT IN THE PAPER: --edis-extras, what the PointMaze studies of docs/results.md showed to help (off) -------------
-#   * a fourth, "realism" energy -log p_data(x)/p(x), the denoiser's data vs its samples: it corrects the prior's own
-#     errors (states inside walls) whatever the online data are (discriminator guidance, Kim et al. 2023);
-#   * sin/cos features of the maze position for every energy (EnergyFeatures): raw MLPs cannot resolve the walls;
-#   * half of every diffusion batch from online transitions, so the prior covers where guidance takes samples;
-#   * guidance (and energy training) only at sigma <= 5, where the energies beat chance;
-#   * edis_calql.py: the CQL regulariser sees the batch's online rows plus offline rows (cql_rows_batch).
+# --- NOT IN THE PAPER: --edis-extras, what the PointMaze studies of docs/results.md showed to help (off) ---
+# * a "realism" energy -log p_data(x)/p(x) (data vs samples: the prior's own errors; Kim et al. 2023);
+# * sin/cos features of the maze position for every energy (EnergyFeatures): raw MLPs cannot resolve walls;
+# * half of every diffusion batch online, so the prior covers where guidance goes; guidance only at sigma <= 5;
+# * edis_calql.py: the CQL term sees the batch's online rows plus offline rows (cql_rows_batch).
 EXTRAS = {"online_frac": 0.5, "guide_sigma_max": 5.0}
 OCTAVES, COARSE = 8, 4  # sin/cos(2^k pi u), k < 8; s and s' apart at 2^4 = 16x lower frequencies
 
 
 def position_proj(codec: TransitionCodec, position_dims: tuple) -> torch.Tensor:
-    """Rows u = P x of the features: the maze (x, y) midway between s and s' (its features have the same gradient
-    for s and s', so their guidance moves a transition without bending its step s' - s), then x, x', y, y' at 16x
-    lower frequencies (s and s' each feel the walls at coarse scales). No maze: no rows."""
+    """Rows u = P x of the features: the maze (x, y) midway between s and s' (same gradient for s and s': guidance
+    moves a transition without bending its step), then x, x', y, y' 16x coarser. No maze: no rows."""
     rows = []
     for i in position_dims:
         mid = codec.mask()
@@ -902,10 +880,8 @@ def position_proj(codec: TransitionCodec, position_dims: tuple) -> torch.Tensor:
 
 
 class EnergyFeatures(nn.Module):
-    """sin/cos(2^k pi u_j), k < OCTAVES, u = P x (NeRF's encoding: MLPs of raw coordinates learn sharp functions
-    slowly, Tancik et al. 2020), each at its expectation under the input noise (std s, s |P_j| in u_j):
-    E[sin(w(u + n))] = sin(w u) exp(-w^2 s_j^2 / 2) (Mip-NeRF), so washed-out frequencies fade, gradients stay
-    bounded."""
+    """sin/cos(2^k pi u_j), u = P x (NeRF's encoding), at their expectation under the input noise (Mip-NeRF):
+    E[sin(w(u + n))] = sin(w u) exp(-w^2 s_j^2 / 2), s_j = std |P_j|: washed-out frequencies fade."""
 
     def __init__(self, proj: torch.Tensor):
         super().__init__()
@@ -921,10 +897,10 @@ class EnergyFeatures(nn.Module):
 
 
 # >>> shared:checkpoint
-# --- What a checkpoint holds (utils/run.py writes, finds and checks the file) ----------------------------------------
+# --- What a checkpoint holds (utils/run.py writes, finds and checks the file) ---
 def checkpoint_state(args: Args, step: int, agent: nn.Module, opts: dict, online: ReplayBuffer, edis: EDISState,
                      norm: dict, progress: dict, gen: torch.Generator) -> dict:
-    """Everything a resumed run needs to continue exactly: weights, optimizers, buffers, normalisation, EDIS, RNG."""
+    """Everything a resumed run needs to continue exactly."""
     if not all(torch.isfinite(p).all() for p in agent.parameters()):
         raise Diverged(f"non-finite network parameters at step {step}; the run stops, its last checkpoint is kept")
     e, syn = edis.energies, edis.synthetic
@@ -939,13 +915,13 @@ def checkpoint_state(args: Args, step: int, agent: nn.Module, opts: dict, online
 
 
 def frozen_flags(ckpt: dict) -> set:
-    """Flags a --resume of ``ckpt`` may not change; --edis-extras too once EDIS energies exist."""
+    """Flags a --resume of ``ckpt`` may not change."""
     return FROZEN | ALGO_FROZEN | ({"edis_extras"} if ckpt["edis"]["energies"] is not None else set())
 
 
 def restore(ckpt: dict, args: Args, agent: nn.Module, opts: dict, online: ReplayBuffer, edis: EDISState,
             gen: torch.Generator, position_dims: tuple) -> tuple:
-    """The inverse of checkpoint_state, in place; returns (progress, step)."""
+    """checkpoint_state's inverse, in place; returns (progress, step)."""
     agent.load_state_dict(ckpt["agent"])
     for k, o in opts.items():
         harness.restore_optimizer(o, ckpt["optimizers"][k])
@@ -970,9 +946,9 @@ def restore(ckpt: dict, args: Args, agent: nn.Module, opts: dict, online: Replay
 
 
 # >>> shared:main
-# --- Main: offline phase, then online phase --------------------------------------------------------------------------
+# --- Main: offline phase, then online phase ---
 def main(argv: Optional[list] = None) -> None:
-    # the presets of --env on --device, then the flags given now; with --resume, the saved flags, then those given
+    # presets of --env and --device, then the flags given (with --resume: the saved flags, then those given)
     args, ckpt = harness.parse_flags(Args, argv, preset_values, frozen_flags, ALGO_RANGES, INFINITE_OK)
     task, device = get_task(args.env), harness.resolve_device(args.device)
     if args.edis and not args.eval_only and 0 < args.online_steps <= args.edis_retrain_every + 1:
@@ -1022,7 +998,7 @@ def main(argv: Optional[list] = None) -> None:
     start_step = 0
     if ckpt is not None:
         progress, start_step = restore(ckpt, args, agent, opts, online, edis, gen, task.position_dims)
-    make_output_dir(out_dir)  # only now: a run that fails on its flags or data leaves no folder behind
+    make_output_dir(out_dir)  # only now: a failed start leaves no folder behind
 
     def run_eval(step: int, kind: str = "step") -> dict:  # deterministic episodes of the actor's mean action
         video = os.path.join(out_dir, "videos", f"{kind}{step}") if args.capture_video else None
@@ -1049,7 +1025,7 @@ def main(argv: Optional[list] = None) -> None:
         bar.set_postfix(score=f"{res['eval/normalized_score']:.1f}")
 
     def checkpoint(step: int) -> None:
-        logger.flush(step)  # stops a diverged run before its checkpoint could overwrite the last good one
+        logger.flush(step)  # a diverged run stops before overwriting its last good checkpoint
         harness.save_checkpoint(os.path.join(out_dir, harness.CHECKPOINT),
                                 checkpoint_state(args, step, agent, opts, online, edis, norm, progress, gen))
 
@@ -1083,8 +1059,8 @@ def main(argv: Optional[list] = None) -> None:
                    f"(success {progress['evals'][-1]['eval/success_rate']:.2f})")
         checkpoint(args.offline_steps)
 
-    # ALGO LOGIC: online phase: act, store, update (EDIS batches once synthetic data exist). Online checkpoints wait
-    # for the end of the episode in progress, so a resumed run starts the same next episode as an uninterrupted one.
+    # ALGO LOGIC: online phase: act, store, update (EDIS batches once synthetic data exist). Checkpoints wait for the
+    # episode's end, so a resumed run starts the same episode as an uninterrupted one.
     obs, _ = env.reset(seed=harness.reset_seed(args.seed, progress["episodes"]))
     ep_ret, ep_success, ep_start, checkpoint_due = 0.0, False, online.size, False
     for step in range(max(start_step, args.offline_steps), total):
@@ -1110,8 +1086,7 @@ def main(argv: Optional[list] = None) -> None:
             logger.scalars(ep_stats, step + 1)
             obs, _ = env.reset(seed=harness.reset_seed(args.seed, progress["episodes"]))
             ep_ret, ep_success, ep_start = 0.0, False, online.size
-        # EDIS (Alg. 1): retrain every --edis-retrain-every online steps, the first once that many online transitions
-        # exist (not on the last step: no update would use the samples)
+        # EDIS (Alg. 1): retrain every --edis-retrain-every online steps (not on the last step)
         if args.edis and t + 1 < args.online_steps and online.size >= args.edis_retrain_every and (
                 edis.last_retrain_step < 0 or t + 1 - edis.last_retrain_step >= args.edis_retrain_every):
             tqdm.write(f"EDIS retrain {edis.retrains + 1} at online step {t + 1} ...")

@@ -2,10 +2,9 @@
 # IQL: Kostrikov et al., arXiv 2110.06169. EDIS: Liu et al., ICML 2024, arXiv 2407.12448 (official code
 # liuxhym/EDIS). EDM: Karras et al., arXiv 2206.00364. IQL details follow CORL's algorithms/finetune/iql.py.
 # Layout, as edis_calql.py (`diff edis_iql.py edis_calql.py` shows only the algorithm): Args and presets, buffers,
-# networks, ALGO LOGIC: IQL, ALGO LOGIC: EDIS, NOT IN THE PAPER: --edis-extras, evaluation, checkpoint, main.
-# `# >>> shared:NAME` blocks are identical in both files (tests/test_edis_shared.py). Copying this file: it needs
-# utils/__init__.py, utils/common.py, utils/run.py (run folder, checkpoint files), utils/tasks.py,
-# utils/offline_data.py and utils/collect.py beside it.
+# networks, ALGO LOGIC: IQL, ALGO LOGIC: EDIS, NOT IN THE PAPER: --edis-extras, checkpoint, main. `# >>> shared`
+# blocks are identical in both (tests/test_edis_shared.py). Copying it: utils/__init__.py, utils/common.py,
+# utils/run.py (harness), utils/tasks.py (envs, evaluation), utils/offline_data.py, utils/collect.py go with it.
 from __future__ import annotations
 
 import dataclasses
@@ -65,7 +64,7 @@ class Args:
     """W&B entity (with --track)"""
     bf16: bool = False
     """bfloat16 autocast, fp32 weights (preset: on for bf16 GPUs)"""
-    # --- budget, evaluation, logging -----------------------------------------------------------------------------
+    # --- budget, evaluation, logging ---
     offline_steps: int = 20_000
     """updates on the offline dataset (GPU preset: 1M)"""
     online_steps: int = 20_000
@@ -86,7 +85,7 @@ class Args:
     """with --resume: evaluate the checkpoint into eval.json, no training"""
     batch_size: int = 256
     """transitions per gradient update"""
-    # --- EDIS (Liu et al. 2024) ----------------------------------------------------------------------------------
+    # --- EDIS (Liu et al. 2024) ---
     edis: bool = True
     """use EDIS online; --no-edis: plain fine-tuning (the ablation)"""
     edis_extras: bool = False
@@ -117,7 +116,7 @@ class Args:
     """online positives per retrain, K negatives each (preset: GPU 4096)"""
     energy_steps: int = 100
     """InfoNCE steps per retrain (the energies persist across retrains)"""
-    # --- networks ------------------------------------------------------------------------------------------------
+    # --- networks ---
     hidden_dim: int = 256
     """width of the actor and critic MLPs"""
     gamma: float = 0.99
@@ -125,7 +124,7 @@ class Args:
     tau: float = 0.005
     """Polyak rate of the target critics"""
 # <<< shared:args_common
-    # --- IQL -----------------------------------------------------------------------------------------------------
+    # --- IQL ---
     expectile: float = 0.9
     """expectile tau of the value loss, Eq. 5 (preset: AntMaze 0.9, Adroit 0.8, locomotion 0.7)"""
     beta: float = 10.0
@@ -138,8 +137,7 @@ class Args:
     """dropout in the actor (preset: Adroit 0.1, as CORL)"""
 
 
-# Per-family presets (CORL's configs/finetune/iql/*.yaml, the official EDIS IQL gin files); per-task entries refine
-# them. DATA: the families' reward and state conventions.
+# Presets per family (CORL's finetune/iql configs, the EDIS IQL gins) and per task; DATA: reward/state conventions.
 PRESETS = {
     "antmaze": dict(expectile=0.9, beta=10.0, edis_ratio=0.2, edis_diffusion_steps=50_000, eval_episodes=100),
     "adroit": dict(expectile=0.8, beta=3.0, actor_dropout=0.1, edis_ratio=0.2, edis_diffusion_steps=30_000),
@@ -153,7 +151,7 @@ TASK_PRESETS = {  # EDIS IQL gins: synthetic ratio, expectile and diffusion step
     "hopper-medium": dict(edis_ratio=0.2),
     "halfcheetah-medium": dict(edis_ratio=0.5, edis_diffusion_steps=50_000),
 }
-DATA = {  # states standardised?, rewards -> scale * r + bias, returns normalised to 1000 first (CORL)
+DATA = {  # states standardised?, r -> scale r + bias, returns normalised to 1000 first (CORL)
     "antmaze": dict(normalize_states=True, reward_scale=1.0, reward_bias=-1.0, normalize_returns=False),
     "adroit": dict(normalize_states=True, reward_scale=1.0, reward_bias=0.0, normalize_returns=False),
     "mujoco": dict(normalize_states=True, reward_scale=1.0, reward_bias=0.0, normalize_returns=True),
@@ -165,8 +163,7 @@ ALGO_RANGES = {"expectile": "(0, 1)", "beta": "[0, inf)", "critic_lr": "(0, inf)
 INFINITE_OK: tuple = ()  # float flags that may be +-inf
 ALGO_FROZEN: set = set()  # IQL flags a --resume may not change, beyond FROZEN
 # >>> shared:presets_device
-# By device. GPU: the paper's scale (1024 x 6 denoiser, 128 Heun steps, 100k samples every 10k steps). CPU: small
-# enough for `--env pointmaze-umaze` to finish in about a quarter of an hour on 2 cores.
+# GPU: the paper's scale. CPU: `--env pointmaze-umaze` in about a quarter of an hour on 2 cores.
 DEVICE_PRESETS = {
     "cuda": dict(offline_steps=1_000_000, online_steps=200_000, eval_every=10_000, edis_retrain_every=10_000,
                  edis_num_samples=100_000, edis_width=1024, edis_depth=6, edis_sample_steps=128, energy_pool=4096,
@@ -175,13 +172,12 @@ DEVICE_PRESETS = {
                 edis_num_samples=20_000, edis_diffusion_steps=12_000, edis_width=256, edis_depth=3,
                 edis_sample_steps=32, energy_pool=2048, energy_steps=100, eval_episodes=5),
 }
-# Flags a --resume may not change (the networks and data were built from them); --edis-extras may change until the
-# first EDIS retrain (the energies do not exist before it), so one offline phase serves several arms.
+# Flags a --resume may not change; --edis-extras may until the first EDIS retrain builds the energies.
 FROZEN = {"env", "seed", "dataset_path", "hidden_dim", "gamma"}
 
 
 def preset_values(args: Args) -> dict:
-    """The defaults of a run on --env and --device (utils/run.py merges the presets)."""
+    """The defaults on --env and --device (merged by utils/run.py)."""
     task = get_task(args.env)
     return harness.preset_defaults(harness.resolve_device(args.device), DEVICE_PRESETS, PRESETS[task.family],
                                    TASK_PRESETS.get(task.name, {}), ALGO_CPU_PRESETS)
@@ -189,7 +185,7 @@ def preset_values(args: Args) -> dict:
 
 
 # >>> shared:buffers
-# --- Replay buffers on the training device (sampling never leaves it) ------------------------------------------------
+# --- Replay buffers on the training device (sampling never leaves it) ---
 FIELDS = ("observations", "actions", "rewards", "next_observations", "terminals")
 
 
@@ -245,7 +241,7 @@ def concat_batches(x: dict, y: dict) -> dict:
 # <<< shared:buffers
 
 
-# --- ALGO LOGIC: IQL networks ----------------------------------------------------------------------------------------
+# --- ALGO LOGIC: IQL networks ---
 # >>> shared:networks
 def mlp(in_dim: int, out_dim: int, hidden: int, n_hidden: int = 2, dropout: float = 0.0) -> nn.Sequential:
     layers, d = [], in_dim
@@ -256,7 +252,7 @@ def mlp(in_dim: int, out_dim: int, hidden: int, n_hidden: int = 2, dropout: floa
 
 
 def adam(params, lr: float) -> torch.optim.Optimizer:
-    """Adam, fused into one kernel where torch supports it (same math, fewer kernel launches)."""
+    """Adam, in one fused kernel where torch has it (same math)."""
     try:
         return torch.optim.Adam(params, lr=lr, fused=True)
     except (RuntimeError, TypeError):  # an older torch or an unsupported device
@@ -299,7 +295,7 @@ class ValueNet(nn.Module):
 
 
 class GaussianActor(nn.Module):
-    """IQL's policy: mean tanh(MLP(s)) * max_action, state-independent log-std (CORL's GaussianPolicy)."""
+    """Mean tanh(MLP(s)) * max_action, state-independent log-std (CORL's GaussianPolicy)."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: int, max_action: float, dropout: float = 0.0):
         super().__init__()
@@ -312,7 +308,7 @@ class GaussianActor(nn.Module):
         return torch.distributions.Normal(mean, self.log_std.clamp(-20.0, 2.0).exp(), validate_args=False)
 
     def sample(self, obs: torch.Tensor) -> torch.Tensor:
-        """Exploration and the policy energy's positives: a ~ pi(.|s), clipped to the action box."""
+        """Exploration and the policy energy's positives: a ~ pi(.|s), clipped."""
         return self.dist(obs).sample().clamp(-self.max_action, self.max_action)
 
     @torch.no_grad()
@@ -341,13 +337,13 @@ def make_optimizers(agent: Agent, critic_lr: float, actor_lr: float) -> dict:
 
 
 def actor_lr_at(step: int, actor_lr: float, offline_steps: int) -> float:
-    """Cosine decay over the offline phase (CORL's CosineAnnealingLR), then constant online (deviation 4)."""
+    """Cosine decay offline (CORL's CosineAnnealingLR), then constant (docs: deviation 13)."""
     if step >= offline_steps:
         return actor_lr
     return actor_lr * 0.5 * (1.0 + math.cos(math.pi * step / max(offline_steps, 1)))
 
 
-# --- ALGO LOGIC: IQL update (Kostrikov et al. 2021, Eqs. 5-7) --------------------------------------------------------
+# --- ALGO LOGIC: IQL update (Kostrikov et al. 2021, Eqs. 5-7) ---
 def expectile_loss(u: torch.Tensor, expectile: float) -> torch.Tensor:
     """Eq. 5: L_2^tau(u) = |tau - 1(u < 0)| u^2, averaged; u = Q(s, a) - V(s)."""
     weight = torch.where(u < 0, 1.0 - expectile, expectile)
@@ -360,8 +356,7 @@ def awr_weights(adv: torch.Tensor, beta: float, max_weight: float = 100.0) -> to
 
 
 def iql_losses(agent: Agent, batch: dict, expectile: float, beta: float, gamma: float) -> tuple:
-    """(V loss, Q loss, actor loss, metrics) of a batch. Each loss reaches only its network: V(s') and the
-    advantages use V before this step's update (detached), as CORL."""
+    """(V loss, Q loss, actor loss, metrics); V(s') and the advantages use V before its update (detached), as CORL."""
     s, a, r, s2, d = (batch[k] for k in FIELDS)  # [B, S], [B, A], [B], [B, S], [B]
     with torch.no_grad():
         q_target = agent.q_target(s, a).min(0).values  # min over the twin target critics
@@ -369,9 +364,9 @@ def iql_losses(agent: Agent, batch: dict, expectile: float, beta: float, gamma: 
     v = agent.vf(s)
     adv = q_target - v  # A(s, a) = Q_target(s, a) - V(s)
     v_loss = expectile_loss(adv, expectile)  # Eq. 5
-    target = r + gamma * (1.0 - d) * next_v  # Eq. 6: only true terminals stop bootstrapping, timeouts do not
+    target = r + gamma * (1.0 - d) * next_v  # Eq. 6: true terminals stop bootstrapping, timeouts do not
     qs = agent.qf(s, a)  # [2, B]
-    q_loss = (qs - target.unsqueeze(0)).pow(2).mean()  # the mean of the two critics' MSEs
+    q_loss = (qs - target.unsqueeze(0)).pow(2).mean()  # both critics' MSEs
     weights = awr_weights(adv.detach(), beta)  # Eq. 7: advantage-weighted regression
     actor_loss = -(weights * agent.actor.dist(s).log_prob(a).sum(-1)).mean()
     metrics = {"losses/v_loss": v_loss.detach(), "losses/q_loss": q_loss.detach(),
@@ -383,7 +378,7 @@ def iql_losses(agent: Agent, batch: dict, expectile: float, beta: float, gamma: 
 
 def iql_update(agent: Agent, opts: dict, batch: dict, expectile: float, beta: float, gamma: float,
                tau: float) -> dict:
-    """One IQL step in CORL's order: V, Q, actor, each its own backward and Adam; then the Polyak target."""
+    """One IQL step in CORL's order: V, Q, actor, each its own backward and Adam; then Polyak."""
     v_loss, q_loss, actor_loss, metrics = iql_losses(agent, batch, expectile, beta, gamma)
     for name, loss in (("v", v_loss), ("q", q_loss), ("actor", actor_loss)):
         opts[name].zero_grad(set_to_none=True)
@@ -397,15 +392,13 @@ BUFFER_EXTRA: dict = {}  # per-row fields beyond (s, a, r, s', terminal): none f
 
 
 # >>> shared:edis
-# --- ALGO LOGIC: EDIS (Liu et al. 2024): diffusion of transitions, samples steered by learned energies ---------------
-# x = [s, a, r, s', terminal], standardised. The prior p(x) is fitted on offline + online replay; the target is
-# q(x) = d_pi(s) pi(a|s) T(s'|s,a) = p(x) exp(-E_s - E_pi - E_T) (EDIS Sec. 4), E_s = -log d_pi(s)/d_p(s),
-# E_pi = -log pi(a|s)/mu(a|s), E_T = -log T(s'|s,a)/T_hat(s'|s,a). The exact energy at noise level sigma (CEP, Lu et
-# al. 2023, Thm. 3.1) is a function of the WHOLE noisy x, so each energy is a network of the full noisy x, trained by
-# InfoNCE (CEP Sec. 4), and guidance takes its full gradient. Each energy's negatives differ from its positives only
-# in its factor: conditionals of the prior, sampled by one denoiser trained with random condition masks (CSDI).
+# --- ALGO LOGIC: EDIS (Liu et al. 2024): diffusion of transitions, samples steered by learned energies ---
+# x = [s, a, r, s', terminal]. Prior p(x): offline + online replay. Target (EDIS Sec. 4): q(x) = d_pi(s) pi(a|s)
+# T(s'|s,a) = p(x) exp(-E_s - E_pi - E_T), each E a log-ratio of q's and p's factor. The exact energy at noise level
+# sigma is a function of the WHOLE noisy x (CEP, Lu et al. 2023, Thm. 3.1): networks of the full noisy x, trained by
+# InfoNCE (CEP Sec. 4), guiding by their full gradient; negatives from the prior's conditionals (CSDI masks).
 class TransitionCodec:
-    """Blocks of a transition vector and its per-dimension standardisation (refitted at each retrain)."""
+    """Blocks of a transition vector and its standardisation (refitted at each retrain)."""
 
     def __init__(self, obs_dim: int, act_dim: int, device: torch.device):
         S, A = obs_dim, act_dim
@@ -437,7 +430,7 @@ class TransitionCodec:
                 "next_observations": y[:, self.s2], "terminals": (y[:, self.d.start] > 0.5).float()}
 
 
-# --- EDM (Karras et al. 2022): preconditioning, loss, noise schedule, stochastic Heun sampler ------------------------
+# --- EDM (Karras et al. 2022): preconditioning, loss, noise schedule, stochastic Heun sampler ---
 SIGMA_DATA, SIGMA_MIN, SIGMA_MAX, RHO = 1.0, 0.002, 80.0, 7.0
 P_MEAN, P_STD, S_CHURN, S_TMIN, S_TMAX, S_NOISE = -1.2, 1.2, 80.0, 0.05, 50.0, 1.003
 DIFFUSION_LR, DIFFUSION_BATCH, EMA_DECAY = 3e-4, 256, 0.999  # SynthER and the official code
@@ -453,7 +446,7 @@ def edm_coefficients(sigma: torch.Tensor) -> tuple:
 
 
 class FourierEmbedding(nn.Module):
-    """Random Fourier features of c_noise (fixed frequencies), then an MLP."""
+    """Random Fourier features of c_noise, then an MLP."""
 
     def __init__(self, out_dim: int, n_freq: int = 16):
         super().__init__()
@@ -515,9 +508,8 @@ def edm_sample(net: nn.Module, n: int, dim: int, n_steps: int, generator: torch.
                guidance: Optional[Callable] = None, known: Optional[torch.Tensor] = None,
                known_mask: Optional[torch.Tensor] = None, stats: Optional[dict] = None,
                guide_sigma_max: float = SIGMA_MAX) -> torch.Tensor:
-    """Stochastic Heun sampler (Karras Alg. 2) with energy guidance: the probability-flow ODE of p_sigma exp(-E_sigma)
-    is dx/dsigma = (x - D(x; sigma)) / sigma + sigma grad_x E(x, sigma) (EDIS Sec. 4), ``guidance`` giving grad_x E
-    where sigma <= guide_sigma_max. Dimensions where ``known_mask`` is 1 stay exactly at ``known`` (a condition)."""
+    """Stochastic Heun (Karras Alg. 2) on dx/dsigma = (x - D(x; sigma)) / sigma + sigma grad_x E(x, sigma), the ODE of
+    p_sigma exp(-E_sigma) (EDIS Sec. 4), guided where sigma <= guide_sigma_max; ``known`` dimensions stay fixed."""
     device = next(net.parameters()).device
     sigmas = karras_sigmas(n_steps, device)
     mask = torch.zeros(dim, device=device) if known_mask is None else known_mask.to(device)
@@ -570,8 +562,7 @@ def data_rows(n_rows: int, n_online: int, n: int, online_frac: float, generator:
 def train_diffusion(x: torch.Tensor, steps: int, width: int, depth: int, generator: torch.Generator,
                     cond_masks: torch.Tensor, n_online: int = 0, online_frac: float = 0.0,
                     lr: float = DIFFUSION_LR) -> tuple:
-    """A fresh denoiser of x [N, D] (EDM loss, AdamW, cosine lr, grad clip 1) and its EMA (for sampling). Half the
-    rows get one of ``cond_masks`` as a clean condition, to learn the conditionals."""
+    """A fresh denoiser of x [N, D] (AdamW, cosine lr, grad clip 1) and its EMA; half the rows get a condition."""
     net = ResidualMLPDenoiser(x.shape[1], width, depth).to(x.device)
     ema = ResidualMLPDenoiser(x.shape[1], width, depth).to(x.device)
     ema.load_state_dict(net.state_dict())
@@ -609,7 +600,7 @@ def sample_chunked(net: nn.Module, n: int, dim: int, n_steps: int, generator: to
 
 
 class EnergyNet(nn.Module):
-    """E(x, sigma): an MLP of c_in(sigma) x (the denoiser's scaling) and c_noise; ``features``: the extras'."""
+    """E(x, sigma): an MLP of c_in(sigma) x and c_noise (the denoiser's inputs); ``features``: the extras'."""
 
     def __init__(self, dim: int, features: Optional[nn.Module] = None):
         super().__init__()
@@ -641,8 +632,8 @@ def make_guidance(energies: nn.ModuleDict, weights: dict) -> Optional[Callable]:
 
 def infonce_loss(energy: nn.Module, pos: torch.Tensor, neg: torch.Tensor, sigma: torch.Tensor,
                  generator: torch.Generator) -> tuple:
-    """(loss, accuracy) of groups of one positive [G, D] and K negatives [G, K, D], noised at the group's sigma [G]:
-    -log e^-E(x+) / (e^-E(x+) + sum_j e^-E(x-_j)), minimised by E = -log q_sigma/p_sigma + c(sigma) (CEP Sec. 4)."""
+    """(loss, accuracy) of groups of a positive [G, D] and K negatives [G, K, D] noised at sigma [G]; its minimiser
+    is E = -log q_sigma/p_sigma + c(sigma) (CEP Sec. 4)."""
     G, K, D = neg.shape
     x = torch.cat([pos[:, None], neg], 1)  # the positive first
     x = x + sigma[:, None, None] * torch.randn(x.shape, device=x.device, generator=generator)
@@ -653,9 +644,8 @@ def infonce_loss(energy: nn.Module, pos: torch.Tensor, neg: torch.Tensor, sigma:
 
 def contrastive_sets(names: tuple, sample: Callable, codec: TransitionCodec, x_on: torch.Tensor, x_pi: torch.Tensor,
                      x_data: Optional[torch.Tensor], K: int) -> dict:
-    """Positives [M, D] and negatives [M, K, D] of each energy (clean, normalised). ``sample(n, known, mask)``: the
-    prior or its conditionals; x_on: M online transitions; x_pi: the same with a ~ pi(.|s); x_data: rows of the
-    denoiser's data (extras). Positives and negatives differ only in the energy's factor (EDIS Sec. 4):
+    """Positives [M, D] and negatives [M, K, D] of each energy, differing only in its factor (EDIS Sec. 4);
+    ``sample(n, known, mask)``: the prior or a conditional; x_pi: x_on with a ~ pi(.|s):
       state       [s_on, (a, r, s', d) ~ p(.|s_on)]     vs  x ~ p(x)
       policy      [s, a_pi, (r, s', d) ~ p(.|s, a_pi)]  vs  [s, (a, r, s', d) ~ p(.|s)]
       transition  a real online (s, a, r, s', d)        vs  [s, a, (r, s', d) ~ p(.|s, a)]
@@ -710,7 +700,7 @@ def train_energies(energies: nn.ModuleDict, opt: torch.optim.Optimizer, sets: di
 
 @dataclasses.dataclass
 class EDISState:
-    """What EDIS keeps; the energies exist from the first retrain on and persist (as the official code)."""
+    """What EDIS keeps; the energies exist from the first retrain on and persist (the official code)."""
 
     codec: TransitionCodec
     energies: Optional[nn.ModuleDict] = None
@@ -732,7 +722,7 @@ def build_energies(state: EDISState, extras: bool, position_dims: tuple) -> None
 def fit_energies(state: EDISState, denoiser: nn.Module, online: ReplayBuffer, policy_sample: Callable,
                  x_train: torch.Tensor, generator: torch.Generator, *, sample_steps: int, pool: int, negatives: int,
                  steps: int, online_frac: float, sigma_max: float) -> dict:
-    """Contrastive sets of ``pool`` online transitions, then InfoNCE at the sampler's noise levels <= sigma_max."""
+    """Contrastive sets of ``pool`` online transitions; InfoNCE at the sampler's levels <= sigma_max."""
     c = state.codec
     sample = lambda n, known=None, mask=None: sample_chunked(  # noqa: E731
         denoiser, n, c.dim, sample_steps, generator, known=known, known_mask=mask)
@@ -751,8 +741,7 @@ def edis_retrain(state: EDISState, offline: ReplayBuffer, online: ReplayBuffer, 
                  generator: torch.Generator, *, extras: bool, position_dims: tuple, diffusion_steps: int, width: int,
                  depth: int, sample_steps: int, n_samples: int, pool: int, negatives: int, energy_steps: int,
                  weights: dict) -> dict:
-    """One EDIS round (Alg. 1): a fresh diffusion model of offline + online replay, the energies trained further,
-    and n_samples guided transitions that replace the synthetic buffer."""
+    """One EDIS round (Alg. 1): fresh diffusion, energies trained further, n_samples guided transitions."""
     t0, c = time.time(), state.codec
     x_raw = torch.cat([c.raw(offline.rows()), c.raw(online.rows())])
     c.fit(x_raw)
@@ -784,21 +773,18 @@ def edis_retrain(state: EDISState, offline: ReplayBuffer, online: ReplayBuffer, 
 
 
 # >>> shared:extras
-# --- NOT IN THE PAPER: --edis-extras, what the PointMaze studies of docs/results.md showed to help (off) -------------
-#   * a fourth, "realism" energy -log p_data(x)/p(x), the denoiser's data vs its samples: it corrects the prior's own
-#     errors (states inside walls) whatever the online data are (discriminator guidance, Kim et al. 2023);
-#   * sin/cos features of the maze position for every energy (EnergyFeatures): raw MLPs cannot resolve the walls;
-#   * half of every diffusion batch from online transitions, so the prior covers where guidance takes samples;
-#   * guidance (and energy training) only at sigma <= 5, where the energies beat chance;
-#   * edis_calql.py: the CQL regulariser sees the batch's online rows plus offline rows (cql_rows_batch).
+# --- NOT IN THE PAPER: --edis-extras, what the PointMaze studies of docs/results.md showed to help (off) ---
+# * a "realism" energy -log p_data(x)/p(x) (data vs samples: the prior's own errors; Kim et al. 2023);
+# * sin/cos features of the maze position for every energy (EnergyFeatures): raw MLPs cannot resolve walls;
+# * half of every diffusion batch online, so the prior covers where guidance goes; guidance only at sigma <= 5;
+# * edis_calql.py: the CQL term sees the batch's online rows plus offline rows (cql_rows_batch).
 EXTRAS = {"online_frac": 0.5, "guide_sigma_max": 5.0}
 OCTAVES, COARSE = 8, 4  # sin/cos(2^k pi u), k < 8; s and s' apart at 2^4 = 16x lower frequencies
 
 
 def position_proj(codec: TransitionCodec, position_dims: tuple) -> torch.Tensor:
-    """Rows u = P x of the features: the maze (x, y) midway between s and s' (its features have the same gradient
-    for s and s', so their guidance moves a transition without bending its step s' - s), then x, x', y, y' at 16x
-    lower frequencies (s and s' each feel the walls at coarse scales). No maze: no rows."""
+    """Rows u = P x of the features: the maze (x, y) midway between s and s' (same gradient for s and s': guidance
+    moves a transition without bending its step), then x, x', y, y' 16x coarser. No maze: no rows."""
     rows = []
     for i in position_dims:
         mid = codec.mask()
@@ -813,10 +799,8 @@ def position_proj(codec: TransitionCodec, position_dims: tuple) -> torch.Tensor:
 
 
 class EnergyFeatures(nn.Module):
-    """sin/cos(2^k pi u_j), k < OCTAVES, u = P x (NeRF's encoding: MLPs of raw coordinates learn sharp functions
-    slowly, Tancik et al. 2020), each at its expectation under the input noise (std s, s |P_j| in u_j):
-    E[sin(w(u + n))] = sin(w u) exp(-w^2 s_j^2 / 2) (Mip-NeRF), so washed-out frequencies fade, gradients stay
-    bounded."""
+    """sin/cos(2^k pi u_j), u = P x (NeRF's encoding), at their expectation under the input noise (Mip-NeRF):
+    E[sin(w(u + n))] = sin(w u) exp(-w^2 s_j^2 / 2), s_j = std |P_j|: washed-out frequencies fade."""
 
     def __init__(self, proj: torch.Tensor):
         super().__init__()
@@ -832,10 +816,10 @@ class EnergyFeatures(nn.Module):
 
 
 # >>> shared:checkpoint
-# --- What a checkpoint holds (utils/run.py writes, finds and checks the file) ----------------------------------------
+# --- What a checkpoint holds (utils/run.py writes, finds and checks the file) ---
 def checkpoint_state(args: Args, step: int, agent: nn.Module, opts: dict, online: ReplayBuffer, edis: EDISState,
                      norm: dict, progress: dict, gen: torch.Generator) -> dict:
-    """Everything a resumed run needs to continue exactly: weights, optimizers, buffers, normalisation, EDIS, RNG."""
+    """Everything a resumed run needs to continue exactly."""
     if not all(torch.isfinite(p).all() for p in agent.parameters()):
         raise Diverged(f"non-finite network parameters at step {step}; the run stops, its last checkpoint is kept")
     e, syn = edis.energies, edis.synthetic
@@ -850,13 +834,13 @@ def checkpoint_state(args: Args, step: int, agent: nn.Module, opts: dict, online
 
 
 def frozen_flags(ckpt: dict) -> set:
-    """Flags a --resume of ``ckpt`` may not change; --edis-extras too once EDIS energies exist."""
+    """Flags a --resume of ``ckpt`` may not change."""
     return FROZEN | ALGO_FROZEN | ({"edis_extras"} if ckpt["edis"]["energies"] is not None else set())
 
 
 def restore(ckpt: dict, args: Args, agent: nn.Module, opts: dict, online: ReplayBuffer, edis: EDISState,
             gen: torch.Generator, position_dims: tuple) -> tuple:
-    """The inverse of checkpoint_state, in place; returns (progress, step)."""
+    """checkpoint_state's inverse, in place; returns (progress, step)."""
     agent.load_state_dict(ckpt["agent"])
     for k, o in opts.items():
         harness.restore_optimizer(o, ckpt["optimizers"][k])
@@ -881,9 +865,9 @@ def restore(ckpt: dict, args: Args, agent: nn.Module, opts: dict, online: Replay
 
 
 # >>> shared:main
-# --- Main: offline phase, then online phase --------------------------------------------------------------------------
+# --- Main: offline phase, then online phase ---
 def main(argv: Optional[list] = None) -> None:
-    # the presets of --env on --device, then the flags given now; with --resume, the saved flags, then those given
+    # presets of --env and --device, then the flags given (with --resume: the saved flags, then those given)
     args, ckpt = harness.parse_flags(Args, argv, preset_values, frozen_flags, ALGO_RANGES, INFINITE_OK)
     task, device = get_task(args.env), harness.resolve_device(args.device)
     if args.edis and not args.eval_only and 0 < args.online_steps <= args.edis_retrain_every + 1:
@@ -928,7 +912,7 @@ def main(argv: Optional[list] = None) -> None:
     start_step = 0
     if ckpt is not None:
         progress, start_step = restore(ckpt, args, agent, opts, online, edis, gen, task.position_dims)
-    make_output_dir(out_dir)  # only now: a run that fails on its flags or data leaves no folder behind
+    make_output_dir(out_dir)  # only now: a failed start leaves no folder behind
 
     def run_eval(step: int, kind: str = "step") -> dict:  # deterministic episodes of the actor's mean action
         video = os.path.join(out_dir, "videos", f"{kind}{step}") if args.capture_video else None
@@ -955,7 +939,7 @@ def main(argv: Optional[list] = None) -> None:
         bar.set_postfix(score=f"{res['eval/normalized_score']:.1f}")
 
     def checkpoint(step: int) -> None:
-        logger.flush(step)  # stops a diverged run before its checkpoint could overwrite the last good one
+        logger.flush(step)  # a diverged run stops before overwriting its last good checkpoint
         harness.save_checkpoint(os.path.join(out_dir, harness.CHECKPOINT),
                                 checkpoint_state(args, step, agent, opts, online, edis, norm, progress, gen))
 
@@ -989,8 +973,8 @@ def main(argv: Optional[list] = None) -> None:
                    f"(success {progress['evals'][-1]['eval/success_rate']:.2f})")
         checkpoint(args.offline_steps)
 
-    # ALGO LOGIC: online phase: act, store, update (EDIS batches once synthetic data exist). Online checkpoints wait
-    # for the end of the episode in progress, so a resumed run starts the same next episode as an uninterrupted one.
+    # ALGO LOGIC: online phase: act, store, update (EDIS batches once synthetic data exist). Checkpoints wait for the
+    # episode's end, so a resumed run starts the same episode as an uninterrupted one.
     obs, _ = env.reset(seed=harness.reset_seed(args.seed, progress["episodes"]))
     ep_ret, ep_success, ep_start, checkpoint_due = 0.0, False, online.size, False
     for step in range(max(start_step, args.offline_steps), total):
@@ -1016,8 +1000,7 @@ def main(argv: Optional[list] = None) -> None:
             logger.scalars(ep_stats, step + 1)
             obs, _ = env.reset(seed=harness.reset_seed(args.seed, progress["episodes"]))
             ep_ret, ep_success, ep_start = 0.0, False, online.size
-        # EDIS (Alg. 1): retrain every --edis-retrain-every online steps, the first once that many online transitions
-        # exist (not on the last step: no update would use the samples)
+        # EDIS (Alg. 1): retrain every --edis-retrain-every online steps (not on the last step)
         if args.edis and t + 1 < args.online_steps and online.size >= args.edis_retrain_every and (
                 edis.last_retrain_step < 0 or t + 1 - edis.last_retrain_step >= args.edis_retrain_every):
             tqdm.write(f"EDIS retrain {edis.retrains + 1} at online step {t + 1} ...")
