@@ -6,7 +6,8 @@ For every finished arm of benchmarks/edis_study.py it reads the final checkpoint
 * the online training episodes' success rate before the first EDIS retrain and after it (episode end steps are in
   the checkpoint's progress), and per quarter of the online phase;
 * the final policy's success and normalized score over ``--episodes`` episodes acting as in training (a ~ pi(.|s),
-  the Gaussian actor's samples) and as in evaluation (its mean), from the training episodes' own reset seeds;
+  the Gaussian actor's samples) and as in evaluation (its mean), from fresh starts (reset seeds of seed + 777,
+  seen neither in training nor in evaluation), the same starts for both modes;
 * the actor's standard deviation exp(log_std), per action dimension.
 """
 

@@ -249,6 +249,13 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         raise
 
 
+def write_json(path: str, obj) -> None:
+    """Atomically write ``obj`` as indented JSON (values json cannot encode are written with str)."""
+    import json
+
+    atomic_write_bytes(path, json.dumps(obj, indent=2, default=str).encode())
+
+
 def atomic_torch_save(obj: Any, path: str) -> None:
     """``torch.save`` through a temporary file in the same folder, then an atomic rename."""
     import io

@@ -17,7 +17,6 @@ import torch
 from utils.common import (
     SEED_RANGE,
     UserError,
-    atomic_write_bytes,
     check_flags,
     check_output_dir,
     cli_with_presets,
@@ -26,6 +25,7 @@ from utils.common import (
     peek_args,
     resumed_args,
     save_curves_png,
+    write_json,
 )
 from utils.llm_dist import full_state, gather_to_rank0, read_trainer_state, swap_in_folder, unwrap
 from utils.llm_task import BUILTIN
@@ -100,10 +100,6 @@ def start_run(script: str, args, rank: int, world: int, device: torch.device, re
     return exp_name, run_name, out_dir
 
 
-def write_json(path: str, obj) -> None:
-    import json
-
-    atomic_write_bytes(path, json.dumps(obj, indent=2, default=str).encode())
 
 
 def accuracy_text(res: dict, eval_samples: int) -> str:

@@ -7,7 +7,6 @@ with one format version), found, checked against the flags given with ``--resume
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Callable, Optional
@@ -18,7 +17,6 @@ from utils.common import (
     SEED_RANGE,
     UserError,
     atomic_torch_save,
-    atomic_write_bytes,
     check_flags,
     check_output_dir,
     cli_with_presets,
@@ -27,6 +25,7 @@ from utils.common import (
     resumed_args,
     safe_torch_load,
     save_curves_png,
+    write_json,
 )
 
 CHECKPOINT = "checkpoint.pt"
@@ -174,5 +173,3 @@ def reset_seed(seed: int, episode: int) -> int:
     return (seed * 1_000_003 + 7_919 * (episode + 1)) % 2**32
 
 
-def write_json(path: str, obj) -> None:
-    atomic_write_bytes(path, json.dumps(obj, indent=2, default=str).encode())
