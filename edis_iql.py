@@ -615,8 +615,10 @@ class EnergyNet(nn.Module):
         return self.net(torch.cat([h, c_noise[:, None]], -1)).squeeze(-1)
 
 
-def make_guidance(energies: nn.ModuleDict, weights: dict) -> Optional[Callable]:
-    """grad_x sum_k w_k E_k(x, sigma), the full gradient over the whole noisy transition (CEP Thm. 3.1)."""
+def make_guidance(energies: nn.ModuleDict, weights: dict, dims: Optional[torch.Tensor] = None
+                  ) -> Optional[Callable]:
+    """grad_x sum_k w_k E_k(x, sigma), the full gradient over the whole noisy transition (CEP Thm. 3.1);
+    ``dims``: 0 on the dimensions left unguided."""
     active = {k: weights.get(k, 1.0) for k in energies if weights.get(k, 1.0) != 0.0}
     if not active:
         return None
@@ -625,7 +627,8 @@ def make_guidance(energies: nn.ModuleDict, weights: dict) -> Optional[Callable]:
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
             e = sum(w * energies[k](x, sigma).sum() for k, w in active.items())
-            return torch.autograd.grad(e, x)[0]
+            grad = torch.autograd.grad(e, x)[0]
+        return grad if dims is None else grad * dims
 
     return guidance
 

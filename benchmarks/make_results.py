@@ -4,16 +4,17 @@
     python benchmarks/make_results.py report    # those JSON files -> docs/img/*.png and the tables in docs/results.md
     python benchmarks/make_results.py           # both (--runs, --results, --doc, --img move the folders)
 
-``extract`` reads ``benchmarks/runs/`` (written by llm_study.py, edis_study.py, fidelity_study.py; not committed) and
-keeps, per run, the evaluation curves and timings. ``report`` needs only the committed JSON files, so the figures and
-tables can be regenerated on any machine. Tables go between ``<!-- table:NAME -->`` and ``<!-- /table:NAME -->``
-markers in docs/results.md, so the numbers in the text cannot drift from the data. Spreads are sample standard
-deviations (n - 1) over seeds.
+``extract`` reads ``benchmarks/runs/`` (written by llm_study.py, llm_tuning.py, fidelity_study.py; not committed) and
+keeps, per run, the evaluation curves and timings; study 2's driver (edis_study.py) writes its own per-run files.
+``report`` needs only the committed JSON files, so the figures and tables can be regenerated on any machine. Tables
+go between ``<!-- table:NAME -->`` and ``<!-- /table:NAME -->`` markers in docs/results.md, so the numbers in the
+text cannot drift from the data. Spreads are sample standard deviations (n - 1) over seeds.
 """
 
 import dataclasses
 import glob
 import json
+import math
 import os
 import re
 import statistics
@@ -84,50 +85,32 @@ def extract_llm_tuning() -> None:
     write_json("llm_tuning.json", {"manifest": read_manifest("llm_tuning"), "selections": selections, "runs": runs})
 
 
-# study 2's folders under runs/ and their extracted files: the default's study and later designs' studies
-EDIS_STUDIES = {"edis": "edis_study.json"}
 ENDPOINT_EVALS = 3  # study 2's endpoint, fixed before the runs: the mean score of the last 3 evaluations
+EDIS_RESULTS = "edis_study"  # study 2: one JSON file per finished run, written by benchmarks/edis_study.py
 
 
-def extract_edis(study: str = "edis") -> None:
-    runs = []
-    for run_dir, (algo, seed, arm), summary in finished_runs(study, ("*", "seed*", "*")):
-        if arm == "offline":
-            continue
-        s = scalars(run_dir)
-        cfg = json.load(open(os.path.join(run_dir, "config.json")))["args"]
-        runs.append({"algo": algo, "seed": int(seed[4:]), "arm": arm, "offline_steps": cfg["offline_steps"],
-                     "evals": [{"step": st, "score": v} for st, v in s["eval/normalized_score"]],
-                     "success": [{"step": st, "rate": v} for st, v in s["eval/success_rate"]],
-                     "offline_score": summary["offline_normalized_score"],
-                     "final_score": summary["final_normalized_score"], "regret": summary["regret"],
-                     "retrain_time_s": [v for _, v in s.get("edis/retrain_time_s", [])],
-                     "offline_updates_per_s": statistics.median(
-                         v for st, v in s["charts/SPS"] if st <= cfg["offline_steps"]),
-                     "online_wall_s": summary["wall_time_s"],
-                     # Cal-QL's critic at the end of the online phase (last logged value; absent for IQL)
-                     "end": {k: s[k][-1][1] for k in ("losses/alpha_prime", "losses/cql_loss", "losses/td_loss")
-                             if k in s},
-                     "eval_episodes": cfg["eval_episodes"]})
-    manifest = read_manifest(study)
-    write_json(EDIS_STUDIES[study], merged_with_committed(EDIS_STUDIES[study], manifest, runs))
+def edis_run_record(run_dir: str, summary: dict) -> dict:
+    """One run of study 2: its evaluation curve, scores and timings, from its own log."""
+    s = scalars(run_dir)
+    cfg = json.load(open(os.path.join(run_dir, "config.json")))["args"]
+    return {"offline_steps": cfg["offline_steps"],
+            "evals": [{"step": st, "score": v} for st, v in s["eval/normalized_score"]],
+            "success": [{"step": st, "rate": v} for st, v in s["eval/success_rate"]],
+            "offline_score": summary["offline_normalized_score"],
+            "final_score": summary["final_normalized_score"], "regret": summary["regret"],
+            "retrain_time_s": [v for _, v in s.get("edis/retrain_time_s", [])],
+            "offline_updates_per_s": statistics.median(v for st, v in s["charts/SPS"] if st <= cfg["offline_steps"]),
+            "online_wall_s": summary["wall_time_s"],
+            # Cal-QL's critic at the end of the online phase (last logged value; absent for IQL)
+            "end": {k: s[k][-1][1] for k in ("losses/alpha_prime", "losses/cql_loss", "losses/td_loss") if k in s},
+            "eval_episodes": cfg["eval_episodes"]}
 
 
-def merged_with_committed(name: str, manifest: dict, runs: list) -> dict:
-    """The committed results/<name> plus the runs found now: runs/ is not committed, so a later study (more seeds,
-    another arm) on a fresh checkout adds to the earlier runs instead of replacing them. A run found now replaces the
-    committed run of the same (algo, seed, arm); manifest entries and study commands are merged the same way."""
-    path = os.path.join(RESULTS, name)
-    old = json.load(open(path)) if os.path.exists(path) else {"manifest": {}, "runs": []}
-    if not isinstance(old, dict) or not isinstance(old.get("runs"), list) or not isinstance(old.get("manifest"), dict):
-        raise SystemExit(f"error: {path} is not an extracted study (no runs and manifest); restore it from git")
-    key = lambda r: (r["algo"], r["seed"], r["arm"])  # noqa: E731
-    found = {key(r) for r in runs}
-    merged = {**old["manifest"], **manifest,
-              "runs": {**old["manifest"].get("runs", {}), **manifest.get("runs", {})},
-              "study_commands": old["manifest"].get("study_commands", []) + [
-                  c for c in manifest.get("study_commands", []) if c not in old["manifest"].get("study_commands", [])]}
-    return {"manifest": merged, "runs": [r for r in old["runs"] if key(r) not in found] + runs}
+def load_edis_study() -> dict:
+    """The committed per-run files of study 2 (the offline phases' records aside)."""
+    files = sorted(glob.glob(os.path.join(RESULTS, EDIS_RESULTS, "*.json")))
+    runs = [json.load(open(f)) for f in files]
+    return {"runs": [r for r in runs if r["arm"] != "offline"]}
 
 
 def extract_fidelity() -> None:
@@ -181,16 +164,18 @@ def ms(values: list, fmt: str = "{:.3f}") -> str:
 
 
 def paired(diffs: list) -> str:
-    """'k/n better, t = ..., p = ...' for paired differences: scipy's one-sample t-test of their mean against 0,
-    two-sided (the same as a paired t-test of the two arms)."""
+    """'k/n better, 95 % CI [lo, hi], p = ...' for paired differences: scipy's one-sample t-test of their mean against
+    0, two-sided (the same as a paired t-test of the two arms), and the t interval of the mean."""
     from scipy import stats
 
     n, better = len(diffs), sum(d > 0 for d in diffs)
     if n < 2 or statistics.stdev(diffs) == 0:
         return f"{better}/{n} better"
     res = stats.ttest_1samp(diffs, 0.0)
+    half = stats.t.ppf(0.975, n - 1) * statistics.stdev(diffs) / math.sqrt(n)
+    mean = statistics.mean(diffs)
     p = f"{res.pvalue:.2f}" if res.pvalue >= 0.005 else f"{res.pvalue:.1e}"  # what would print as 0.00: its digits
-    return f"{better}/{n} better, t = {res.statistic:.2f}, p = {p}"
+    return f"{better}/{n} better, 95 % CI [{mean - half:.1f}, {mean + half:.1f}], p = {p}"
 
 
 def rounds_to_reach(run: dict, target: float, key: str):
@@ -628,7 +613,6 @@ def report() -> None:
         raise SystemExit(f"error: {DOC} does not exist (it holds the <!-- table:NAME --> markers to fill)")
     tables = {}
     loaders = {"llm_study.json": (llm_tables, llm_figures), "llm_tuning.json": (llm_tuning_tables, llm_tuning_figures),
-               "edis_study.json": (edis_tables, edis_figures),
                "fidelity_study.json": (fidelity_tables, None), "calql_gap.json": (calql_gap_table, None),
                "iql_success.json": (success_table, None)}
     for name, (tab, figs) in loaders.items():
@@ -640,6 +624,10 @@ def report() -> None:
         tables.update(tab(data))
         if figs is not None:
             figs(data)
+    study2 = load_edis_study()
+    if study2["runs"]:
+        tables.update(edis_tables(study2))
+        edis_figures(study2)
     tables.update(round_time_table())
     toy = os.path.join(RESULTS, "toy_guidance.json")
     if os.path.exists(toy):
@@ -660,9 +648,6 @@ def extract() -> None:
     for fn, folder in ((extract_llm, "llm"), (extract_llm_tuning, "llm_tuning"), (extract_fidelity, "fidelity")):
         if os.path.isdir(os.path.join(RUNS, folder)):
             fn()
-    for folder in EDIS_STUDIES:
-        if os.path.isdir(os.path.join(RUNS, folder)):
-            extract_edis(folder)
 
 
 @dataclasses.dataclass

@@ -50,38 +50,19 @@ def test_rounds_to_reach_and_mean_std():
     assert make_results.ms([1.0, 2.0, 3.0], "{:.1f}") == "2.0 ± 1.0"  # sample std (n - 1)
 
 
-def test_extracted_runs_add_to_the_committed_ones(tmp_path, monkeypatch):
-    """runs/ is not committed: an extract on a fresh checkout with new seeds keeps the committed runs, replaces a run
-    found again (same algo, seed, arm) and merges the manifests."""
-    monkeypatch.setattr(make_results, "RESULTS", str(tmp_path))
-    run = lambda seed, arm, score: {"algo": "calql", "seed": seed, "arm": arm, "final_score": score}  # noqa: E731
-    committed = {"manifest": {"runs": {"calql/seed1/edis": {"commit": "a"}, "calql/seed2/edis": {"commit": "a"}},
-                              "study_commands": ["old"], "cpu": "x"},
-                 "runs": [run(1, "edis", 10.0), run(2, "edis", 20.0)]}
-    (tmp_path / "edis_study.json").write_text(json.dumps(committed))
-    now = {"runs": {"calql/seed2/edis": {"commit": "b"}, "calql/seed3/edis": {"commit": "b"}},
-           "study_commands": ["old", "new"], "cpu": "y"}
-    merged = make_results.merged_with_committed("edis_study.json", now, [run(2, "edis", 25.0), run(3, "edis", 30.0)])
-    assert sorted((r["seed"], r["final_score"]) for r in merged["runs"]) == [(1, 10.0), (2, 25.0), (3, 30.0)]
-    assert merged["manifest"]["runs"] == {"calql/seed1/edis": {"commit": "a"}, "calql/seed2/edis": {"commit": "b"},
-                                          "calql/seed3/edis": {"commit": "b"}}
-    assert merged["manifest"]["study_commands"] == ["old", "new"] and merged["manifest"]["cpu"] == "y"
-    assert make_results.merged_with_committed("none.json", now, [run(3, "edis", 1.0)])["runs"] == [run(3, "edis", 1.0)]
-    (tmp_path / "bad.json").write_text("[]")
-    with pytest.raises(SystemExit, match="not an extracted study"):
-        make_results.merged_with_committed("bad.json", now, [])
-
-
 def test_paired_test_against_textbook_critical_values():
     """Samples built to sit on printed two-sided critical values of Student's t (df = 2: 4.303 at 5 %, 9.925 at 1 %):
-    three differences a - 1, a, a + 1 have sample std 1, so t = a * sqrt(3)."""
+    three differences a - 1, a, a + 1 have sample std 1, so t = a * sqrt(3); at the 5 % value the 95 % interval of
+    the mean, a -+ 4.303 / sqrt(3), just touches 0."""
     for t, p in ((4.303, "0.05"), (9.925, "0.01")):
         a = t / math.sqrt(3)
-        assert make_results.paired([a - 1, a, a + 1]) == f"3/3 better, t = {t:.2f}, p = {p}"
+        lo, hi = a - 4.303 / math.sqrt(3), a + 4.303 / math.sqrt(3)
+        assert make_results.paired([a - 1, a, a + 1]) == f"3/3 better, 95 % CI [{lo:.1f}, {hi:.1f}], p = {p}"
+    assert "95 % CI [0.0, 5.0]" in make_results.paired([4.303 / math.sqrt(3) + d for d in (-1, 0, 1)])
     assert make_results.paired([1.0, -1.0]).endswith("p = 1.00")  # mean 0
     assert make_results.paired([2.0, 2.0]) == "2/2 better"  # no spread: no test
     a = 20.0 / math.sqrt(3)  # t = 20, df = 2: p = 0.0025 is written with its digits, not rounded to 0.00
-    assert make_results.paired([a - 1, a, a + 1]) == "3/3 better, t = 20.00, p = 2.5e-03"
+    assert make_results.paired([a - 1, a, a + 1]) == "3/3 better, 95 % CI [9.1, 14.0], p = 2.5e-03"
 
 
 def test_simulator_reproduces_real_transitions_and_finds_walls(tiny_pointmaze, monkeypatch):
@@ -132,10 +113,11 @@ def test_edis_and_fidelity_pipeline(tiny_pointmaze, tmp_path):
     extra = ("--eval-episodes 1 --edis-diffusion-steps 40 --edis-num-samples 200 --edis-width 32 --edis-depth 2 "
              "--edis-sample-steps 4 --energy-pool 16 --energy-negatives 4 --energy-steps 3 --hidden-dim 32 "
              "--batch-size 32 --log-every 50 --device cpu")
-    p = run_script(["benchmarks/edis_study.py", "--algos", "iql", "--seeds", "1", "--out", str(runs / "edis"),
-                    "--offline-steps", "100", "--online-steps", "160", "--eval-every", "40", "--retrain-every", "70",
-                    "--eval-episodes", "1", "--arms", "noedis", "paper", "extras", "online_only", f"--extra={extra}"],
-                   tiny_pointmaze, timeout=900)
+    res = tmp_path / "res"
+    study = ["benchmarks/edis_study.py", "--algos", "iql", "--seeds", "1", "--out", str(runs / "edis"), "--results",
+             str(res / "edis_study"), "--offline-steps", "100", "--online-steps", "160", "--eval-every", "40",
+             "--retrain-every", "70", "--eval-episodes", "1", f"--extra={extra}"]
+    p = run_script(study + ["--arms", "noedis", "paper", "extras", "online_only"], tiny_pointmaze, timeout=900)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     base = runs / "edis" / "iql" / "seed1"
     arms = {a: json.loads((base / a / "summary.json").read_text()) for a in ("noedis", "paper", "extras",
@@ -144,9 +126,14 @@ def test_edis_and_fidelity_pipeline(tiny_pointmaze, tmp_path):
     assert not arms["paper"]["edis_extras"] and arms["extras"]["edis_extras"]
     assert len({a["offline_normalized_score"] for a in arms.values()}) == 1  # one shared offline phase
     assert all(a["updates"] == 100 + 160 and a["online_env_steps"] == 160 for a in arms.values())
-    p = run_script(["benchmarks/edis_study.py", "--algos", "iql", "--seeds", "1", "--out", str(runs / "edis")],
-                   tiny_pointmaze)
-    assert p.returncode == 0 and p.stdout.count("done, skipped") == 3  # a finished study is not rerun
+    records = {a: json.loads((res / "edis_study" / f"iql-seed1-{a}.json").read_text()) for a in arms}
+    for a, rec in records.items():  # each finished run extracted at once, with its commit and config
+        assert rec["arm"] == a and rec["final_score"] == arms[a]["final_normalized_score"] and rec["commit"]
+        assert rec["evals"][-1]["step"] == 260 and len(rec["evals"]) >= 3 and rec["config"]["seed"] == 1
+    offline = json.loads((res / "edis_study" / "iql-seed1-offline.json").read_text())
+    assert len(offline["weights_sha256"]) == 64
+    p = run_script(study, tiny_pointmaze)
+    assert p.returncode == 0 and p.stdout.count("results committed, skipped") == 4, p.stdout  # nothing reruns
     p = run_script(["benchmarks/iql_success.py", "--runs", str(runs / "edis" / "iql"), "--episodes", "2", "--out",
                     str(tmp_path / "res_success.json")], tiny_pointmaze, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
@@ -178,7 +165,6 @@ def test_edis_and_fidelity_pipeline(tiny_pointmaze, tmp_path):
     assert "| IQL | EDIS as the paper | 1 |" in text and "| IQL | EDIS + --edis-extras | 1 |" in text
     assert "| paper: guided |" in text and "| diagnosis: EDIS batches without synthetic rows | 1 |" in text
     assert (tmp_path / "img" / "edis_curves.png").stat().st_size > 1000
-    assert (tmp_path / "res" / "edis_study.json").exists()
     for bad, text in (("edis_diffusion_steps=abc", "'abc' is not a int"), ("no_such_flag=1", "not a number")):
         p = run_script(["benchmarks/fidelity_study.py", "--seeds", "1", "--runs", str(runs / "edis"), "--overrides",
                         bad, "--out", str(tmp_path / "bad")], tiny_pointmaze)
@@ -194,6 +180,20 @@ def test_edis_and_fidelity_pipeline(tiny_pointmaze, tmp_path):
     names = [r["set"] for r in merged[0]["rows"]]
     assert len(merged) == 1 and names.count("offline (real)") == 1 and len(names) == 2 * len(rows) - 2
     assert "denoiser 80 steps: paper: unguided" in names
+
+    # runs/ is not committed: a fresh checkout recomputes the offline phase, checks it bit for bit and runs only
+    # what has no results file
+    shutil.rmtree(runs / "edis" / "iql")
+    (res / "edis_study" / "iql-seed1-noedis.json").unlink()
+    p = run_script(study, tiny_pointmaze, timeout=600)
+    assert p.returncode == 0 and "weights equal to the recorded ones bit for bit" in p.stdout, p.stdout + p.stderr
+    assert p.stdout.count("results committed, skipped") == 3 and (res / "edis_study" / "iql-seed1-noedis.json").exists()
+    assert not (runs / "edis" / "iql" / "seed1" / "paper").exists()
+    shutil.rmtree(runs / "edis" / "iql")
+    (res / "edis_study" / "iql-seed1-noedis.json").unlink()
+    (res / "edis_study" / "iql-seed1-offline.json").write_text(json.dumps(dict(offline, weights_sha256="0" * 64)))
+    p = run_script(study, tiny_pointmaze, timeout=600)
+    assert p.returncode == 1 and "differs from the one recorded" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_llm_pipeline(tiny_model_dir, tmp_path):
