@@ -714,6 +714,13 @@ def make_guidance(energies: nn.ModuleDict, weights: dict, dims: Optional[torch.T
     return guidance
 
 
+def guided_dims(codec: TransitionCodec, extras: bool) -> Optional[torch.Tensor]:
+    """What guidance moves: s, a and s' (the official code's masks; the paper's energies are of (s, a, s'), so r and
+    the terminal stay the prior's, given the rest; unguided r also keeps the learned energies from shifting rewards:
+    benchmarks/toy_goal.py). --edis-extras guides every dimension, as it was measured."""
+    return None if extras else 1.0 - codec.mask(codec.r, codec.d)
+
+
 def infonce_loss(energy: nn.Module, pos: torch.Tensor, neg: torch.Tensor, sigma: torch.Tensor,
                  generator: torch.Generator) -> tuple:
     """(loss, accuracy) of groups of a positive [G, D] and K negatives [G, K, D] noised at sigma [G]; its minimiser
@@ -841,7 +848,7 @@ def edis_retrain(state: EDISState, offline: ReplayBuffer, online: ReplayBuffer, 
                            sigma_max=sigma_max)
     stats = {"guidance_norm": 0.0, "n": 0}
     x = sample_chunked(denoiser, n_samples, c.dim, sample_steps, generator, stats=stats, guide_sigma_max=sigma_max,
-                       guidance=make_guidance(state.energies, weights))
+                       guidance=make_guidance(state.energies, weights, guided_dims(c, extras)))
     syn = c.decode(x.detach())
     syn["actions"] = syn["actions"].clamp(-1.0, 1.0)
     state.synthetic = ReplayBuffer(c.obs_dim, c.act_dim, n_samples, c.mean.device, extra=BUFFER_EXTRA)
@@ -860,7 +867,8 @@ def edis_retrain(state: EDISState, offline: ReplayBuffer, online: ReplayBuffer, 
 # --- NOT IN THE PAPER: --edis-extras, what the PointMaze studies of docs/results.md showed to help (off) ---
 # * a "realism" energy -log p_data(x)/p(x) (data vs samples: the prior's own errors; Kim et al. 2023);
 # * sin/cos features of the maze position for every energy (EnergyFeatures): raw MLPs cannot resolve walls;
-# * half of every diffusion batch online, so the prior covers where guidance goes; guidance only at sigma <= 5;
+# * half of every diffusion batch online, so the prior covers where guidance goes; guidance only at sigma <= 5,
+#   on every dimension (r and the terminal too: guided_dims);
 # * edis_calql.py: the CQL term sees the batch's online rows plus offline rows (cql_rows_batch).
 EXTRAS = {"online_frac": 0.5, "guide_sigma_max": 5.0}
 OCTAVES, COARSE = 8, 4  # sin/cos(2^k pi u), k < 8; s and s' apart at 2^4 = 16x lower frequencies

@@ -258,7 +258,8 @@ def main(a: Cli) -> None:
                                        online_frac=online_frac, sigma_max=sigma_max)
             timing[form] = {"diffusion_s": diffusion_s, "energies_s": time.time() - t2}
             energy_acc[form] = {k: float(v) for k, v in metrics.items() if "acc" in k}
-            for name, guidance in (("unguided", None), ("guided", mod.make_guidance(edis.energies, {}))):
+            guided = mod.make_guidance(edis.energies, {}, mod.guided_dims(codec, extras))  # as edis_retrain
+            for name, guidance in (("unguided", None), ("guided", guided)):
                 noise = torch.Generator().manual_seed(seed + 123)  # the same initial noise for every set
                 t3 = time.time()
                 x = mod.sample_chunked(denoiser, a.samples, codec.dim, args.edis_sample_steps, noise,

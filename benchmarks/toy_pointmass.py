@@ -127,7 +127,7 @@ def run(seed: int, extras: bool, n_eval: int = 2000, **sizes) -> dict:
     online_states = held_out["observations"]
     out["conditional_given_sa"] = measure(x_cond, codec, online_states)
     out["online_real"] = measure(x_held, codec, online_states[n_eval // 2:])
-    guidance = m.make_guidance(edis.energies, {})
+    guidance = m.make_guidance(edis.energies, {}, m.guided_dims(codec, extras))
     for name, guide in (("unguided", None), ("guided", guidance)):
         noise = torch.Generator().manual_seed(seed + 123)  # the same initial noise for both
         x = m.sample_chunked(denoiser, n_eval, codec.dim, z["sample_steps"], noise, guidance=guide,

@@ -225,6 +225,19 @@ def test_guidance_is_the_full_gradient_of_the_weighted_energies():
     assert (g.abs() > 0).all()  # every block is moved, the reward and terminal too
 
 
+def test_paper_form_guides_s_a_and_next_s_only():
+    """edis_retrain's guidance: the full gradient on s, a and s', zero on r and the terminal (the official code's
+    masks); --edis-extras moves every dimension."""
+    torch.manual_seed(0)
+    codec = m.TransitionCodec(2, 1, torch.device("cpu"))  # x = [s (2), a (1), r, s' (2), d]: 7 dimensions
+    nets = energies(codec.dim)
+    x, sigma = torch.randn(4, codec.dim), torch.tensor([0.1, 1.0, 5.0, 50.0])
+    full = m.make_guidance(nets, {})(x, sigma)
+    paper = m.make_guidance(nets, {}, m.guided_dims(codec, extras=False))(x, sigma)
+    assert (paper[:, [3, 6]] == 0).all() and torch.equal(paper[:, [0, 1, 2, 4, 5]], full[:, [0, 1, 2, 4, 5]])
+    assert m.guided_dims(codec, extras=True) is None and (full[:, [3, 6]] != 0).all()
+
+
 def test_conditional_sampling_keeps_given_block_fixed(toy_denoiser):
     net, _ = toy_denoiser
     known = torch.tensor([[1.5, 0.7]]).repeat(32, 1)
