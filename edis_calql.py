@@ -23,10 +23,10 @@ from tqdm import tqdm
 
 from utils import run as harness  # run folder, presets, checkpoint files, flag ranges
 from utils.common import (
-    Diverged,
     Logger,
     UserError,
     check_finite,
+    check_finite_params,
     get_rng_state,
     make_output_dir,
     run_cli,
@@ -912,8 +912,7 @@ class EnergyFeatures(nn.Module):
 def checkpoint_state(args: Args, step: int, agent: nn.Module, opts: dict, online: ReplayBuffer, edis: EDISState,
                      norm: dict, progress: dict, gen: torch.Generator) -> dict:
     """Everything a resumed run needs to continue exactly."""
-    if not all(torch.isfinite(p).all() for p in agent.parameters()):
-        raise Diverged(f"non-finite network parameters at step {step}; the run stops, its last checkpoint is kept")
+    check_finite_params(agent, f"step {step}")
     e, syn = edis.energies, edis.synthetic
     return {"args": dataclasses.asdict(args), "step": step, "agent": agent.state_dict(),
             "optimizers": {k: o.state_dict() for k, o in opts.items()}, "online_buffer": online.state_dict(),
@@ -961,6 +960,8 @@ def restore(ckpt: dict, args: Args, agent: nn.Module, opts: dict, online: Replay
 def main(argv: Optional[list] = None) -> None:
     # presets of --env and --device, then the flags given (with --resume: the saved flags, then those given)
     args, ckpt = harness.parse_flags(Args, argv, preset_values, frozen_flags, ALGO_RANGES, INFINITE_OK)
+    if harness.already_finished(ckpt, args):  # a finished run stays finished unless its budget is raised
+        return
     task, device = get_task(args.env), harness.resolve_device(args.device)
     if args.edis and not args.eval_only and 0 < args.online_steps <= args.edis_retrain_every + 1:
         print(f"warning: --online-steps {args.online_steps} leaves no EDIS retrain (the first is after "
@@ -1005,7 +1006,7 @@ def main(argv: Optional[list] = None) -> None:
     # <<< algo
     edis = EDISState(TransitionCodec(obs_dim, act_dim, device))
     progress = {"offline_score": None, "evals": [], "episodes": 0, "train_successes": [], "updates": 0,
-                "episode_scores": []}  # (step, normalized score) of each online training episode
+                "episode_scores": [], "wall_time_s": 0.0}  # episode_scores: (step, score) of each online episode
     start_step = 0
     if ckpt is not None:
         progress, start_step = restore(ckpt, args, agent, opts, online, edis, gen, task.position_dims)
@@ -1030,6 +1031,8 @@ def main(argv: Optional[list] = None) -> None:
                     entity=args.wandb_entity)
 
     def evaluation(step: int) -> None:
+        logger.flush(step)  # a diverged run stops here: a non-finite policy is never scored
+        check_finite_params(agent, f"step {step}")
         res = run_eval(step)
         progress["evals"].append({"step": step, **res})
         logger.scalars(res, step)
@@ -1037,6 +1040,7 @@ def main(argv: Optional[list] = None) -> None:
 
     def checkpoint(step: int) -> None:
         logger.flush(step)  # a diverged run stops before overwriting its last good checkpoint
+        progress["wall_time_s"] = time.time() - t_start  # summed over sessions
         harness.save_checkpoint(os.path.join(out_dir, harness.CHECKPOINT),
                                 checkpoint_state(args, step, agent, opts, online, edis, norm, progress, gen))
 
@@ -1046,7 +1050,7 @@ def main(argv: Optional[list] = None) -> None:
 
     total = args.offline_steps + args.online_steps
     bar = tqdm(total=total, initial=start_step, desc=task.name, unit="step", dynamic_ncols=True, mininterval=2.0)
-    t_start, t_sps, n_sps = time.time(), time.time(), 0
+    t_start, t_sps, n_sps = time.time() - progress["wall_time_s"], time.time(), 0
     print(f"{task.name}: {len(data)} offline transitions ({data.source}); logging to {out_dir}")
 
     # ALGO LOGIC: offline phase: the base algorithm on the offline dataset

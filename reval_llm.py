@@ -55,6 +55,7 @@ from utils.llm_dist import (
 from utils.llm_memory import memory_plan_text
 from utils.llm_run import (
     accuracy_text,
+    already_finished,
     finish_run,
     model_defaults,
     parse_flags,
@@ -108,9 +109,9 @@ class Args:
     device: str = "auto"
     """auto (cuda when available, else cpu), cpu, cuda; under torchrun each rank takes cuda:<local rank>"""
     bf16: Optional[bool] = None
-    """bf16 compute over fp32 master weights and optimizer state (default: on for CUDA GPUs with bf16 support)"""
+    """--bf16 / --no-bf16: bf16 compute over fp32 master weights and AdamW state (default: on for bf16 GPUs)"""
     fsdp: Optional[bool] = None
-    """shard weights, gradients and AdamW state over the ranks (FSDP2; default: on under torchrun unless builtin)"""
+    """--fsdp / --no-fsdp: shard weights, grads and AdamW state over ranks (FSDP2; default: torchrun, not builtin)"""
     gradient_checkpointing: bool = False
     """keep only each decoder layer's input for the backward and recompute the rest (less memory, ~1/3 more time)"""
     plan_gpus: int = 0
@@ -483,6 +484,8 @@ def main(argv: Optional[list] = None) -> None:
     defaults = lambda a: {**model_defaults(a), **PRESETS[a.preset]}  # noqa: E731
     # <<< algo
     args, resume_dir, saved = parse_flags(Args, argv, defaults, ALGO_RESUME_MAY_CHANGE, ALGO_RANGES)
+    if already_finished(args, resume_dir, saved):  # a finished run stays finished unless its budget is raised
+        return
     # >>> algo: ReVal's derived default and its one requirement on sampling
     if args.buffer_size is None:  # M: five rounds of rollouts (the paper's 5,120 = 5 x 128 prompts x 8)
         args.buffer_size = 5 * args.prompts_per_round * args.group_size
@@ -517,7 +520,7 @@ def main(argv: Optional[list] = None) -> None:
         ensure_builtin_model(log=log)  # rank 0 builds it once; the others then load the cached copy
     if dist.is_initialized():
         dist.barrier()
-    tok, model = load_model(resume_dir or args.model, log)  # fp32 master weights on the CPU
+    tok, model = load_model(resume_dir or args.model, log, resume_dir and args.resume)  # fp32 master weights
     system = QWEN_MATH_SYSTEM if args.qwen_math_system else None
     to_prompt = lambda q: format_prompt(tok, q, args.prompt_template, system)  # noqa: E731
     eval_prompts, eval_golds = [to_prompt(r["question"]) for r in evalset], [r["answer"] for r in evalset]
@@ -587,7 +590,7 @@ def main(argv: Optional[list] = None) -> None:
             if "inf" not in str(e) and "nan" not in str(e):
                 raise
             raise Diverged(f"non-finite next-token probabilities at round {rnd + 1}; the run stops (lower the "
-                           f"learning rate); its last checkpoint is kept") from None
+                           f"learning rate)") from None
         policy.train()
         t_gen = time.time()
         # 2. verifier rewards
@@ -624,8 +627,7 @@ def main(argv: Optional[list] = None) -> None:
         # <<< algo
         check_finite({k: v for k, v in metrics.items() if k in ("train/loss", "train/grad_norm")}, f"round {rnd + 1}")
         if not all_finite(policy):
-            raise Diverged(f"non-finite model parameters after round {rnd + 1}; the run stops, its last checkpoint "
-                           f"is kept")
+            raise Diverged(f"non-finite model parameters after round {rnd + 1}; the run stops")
         t_upd = time.time()
         state["round"], state["generated"] = rnd + 1, state["generated"] + args.prompts_per_round * args.group_size
         local = {"reward": rewards.sum(), "completions": torch.tensor(float(len(rewards_list)), device=device),

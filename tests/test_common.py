@@ -111,3 +111,17 @@ def test_resume_of_another_version_names_its_unknown_flags():
     assert "not a checkpoint of this script" in str(e.value) and "another version" not in str(e.value)
     ok = resumed_args(A, ["--lr", "0.3"], {"args": {"seed": 2, "lr": 0.2, "steps": 3}}, "/run", {"lr"}, "--resume x")
     assert (ok.seed, ok.lr, ok.output_dir) == (2, 0.3, "/run")
+
+
+def test_optional_bool_flags_take_their_bare_forms():
+    """--fsdp and --no-fsdp as the README writes them; --fsdp True/False still work; neither: None (the machine
+    decides)."""
+    import grpo_llm
+    from utils.common import peek_args
+
+    cases = {(): (None, None), ("--fsdp",): (True, None), ("--no-fsdp",): (False, None),
+             ("--fsdp", "False"): (False, None), ("--fsdp", "--bf16"): (True, True),
+             ("--no-bf16", "--fsdp", "True"): (True, False), ("--bf16", "None"): (None, None)}
+    for argv, want in cases.items():
+        a = peek_args(grpo_llm.Args, list(argv))
+        assert (a.fsdp, a.bf16) == want, argv

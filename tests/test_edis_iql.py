@@ -476,10 +476,10 @@ def test_checkpoint_of_another_format_is_refused_in_one_line(tiny_pointmaze, tmp
                    tiny_pointmaze, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert ckpt["format"] == 3
-    torch.save(dict(ckpt, format=2), out / "checkpoint.pt")
+    assert ckpt["format"] == 4
+    torch.save(dict(ckpt, format=3), out / "checkpoint.pt")
     p = run_script(["edis_iql.py", "--resume", str(out), "--online-steps", "300"], tiny_pointmaze, timeout=600)
-    assert p.returncode == 2 and "checkpoint format 2, this script reads format 3" in p.stderr
+    assert p.returncode == 2 and "checkpoint format 3, this script reads format 4" in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
 
 

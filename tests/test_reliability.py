@@ -92,6 +92,7 @@ def bad_files(tmp_path_factory):
     files["jsonl_null_answer"] = jl("null.jsonl", [json.dumps(rows[0]), '{"question": "q", "answer": null}'])
     files["jsonl_not_dict"] = jl("list.jsonl", ["[1, 2]"])
     files["jsonl_small"] = jl("small.jsonl", [json.dumps(r) for r in rows[:10]])
+    files["json_string"] = jl("hello.json", ['"hello"'])
     (d / "latin1.jsonl").write_bytes(b'{"question": "caf\xe9", "answer": "1"}\n')
     files["jsonl_not_utf8"] = str(d / "latin1.jsonl")
     (d / "folder.jsonl").mkdir()
@@ -175,6 +176,10 @@ LLM_CASES = [
     (["--dataset", "{jsonl_not_dict}"], "row 1 is a list"),
     (["--dataset", "{jsonl_not_utf8}"], "not UTF-8 text"),
     (["--dataset", "{jsonl_folder}"], "is a folder, not a file"),
+    (["--dataset", "{json_string}"], "a .json dataset must be a list of records"),
+    (["--model", "/nonexistent/model"], "--model /nonexistent/model does not exist: a local model is a folder"),
+    (["--model", "./no_such_dir"], "--model ./no_such_dir does not exist: a local model is a folder"),
+    (["--model", "{a_file}"], "is a file: a local model is a folder with config.json"),
     (["--dataset", "{jsonl_small}", "--eval-prompts", "4", "--prompts-per-round", "16"],
      "6 training prompts (after holding out the evaluation prompts) is fewer than --prompts-per-round 16"),
 ]
@@ -284,6 +289,145 @@ def test_llm_divergence_stops_with_one_line(tiny_model_dir, tmp_path):
                     "--output-dir", str(out)], {"HF_HUB_OFFLINE": "1"}, timeout=300)
     assert p.returncode == 2 and "non-finite" in p.stderr and "round" in p.stderr, p.stderr[-2000:]
     assert "Traceback" not in p.stderr and not (out / "summary.json").exists()
+    assert_no_dead_end(p, out, "trainer_state.pt", {"HF_HUB_OFFLINE": "1"})
+
+
+def last_line(stderr: str) -> str:
+    """The last line a terminal shows (a progress bar redraws its line with carriage returns)."""
+    return stderr.rstrip().splitlines()[-1].split("\r")[-1]
+
+
+def assert_no_dead_end(p, out, checkpoint_name: str, env: dict) -> None:
+    """The divergence error is the last thing printed and says what to do next: with no checkpoint written, the exact
+    command that starts afresh, which is then not refused (it may diverge again, as it does here: same flags)."""
+    error = last_line(p.stderr)
+    assert error.startswith("error: non-finite"), p.stderr[-1000:]
+    if any(f.name == checkpoint_name for f in out.rglob(checkpoint_name)):
+        assert "its last checkpoint is kept: continue from it with `python" in error and "--resume" in error
+        return
+    assert "no checkpoint was written" in error and "start afresh" in error, error
+    command = error.split("`")[1].split()
+    assert command[0] == "python" and "--overwrite" in command and str(out) in command
+    again = run_script(command[1:], env, timeout=300)
+    assert again.returncode == 2 and last_line(again.stderr).startswith("error: non-finite"), again.stderr[-1000:]
+
+
+@pytest.mark.parametrize("script", ["edis_iql.py", "edis_calql.py"])
+def test_edis_divergence_before_any_checkpoint_is_no_dead_end(script, tiny_pointmaze, tmp_path):
+    """Diverged before its first checkpoint: no NaN policy is evaluated (no "offline phase done", no MuJoCo NaN
+    warning), the error is the last line and gives the command that starts afresh."""
+    out = tmp_path / "run"
+    extra = ["--q-layers", "2", "--cql-n-actions", "4"] if script == "edis_calql.py" else []
+    p = run_script([script, *TINY_EDIS, "--critic-lr", "1e10", "--checkpoint-every", "1000", *extra,
+                    "--output-dir", str(out)], tiny_pointmaze, timeout=300)
+    assert p.returncode == 2 and not (out / "checkpoint.pt").exists(), p.stderr[-2000:]
+    assert "offline phase done" not in p.stdout and "Nan" not in p.stderr and "normalized score" not in p.stdout
+    assert_no_dead_end(p, out, "checkpoint.pt", tiny_pointmaze)
+    run2 = tmp_path / "run2"  # a good run, continued with a learning rate that diverges: its checkpoint is kept
+    assert run_script([script, *TINY_EDIS, *extra, "--output-dir", str(run2)], tiny_pointmaze).returncode == 0
+    p = run_script([script, "--resume", str(run2), "--offline-steps", "300", "--critic-lr", "1e10"], tiny_pointmaze)
+    assert p.returncode == 2 and torch.load(run2 / "checkpoint.pt", weights_only=True)["step"] == 150
+    assert_no_dead_end(p, run2, "checkpoint.pt", tiny_pointmaze)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One writer per run folder; a finished run stays finished
+# ---------------------------------------------------------------------------------------------------------------
+def wait_for(path, proc, timeout=120.0):
+    t0 = time.time()
+    while not path.exists():
+        assert proc.poll() is None and time.time() - t0 < timeout, "the first run ended or never wrote " + str(path)
+        time.sleep(0.1)
+
+
+def test_edis_run_folder_has_one_writer(tiny_pointmaze, tmp_path):
+    """A second process on a folder being written, new or --resume, is refused naming the writer's pid; once the
+    writer is killed (SIGKILL: its lock file stays, its lock does not), the run resumes."""
+    import signal
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "edis_iql.py", *TINY_EDIS, "--offline-steps", "200000", "--output-dir", str(out)]
+    first = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **tiny_pointmaze}, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        wait_for(out / "checkpoint.pt", first)
+        for argv in (["--resume", str(out)], [*TINY_EDIS, "--output-dir", str(out)],
+                     [*TINY_EDIS, "--output-dir", str(out), "--overwrite"]):
+            p = run_script(["edis_iql.py", *argv], tiny_pointmaze)
+            assert p.returncode == 2 and f"another process (pid {first.pid}) is writing this run" in p.stderr, argv
+            assert len(p.stderr.strip().splitlines()) == 1 and first.poll() is None
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert (out / ".lock").exists()  # a stale lock file, no longer locked
+    step = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
+    p = run_script(["edis_iql.py", "--resume", str(out), "--offline-steps", str(step + 50)], tiny_pointmaze)
+    assert p.returncode == 0 and f"at step {step}" in p.stdout, p.stderr[-2000:]
+    assert (out / "summary.json").exists()
+
+
+def test_llm_run_folder_has_one_writer(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    env = {"HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "grpo_llm.py", "--model", tiny_model_dir, *LLM_SMOKE, "--total-rounds", "100000",
+           "--output-dir", str(out)]
+    first = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        wait_for(out / "checkpoint" / "trainer_state.pt", first)
+        p = run_script(["grpo_llm.py", "--resume", str(out)], env)
+        assert p.returncode == 2 and f"another process (pid {first.pid}) is writing this run" in p.stderr
+    finally:
+        first.kill()
+        first.wait()
+
+
+def snapshot(folder) -> dict:
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+@pytest.mark.parametrize("script", ["edis_iql.py", "grpo_llm.py"])
+def test_finished_run_stays_finished(script, tiny_pointmaze, tiny_model_dir, tmp_path):
+    """--resume of a finished run changes no byte; a raised budget continues it, its wall time summed over both
+    sessions; --eval-only still works; a truncated weights file is named as such on resume (LLM)."""
+    out = tmp_path / "run"
+    if script in EDIS:
+        env, base, more = tiny_pointmaze, [*TINY_EDIS, "--offline-steps", "100"], ["--online-steps", "30"]
+    else:
+        env, base, more = {"HF_HUB_OFFLINE": "1"}, ["--model", tiny_model_dir, *LLM_SMOKE], ["--total-rounds", "5"]
+    p = run_script([script, *base, "--output-dir", str(out)], env, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    before = snapshot(out)
+    first_wall = json.loads((out / "summary.json").read_text())["wall_time_s"]
+    p = run_script([script, "--resume", str(out)], env)
+    assert p.returncode == 0 and "is a finished run" in p.stdout and "nothing was changed" in p.stdout, p.stderr
+    assert snapshot(out) == before
+    p = run_script([script, "--resume", str(out), "--eval-only"], env, timeout=300)
+    assert p.returncode == 0 and (out / "eval.json").exists(), p.stderr[-2000:]
+    t0 = time.time()
+    p = run_script([script, "--resume", str(out), *more], env, timeout=300)
+    assert p.returncode == 0 and "is a finished run" not in p.stdout, p.stderr[-2000:]
+    wall = json.loads((out / "summary.json").read_text())["wall_time_s"]
+    assert first_wall < wall < first_wall + time.time() - t0
+    if script in LLM:
+        weights = out / "checkpoint" / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+        p = run_script([script, "--resume", str(out), "--total-rounds", "6"], env)
+        assert p.returncode == 2 and "its files are damaged or truncated" in p.stderr, p.stderr[-1000:]
+        assert "offline?" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_unknown_model_type_is_named(tiny_model_dir, tmp_path):
+    import shutil
+
+    bad = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, bad)
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps(dict(config, model_type="foo")))
+    p = run_script(["grpo_llm.py", "--model", str(bad), "--device", "cpu", "--output-dir", str(tmp_path / "r")],
+                   {"HF_HUB_OFFLINE": "1"})
+    assert p.returncode == 2 and "its config.json has model_type 'foo'" in p.stderr, p.stderr[-1000:]
+    assert "tokenizer" not in p.stderr.lower() and len(p.stderr.strip().splitlines()) == 1
 
 
 # ---------------------------------------------------------------------------------------------------------------

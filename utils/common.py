@@ -11,6 +11,7 @@ import math
 import os
 import random
 import re
+import shlex
 import shutil
 import socket
 import sys
@@ -27,7 +28,8 @@ class UserError(Exception):
 
 
 class Diverged(UserError):
-    """Training produced a non-finite loss or parameter: the run stops, its last checkpoint (written before) is kept."""
+    """Training produced a non-finite loss or parameter: the run stops; ``run_cli`` says whether a checkpoint (always
+    written before) is there to resume, or gives the command that starts afresh."""
 
 
 def check_finite(metrics: dict, where: str) -> dict:
@@ -35,8 +37,16 @@ def check_finite(metrics: dict, where: str) -> dict:
     bad = [k for k, v in metrics.items() if not math.isfinite(float(v))]
     if bad:
         raise Diverged(f"non-finite {bad[0]} at {where}; the run stops (lower the learning rate, check the data and "
-                       f"the flags); its last checkpoint is kept")
+                       f"the flags)")
     return metrics
+
+
+def check_finite_params(module, where: str) -> None:
+    """Stop the run (Diverged) if a parameter of ``module`` is not finite: nothing non-finite is evaluated or saved."""
+    import torch
+
+    if not all(torch.isfinite(p).all() for p in module.parameters()):
+        raise Diverged(f"non-finite network parameters at {where}; the run stops (lower the learning rates)")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -87,6 +97,7 @@ def resumed_args(args_cls, argv, checkpoint, folder: str, may_change: Optional[s
         hint = (f" (or of another version of it: its flags {', '.join(flag(k) for k in unknown)} do not exist here; "
                 f"resume it with the version that wrote it)") if unknown and len(unknown) < len(saved) / 2 else ""
         raise UserError(f"{what}: {folder} holds a checkpoint that is not a checkpoint of this script{hint}") from None
+    argv = tristate_flags(args_cls, list(sys.argv[1:] if argv is None else argv))
     args = tyro.cli(args_cls, args=argv, default=saved_args)
     check_resume_flags(saved, dataclasses.asdict(args), may_change, frozen)
     if args.output_dir is None or os.path.abspath(args.output_dir) == os.path.abspath(saved_args.output_dir or folder):
@@ -94,12 +105,28 @@ def resumed_args(args_cls, argv, checkpoint, folder: str, may_change: Optional[s
     return args
 
 
+def tristate_flags(args_cls, argv: list) -> list:
+    """``argv`` with the bare forms of Optional[bool] flags (None: decided by the machine) spelled out: ``--fsdp`` ->
+    ``--fsdp True``, ``--no-fsdp`` -> ``--fsdp False``; ``--fsdp False`` and the rest pass unchanged."""
+    names = {flag(f.name) for f in dataclasses.fields(args_cls) if str(f.type).replace(" ", "") in (
+        "Optional[bool]", "bool|None", "typing.Optional[bool]")}
+    out = []
+    for i, a in enumerate(argv):
+        if a in names and (i + 1 == len(argv) or argv[i + 1] not in ("True", "False", "None")):
+            out += [a, "True"]
+        elif a.startswith("--no-") and "--" + a[5:] in names:
+            out += ["--" + a[5:], "False"]
+        else:
+            out.append(a)
+    return out
+
+
 def peek_args(args_cls, argv: Optional[list], default=None):
     """The flags of ``argv`` parsed without answering ``--help``: what decides how the real parse is done (--resume,
     the task, a preset), before the parse that prints the help with the resolved defaults."""
     import tyro
 
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = tristate_flags(args_cls, list(sys.argv[1:] if argv is None else argv))
     return tyro.cli(args_cls, args=[a for a in argv if a not in ("-h", "--help")], default=default)
 
 
@@ -118,7 +145,8 @@ def cli_with_presets(args_cls, argv: Optional[list], presets: Callable[[Any], di
         if new == defaults:
             break
         defaults = new
-    args = tyro.cli(args_cls, args=list(sys.argv[1:] if argv is None else argv), default=defaults)
+    args = tyro.cli(args_cls, args=tristate_flags(args_cls, list(sys.argv[1:] if argv is None else argv)),
+                    default=defaults)
     changed = preset_changes(args_cls(), defaults, args)
     if changed and os.environ.get("RANK", "0") == "0":  # say what the presets changed, so no default is silent
         print(f"presets set: {changed}")
@@ -149,16 +177,57 @@ def check_resume_flags(saved: dict, now: dict, may_change: Optional[set], frozen
 
 
 def run_cli(main: Callable[[], Any]) -> None:
-    """Run ``main`` and turn a ``UserError`` (or Ctrl-C) into a one-line message and a non-zero exit."""
+    """Run ``main`` and turn a ``UserError`` (or Ctrl-C) into a one-line message and a non-zero exit. Progress bars
+    are closed first, so the message is the last thing on the terminal."""
     try:
         main()
     except UserError as e:
+        close_progress_bars()
         msg = " ".join(str(e).split())  # one line, whatever the message's formatting
+        if isinstance(e, Diverged):
+            msg += "; " + after_divergence()
         print(f"error: {msg}", file=sys.stderr)
         sys.exit(USER_ERROR_EXIT_CODE)
     except KeyboardInterrupt:
+        close_progress_bars()
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        release_run_folders()
+
+
+def close_progress_bars() -> None:
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", [])):
+        bar.close()
+
+
+# The run of this process (set by the harness once its folder is known): where a diverged run can go on from
+CURRENT_RUN: dict = {}
+
+
+def register_run(folder: str, checkpoint: str) -> None:
+    """Record the run folder and the file whose existence means "a checkpoint can be resumed"."""
+    CURRENT_RUN.update(folder=folder, checkpoint=checkpoint)
+
+
+def after_divergence() -> str:
+    """What a user can do after a divergence: resume the last checkpoint, or the exact command that starts afresh."""
+    folder, ckpt = CURRENT_RUN.get("folder"), CURRENT_RUN.get("checkpoint")
+    script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0].endswith(".py") else "the script"
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    launcher = f"torchrun --nproc_per_node {world}" if world > 1 else "python"
+    if folder and ckpt and os.path.exists(ckpt):
+        return (f"its last checkpoint is kept: continue from it with `{launcher} {script} --resume {folder}` and "
+                f"lower learning rates")
+    argv = list(sys.argv[1:])
+    if folder and "--output-dir" not in argv and not any(a.startswith("--output-dir=") for a in argv):
+        argv += ["--output-dir", folder]
+    if "--overwrite" not in argv:
+        argv.append("--overwrite")
+    where = f" in {folder}" if folder else ""
+    return (f"no checkpoint was written{where}, so there is nothing to resume; start afresh (after changing the "
+            f"flags) with `{launcher} {script} {' '.join(shlex.quote(a) for a in argv)}`")
 
 
 def env_flag(name: str) -> bool:
@@ -302,20 +371,84 @@ def remove_stale_temp_files(folder: str) -> None:
             shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.unlink(path)
 
 
+LOCK_FILE = ".lock"  # in the run folder: locked (flock) by the process writing the run, holding its pid
+_HELD_LOCKS: dict = {}  # folder -> the open lock file, kept for the life of the process
+
+
+def lock_holder(folder: str) -> Optional[str]:
+    """The pid of another process holding ``folder``'s lock (as written there; "?" if unreadable), else None. A lock
+    file left by a killed process is not held: the OS released its lock when it died."""
+    path = os.path.join(folder, LOCK_FILE)
+    if os.path.abspath(folder) in _HELD_LOCKS or not os.path.isfile(path):
+        return None
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): no lock
+        return None
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            return f.read().strip() or "?"
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return None
+
+
+def in_use_error(folder: str, pid: str) -> UserError:
+    return UserError(f"{folder} is in use: another process (pid {pid}) is writing this run; one run folder has one "
+                     f"writer. Wait for it to end (or stop it), then resume it with --resume {folder}")
+
+
+def lock_run_folder(folder: str) -> None:
+    """Become the one writer of ``folder`` for the life of this process (an flock the OS releases when the process
+    dies, however it dies), or refuse in one line naming the holder's pid."""
+    key = os.path.abspath(folder)
+    if key in _HELD_LOCKS:
+        return
+    try:
+        import fcntl
+    except ImportError:
+        return
+    f = open(os.path.join(folder, LOCK_FILE), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        pid = f.read().strip() or "?"
+        f.close()
+        raise in_use_error(folder, pid) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    _HELD_LOCKS[key] = f
+
+
+def release_run_folders() -> None:
+    """Give up this process's run-folder locks (at the end of ``main``; the OS does it if the process dies)."""
+    while _HELD_LOCKS:
+        _HELD_LOCKS.popitem()[1].close()
+
+
 def make_output_dir(path: str) -> None:
-    """Create the run folder (a UserError if the system refuses) and clear what a killed write left in it."""
+    """Create the run folder (a UserError if the system refuses), take its lock and clear what a killed write left."""
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
         raise UserError(f"--output-dir {path}: cannot create it ({e.strerror})") from None
+    lock_run_folder(path)
     remove_stale_temp_files(path)
 
 
 def check_output_dir(path: str, resuming: bool, overwrite: bool) -> None:
-    """Refuse an output folder that cannot be used, before anything slow runs: a file, a folder under a file, an
-    unwritable place, or (for a new run) a folder that already holds something, unless ``overwrite`` is given and the
-    folder is an earlier run (it has a config.json), which is then emptied."""
+    """Refuse an output folder that cannot be used, before anything slow runs: one another process is writing, a
+    file, a folder under a file, an unwritable place, or (for a new run) a folder that already holds something,
+    unless ``overwrite`` is given and the folder is an earlier run (it has a config.json), which is then emptied. An
+    existing folder is locked here, before anything in it changes."""
     path = os.path.abspath(path)
+    if os.path.isdir(path) and lock_holder(path) is not None:
+        raise in_use_error(path, lock_holder(path) or "?")
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"--output-dir {path} is a file, not a folder")
     parent = path
@@ -325,14 +458,17 @@ def check_output_dir(path: str, resuming: bool, overwrite: bool) -> None:
         raise UserError(f"--output-dir {path}: {parent} is a file, so no folder can be made under it")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"--output-dir {path}: {parent} is not writable")
-    if resuming or not os.path.isdir(path) or not os.listdir(path):
+    if resuming or not os.path.isdir(path) or not set(os.listdir(path)) - {LOCK_FILE}:
+        if os.path.isdir(path):
+            lock_run_folder(path)
         return
     if not overwrite:
         raise UserError(f"--output-dir {path} already holds a run; continue it with --resume {path}, replace it with "
                         f"--overwrite, or choose another folder")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise UserError(f"--overwrite: {path} is not a run folder (no config.json); refusing to empty it")
-    for name in os.listdir(path):
+    lock_run_folder(path)
+    for name in set(os.listdir(path)) - {LOCK_FILE}:
         p = os.path.join(path, name)
         shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.unlink(p)
 
@@ -430,7 +566,7 @@ class Logger:
         if bad.any():
             first = int(bad.any(0).nonzero()[0])
             raise Diverged(f"non-finite {keys[int(bad[:, first].nonzero()[0])]} at step {self.pending_steps[first]}; "
-                           "the run stops (lower the learning rates or check the data); its last checkpoint is kept")
+                           "the run stops (lower the learning rates or check the data)")
         self.pending, self.pending_steps = {}, []
         out = dict(zip(keys, values.mean(1).tolist()))
         self.scalars(out, step)

@@ -22,7 +22,10 @@ from utils.common import (
     cli_with_presets,
     config_table,
     get_rng_state,
+    in_use_error,
+    lock_holder,
     peek_args,
+    register_run,
     resumed_args,
     save_curves_png,
     write_json,
@@ -95,11 +98,29 @@ def start_run(script: str, args, rank: int, world: int, device: torch.device, re
     in_place = resume_dir is not None and os.path.abspath(out_dir) == os.path.dirname(os.path.abspath(resume_dir))
     if rank == 0:
         check_output_dir(out_dir, resuming=in_place, overwrite=args.overwrite)
+    register_run(out_dir, os.path.join(out_dir, "checkpoint", "trainer_state.pt"))
     log(f"{exp_name}, device {device} x {world}; flags after defaults (also in config.json):\n"
         f"{config_table(dataclasses.asdict(args))}")
     return exp_name, run_name, out_dir
 
 
+
+
+def already_finished(args, resume_dir: Optional[str], saved: Optional[dict]) -> bool:
+    """A --resume of a finished run whose --total-rounds was not raised: say so and touch nothing (True);
+    --eval-only and a larger --total-rounds go on."""
+    if saved is None or args.eval_only:
+        return False
+    folder = os.path.dirname(os.path.abspath(resume_dir))
+    rounds = saved["ranks"][0]["state"]["round"]
+    if rounds < args.total_rounds or not os.path.isfile(os.path.join(folder, "summary.json")):
+        return False
+    if lock_holder(folder) is not None:
+        raise in_use_error(folder, lock_holder(folder) or "?")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{folder} is a finished run ({rounds} rounds, --total-rounds {args.total_rounds}); nothing was "
+              f"changed. Raise --total-rounds to continue it, or evaluate it with --eval-only")
+    return True
 
 
 def accuracy_text(res: dict, eval_samples: int) -> str:

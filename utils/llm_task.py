@@ -134,7 +134,12 @@ def _read_local(path: str) -> list:
                     data = json.load(f)
                 except json.JSONDecodeError as e:
                     raise UserError(f"--dataset {path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-            return data if isinstance(data, list) else data.get("data", []) if isinstance(data, dict) else []
+            data = data.get("data") if isinstance(data, dict) and isinstance(data.get("data"), list) else data
+            if not isinstance(data, list):
+                raise UserError(f"--dataset {path}: a .json dataset must be a list of records (objects with a "
+                                f"question and an answer field), or {{\"data\": [...]}}; this file holds a "
+                                f"{type(data).__name__}")
+            return data
     except UnicodeDecodeError as e:
         raise UserError(f"--dataset {path}: not UTF-8 text (byte {e.start})") from None
     except OSError as e:
@@ -248,20 +253,45 @@ def load_task_prompts(dataset: str, eval_dataset: Optional[str], dataset_config:
     return train, evals, overlap
 
 
-def load_model(name: str, log) -> tuple:
+def looks_like_path(name: str) -> bool:
+    """A --model that can only be a folder: a Hub id is 'name' or 'org/name'."""
+    return name.startswith(("/", "./", "../", "~", ".\\")) or name.count("/") > 1 or os.path.isfile(name)
+
+
+def load_model(name: str, log, resume: Optional[str] = None) -> tuple:
     """Tokenizer (left padding) and causal LM on the CPU in fp32, the master weights whatever --bf16 says
-    (prepare_model places them); missing Hub models fail in seconds with one line when offline."""
+    (prepare_model places them); missing Hub models fail in seconds with one line when offline. ``resume``: the
+    run being resumed (``name`` is its checkpoint folder), for the errors."""
     import torch
     import transformers
 
-    path = ensure_builtin_model(log=log) if name == BUILTIN else name
+    path = ensure_builtin_model(log=log) if name == BUILTIN else os.path.expanduser(name)
+    what = f"--resume {resume}: the checkpoint's model in {name}" if resume else f"--model {name}"
+    if name != BUILTIN and looks_like_path(name) and not os.path.isdir(path):
+        kind = "is a file" if os.path.isfile(path) else "does not exist"
+        raise UserError(f"{what} {kind}: a local model is a folder with config.json (as save_pretrained writes it); "
+                        f"a Hub model is an id such as Qwen/Qwen2.5-Math-1.5B, or use 'builtin'")
     local_only = os.path.isdir(path) or hub_offline()  # offline: the local cache only, failing at once, not in ~50 s
+    try:  # the config first: an unknown model type is named as such, not blamed on the tokenizer
+        transformers.AutoConfig.from_pretrained(path, local_files_only=local_only)
+    except ValueError as e:
+        if "model type" in str(e) or "model_type" in str(e):
+            kind = re.search(r"model type `([^`]*)`", str(e))
+            raise UserError(f"{what}: its config.json has model_type {kind.group(1) if kind else '?'!r}, which "
+                            f"transformers {transformers.__version__} does not know; use a newer transformers or "
+                            f"another model") from None
+    except Exception:  # noqa: BLE001 (a missing model: reported below, with the loader's own message)
+        pass
     try:
         tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=local_only)
         model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
                                                                   local_files_only=local_only)
     except Exception as e:  # noqa: BLE001 (OSError, HFValidationError, ValueError: all mean "no such model here")
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if resume:  # the folder exists and held a complete checkpoint when it was written
+            raise UserError(f"{what} cannot be loaded, its files are damaged or truncated ({type(e).__name__}: "
+                            f"{first[:150]}); nothing was changed. Restore the folder from a copy, or start afresh "
+                            f"with --overwrite") from None
         raise UserError(f"cannot load model {name!r}: {first} (offline? set --model to a local directory, or "
                         f"'builtin')") from None
     tok.padding_side = "left"

@@ -21,7 +21,10 @@ from utils.common import (
     check_output_dir,
     cli_with_presets,
     config_table,
+    in_use_error,
+    lock_holder,
     peek_args,
+    register_run,
     resumed_args,
     safe_torch_load,
     save_curves_png,
@@ -38,7 +41,7 @@ COMMON_RANGES = {
         "edis_retrain_every", "edis_num_samples", "edis_diffusion_steps", "edis_width", "edis_depth",
         "edis_sample_steps", "energy_negatives", "energy_pool", "energy_steps")},
 }
-CHECKPOINT_FORMAT = 3  # any other format is refused in one line (no migrations)
+CHECKPOINT_FORMAT = 4  # any other format is refused in one line (no migrations)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -118,9 +121,26 @@ def start_run(script: str, task: str, args, device: torch.device) -> tuple:
     in_place = args.resume is not None and os.path.abspath(out_dir) == os.path.dirname(os.path.abspath(
         find_checkpoint(args.resume)))
     check_output_dir(out_dir, resuming=in_place, overwrite=args.overwrite)
+    register_run(out_dir, os.path.join(out_dir, CHECKPOINT))
     print(f"{exp_name} on {task}, device {device}; flags after presets (also in config.json):\n"
           f"{config_table(dataclasses.asdict(args))}")
     return exp_name, run_name, out_dir
+
+
+def already_finished(ckpt: Optional[dict], args) -> bool:
+    """A --resume of a finished run whose budget was not raised: say so and touch nothing (True); --eval-only and a
+    larger --offline-steps / --online-steps go on."""
+    if ckpt is None or args.eval_only:
+        return False
+    folder = os.path.dirname(os.path.abspath(find_checkpoint(args.resume)))
+    total = args.offline_steps + args.online_steps
+    if ckpt["step"] < total or not os.path.isfile(os.path.join(folder, "summary.json")):
+        return False
+    if lock_holder(folder) is not None:
+        raise in_use_error(folder, lock_holder(folder) or "?")
+    print(f"{folder} is a finished run ({ckpt['step']} steps, the budget is {total}); nothing was changed. Raise "
+          f"--online-steps to continue it, or evaluate it with --eval-only")
+    return True
 
 
 def finish_run(out_dir: str, summary: dict, progress: dict, offline_steps: int, title: str) -> None:
