@@ -16,7 +16,8 @@
 # replicated with DDP for --fsdp False; rank 0 logs and saves). fp32 master weights, bf16 compute with --bf16.
 # Before renting GPUs: --plan-gpus 8 prints the memory each GPU needs (utils/llm_memory.py).
 # Copying this file into another project: it needs utils/__init__.py, utils/common.py, utils/llm_task.py,
-# utils/llm_dist.py, utils/llm_memory.py and utils/llm_run.py (flags, run folder, checkpoint files) beside it.
+# utils/llm_dist.py, utils/llm_memory.py, utils/llm_rollout.py (the vLLM engine) and utils/llm_run.py (flags, run
+# folder, checkpoint files) beside it.
 from __future__ import annotations
 
 import contextlib
@@ -451,7 +452,7 @@ def main(argv: Optional[list] = None) -> None:
                                args.micro_batch_size, args.max_prompt_tokens, args.max_new_tokens,
                                args.prompts_per_round * args.group_size,
                                min(args.eval_batch_size, -(-args.eval_prompts // args.plan_gpus))
-                               * max(args.eval_samples, 1)))
+                               * max(args.eval_samples, 1), args.rollout_engine, args.vllm_gpu_memory_utilization))
         return
     rank, world, device = setup_distributed(args.device)
     resolve_hardware(args, device, world, saved)  # bf16, FSDP and the prompt template by default; checks

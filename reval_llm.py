@@ -16,7 +16,8 @@
 # replicated with DDP for --fsdp False; rank 0 logs and saves). fp32 master weights, bf16 compute with --bf16.
 # Before renting GPUs: --plan-gpus 8 prints the memory each GPU needs (utils/llm_memory.py).
 # Copying this file into another project: it needs utils/__init__.py, utils/common.py, utils/llm_task.py,
-# utils/llm_dist.py, utils/llm_memory.py and utils/llm_run.py (flags, run folder, checkpoint files) beside it.
+# utils/llm_dist.py, utils/llm_memory.py, utils/llm_rollout.py (the vLLM engine) and utils/llm_run.py (flags, run
+# folder, checkpoint files) beside it.
 from __future__ import annotations
 
 import contextlib
@@ -273,8 +274,9 @@ def score(texts: list, golds: list, args: Args) -> tuple:
 # ALGO LOGIC: ReVal (arXiv 2603.23355, Eq. 2, Algorithm 1)
 # ---------------------------------------------------------------------------------------------------------------
 # --preset NAME: flags given on the command line still win (utils/common.py: cli_with_presets). Beyond the paper's
-# settings, gradient checkpointing and 4 evaluation prompts per generate call make both fit 8 x 80 GB GPUs
-# (--plan-gpus 8 prints the plan; docs/llm_scale.md).
+# settings, gradient checkpointing and 4 evaluation prompts per generate call make both fit 8 x 80 GB GPUs, and
+# rollouts go through a colocated vLLM engine (as verl, the paper's stack) with the GPU share its weights and one
+# round's KV cache need (--plan-gpus 8 prints the plan; docs/llm_scale.md).
 PRESETS = {
     "none": {},
     "paper-1.5b": dict(model="deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B",
@@ -284,14 +286,15 @@ PRESETS = {
                        max_new_tokens=7168, max_prompt_tokens=1024, learning_rate=1e-6, beta=0.002, buffer_size=5120,
                        updates_per_round=2, total_rounds=650, eval_every=10, eval_samples=16, eval_prompts=100,
                        reward_mode="binary", ref_reset_every=0, micro_batch_size=1, gradient_checkpointing=True,
-                       eval_batch_size=4),
+                       eval_batch_size=4, rollout_engine="vllm", vllm_gpu_memory_utilization=0.5),
     "paper-7b": dict(model="Qwen/Qwen2.5-Math-7B", dataset="agentica-org/DeepScaleR-Preview-Dataset",
                      question_field="problem", answer_field="answer", eval_dataset="HuggingFaceH4/MATH-500",
                      eval_split="test", prompt_template="r1", qwen_math_system=True, prompts_per_round=128,
                      group_size=8, max_new_tokens=3072, max_prompt_tokens=1024, learning_rate=1e-6, beta=0.02,
                      buffer_size=5120, updates_per_round=2, total_rounds=650, eval_every=10, eval_samples=16,
                      eval_prompts=100, reward_mode="group_mean", ref_reset_every=200, micro_batch_size=2,
-                     gradient_checkpointing=True, eval_batch_size=4),
+                     gradient_checkpointing=True, eval_batch_size=4, rollout_engine="vllm",
+                     vllm_gpu_memory_utilization=0.65),
 }
 
 
@@ -521,7 +524,7 @@ def main(argv: Optional[list] = None) -> None:
                                args.micro_batch_size, args.max_prompt_tokens, args.max_new_tokens,
                                args.prompts_per_round * args.group_size,
                                min(args.eval_batch_size, -(-args.eval_prompts // args.plan_gpus))
-                               * max(args.eval_samples, 1)))
+                               * max(args.eval_samples, 1), args.rollout_engine, args.vllm_gpu_memory_utilization))
         return
     rank, world, device = setup_distributed(args.device)
     resolve_hardware(args, device, world, saved)  # bf16, FSDP and the prompt template by default; checks

@@ -188,7 +188,7 @@ def test_checkpoint_of_another_format_is_refused(tiny_model_dir, tmp_path):
 def test_plan_of_the_paper_presets_offline():
     """--plan-gpus builds the model on the meta device (no download): the 7B preset's parameter count, FSDP dividing
     the persistent states by the GPUs, and the fit verdicts."""
-    p = run_script(["reval_llm.py", "--preset", "paper-7b", "--plan-gpus", "8"], OFFLINE)
+    p = run_script(["reval_llm.py", "--preset", "paper-7b", "--plan-gpus", "8", "--rollout-engine", "hf"], OFFLINE)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "7.62B parameters" in p.stdout and "FSDP" in p.stdout and "80 GB: fits" in p.stdout
     assert "presets set:" in p.stdout and "--beta 0.02" in p.stdout  # the preset says what it changed
@@ -204,6 +204,16 @@ def test_plan_of_the_paper_presets_offline():
     assert fsdp["totals"]["persistent"] == pytest.approx(one["totals"]["persistent"] / 8)
     assert ddp["totals"]["persistent"] > one["totals"]["persistent"]  # DDP adds its gradient buckets
     assert ddp["peak"] / 2 ** 30 > 141  # 7B with AdamW and a reference does not fit one GPU replicated
+    # --rollout-engine vllm: generation is the engine's reservation u * G; its weights and KV cache are inside it
+    share = 0.65 * 80e9
+    eng = memory_plan(shape, 8, True, **kw, engine_bytes=share)
+    assert eng["totals"]["generation"] == share and eng["totals"]["training"] == fsdp["totals"]["training"]
+    assert eng["generation"]["  of which KV cache of the round's sequences"] == fsdp["generation"]["KV cache"]
+    assert eng["generation"]["  of which weights (compute dtype)"] == 2 * shape["params"]
+    assert eng["peak"] == eng["totals"]["persistent"] + max(share, eng["totals"]["training"])
+    p = run_script(["reval_llm.py", "--preset", "paper-7b", "--plan-gpus", "8"], OFFLINE)
+    assert p.stdout.count("vLLM engine with 0.65 of a") == 2 and "80 GB: fits" in p.stdout  # the preset uses vLLM
+    assert "141 GB: fits" in p.stdout and "enough" in p.stdout
 
 
 def test_plan_matches_a_measured_peak(tmp_path):

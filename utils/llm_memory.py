@@ -20,6 +20,12 @@ generation   the gathered weights (FSDP: the whole model, bf16 with --bf16), the
              keys and values repeated for every query head (transformers' repeat_kv for grouped-query attention)
              and copied as the cache grows (2 * (h + kv_dim) per token), and two fp32 [sequences, V] logits
 
+With ``--rollout-engine vllm`` the training process generates nothing: a colocated vLLM engine per GPU holds
+``--vllm-gpu-memory-utilization`` u of the GPU (G bytes) while it generates, for its weights in the compute dtype
+(w*P), the KV cache of the round's sequences (2 * layers * kv_dim * w per token) and its own buffers; it sleeps
+during the update (its weights go to host memory, its KV cache is freed), and a weight sync gathers one parameter at
+a time. Then generation = u * G (what vLLM reserves), and the engine's own needs must fit in it.
+
 peak = persistent + max(training, generation). Not counted: the CUDA context and NCCL buffers (~1-3 GB per GPU),
 allocator fragmentation (~5-10 %), and rank 0's host memory for a checkpoint (the full fp32 weights and AdamW state,
 16P bytes).
@@ -85,11 +91,13 @@ def model_shape(cfg) -> dict:
 
 
 def memory_plan(shape: dict, world: int, fsdp: bool, bf16: bool, gradient_checkpointing: bool, use_ref: bool,
-                micro_batch: int, seq_tokens: int, gen_sequences: int, materialized_attention: bool = False) -> dict:
+                micro_batch: int, seq_tokens: int, gen_sequences: int, materialized_attention: bool = False,
+                engine_bytes: float = None) -> dict:
     """Bytes per GPU by item (see the module docstring), grouped into persistent / training / generation, and the
     peak. ``seq_tokens``: prompt + completion tokens of the longest sequence; ``gen_sequences``: sequences of the
     largest generate call on one rank. ``materialized_attention``: one layer's fp32 attention scores [B, heads, S,
-    S] exist at a time, as in PyTorch's CPU attention with a padding mask (CUDA's fused kernels never form them)."""
+    S] exist at a time, as in PyTorch's CPU attention with a padding mask (CUDA's fused kernels never form them).
+    ``engine_bytes``: the vLLM engine's reservation (--rollout-engine vllm), None for HF generate."""
     P, s = shape["params"], world if fsdp else 1
     L, h, ffn, kvd, heads, V = (shape[k] for k in ("layers", "hidden", "ffn", "kv_dim", "heads", "vocab"))
     w = 2 if bf16 else 4  # bytes of a compute-precision weight or cache element
@@ -113,21 +121,30 @@ def memory_plan(shape: dict, world: int, fsdp: bool, bf16: bool, gradient_checkp
                 "activations": acts, "loss logits": LOGIT_COPIES * 4 * tokens * V}
     if materialized_attention:
         training["attention scores (one layer)"] = 4 * micro_batch * heads * seq_tokens ** 2
-    generation = {"gathered weights": w * P if fsdp else 0,
-                  "KV cache": 2 * L * kvd * w * gen_sequences * seq_tokens,
-                  "one layer's K, V per query head + cache copy": 2 * (h + kvd) * w * gen_sequences * seq_tokens,
-                  "next-token logits": 2 * 4 * gen_sequences * V}
-    tot = {k: sum(v.values()) for k, v in (("persistent", persistent), ("training", training),
-                                            ("generation", generation))}
+    if engine_bytes is None:  # HF generate in the training process
+        generation = {"gathered weights": w * P if fsdp else 0,
+                      "KV cache": 2 * L * kvd * w * gen_sequences * seq_tokens,
+                      "one layer's K, V per query head + cache copy": 2 * (h + kvd) * w * gen_sequences * seq_tokens,
+                      "next-token logits": 2 * 4 * gen_sequences * V}
+    else:  # the vLLM engine's reservation; what it must hold within it
+        generation = {"vLLM engine (its --vllm-gpu-memory-utilization share)": engine_bytes,
+                      "  of which weights (compute dtype)": w * P,
+                      "  of which KV cache of the round's sequences": 2 * L * kvd * w * gen_sequences * seq_tokens}
+    tot = {k: sum(v for name, v in d.items() if not name.startswith("  ")) for k, d in (
+        ("persistent", persistent), ("training", training), ("generation", generation))}
     return {"persistent": persistent, "training": training, "generation": generation, "totals": tot,
             "peak": tot["persistent"] + max(tot["training"], tot["generation"])}
 
 
 def memory_plan_text(model: str, world: int, fsdp, bf16, gradient_checkpointing: bool, use_ref: bool,
                      micro_batch: int, prompt_tokens: int, new_tokens: int, round_sequences: int,
-                     eval_sequences: int) -> str:
+                     eval_sequences: int, engine: str = "hf", engine_share: float = 0.3) -> str:
     """The plan as a table for ``--plan-gpus``: the flags' defaults as a GPU run resolves them (FSDP on several
-    GPUs for a real model, bf16 on)."""
+    GPUs for a real model, bf16 on). With the vLLM engine, one plan per GPU size (its share depends on it)."""
+    if engine == "vllm":
+        return "\n\n".join(memory_plan_text(model, world, fsdp, bf16, gradient_checkpointing, use_ref, micro_batch,
+                                             prompt_tokens, new_tokens, round_sequences, eval_sequences, f"vllm:{g}",
+                                             engine_share) for g in GPU_SIZES_GB)
     from utils.llm_task import BUILTIN
 
     fsdp = (world > 1 and model != BUILTIN) if fsdp is None else fsdp
@@ -135,20 +152,32 @@ def memory_plan_text(model: str, world: int, fsdp, bf16, gradient_checkpointing:
     shape = model_shape(model_config(model))
     train_seqs = math.ceil(round_sequences / world)
     gen = max(train_seqs, eval_sequences)
+    gpu_gb = float(engine.split(":")[1]) if engine.startswith("vllm:") else None
     plan = memory_plan(shape, world, fsdp, bf16, gradient_checkpointing, use_ref, micro_batch,
-                       prompt_tokens + new_tokens, gen)
+                       prompt_tokens + new_tokens, gen, engine_bytes=gpu_gb and engine_share * gpu_gb * 1e9)
     lines = [f"memory plan per GPU: {model} ({shape['params'] / 1e9:.2f}B parameters) on {world} GPU(s), "
              f"{'FSDP' if fsdp else 'DDP' if world > 1 else 'one device'}, {'bf16' if bf16 else 'fp32'} compute, "
-             f"gradient checkpointing {'on' if gradient_checkpointing else 'off'}, micro-batch {micro_batch} x "
+             + (f"vLLM engine with {engine_share:g} of a {gpu_gb:g} GB GPU, " if gpu_gb else "HF generate, ")
+             + f"gradient checkpointing {'on' if gradient_checkpointing else 'off'}, micro-batch {micro_batch} x "
              f"{prompt_tokens + new_tokens} tokens, generate calls of {train_seqs} (training) and {eval_sequences} "
              f"(evaluation) sequences"]
     for group in ("persistent", "training", "generation"):
         lines.append(f"  {group:<12}{plan['totals'][group] / GIB:9.1f} GiB")
         lines += [f"    {k:<44}{v / GIB:9.1f} GiB" for k, v in plan[group].items()]
     peak = plan["peak"] / GIB
-    fits = ", ".join(f"{g} GB: {'fits' if peak * GIB < 0.9 * g * 1e9 else 'does NOT fit'}" for g in GPU_SIZES_GB)
+    sizes = (gpu_gb,) if gpu_gb else GPU_SIZES_GB
+    fits = ", ".join(f"{g:g} GB: {'fits' if peak * GIB < 0.9 * g * 1e9 else 'does NOT fit'}" for g in sizes)
     lines.append(f"  peak = persistent + max(training, generation) = {peak:.1f} GiB  ({fits}; 10 % kept for the "
                  f"CUDA context and fragmentation)")
+    if gpu_gb:
+        g = plan["generation"]
+        need = g["  of which weights (compute dtype)"] + g["  of which KV cache of the round's sequences"]
+        lines.append(f"  the engine needs {need / GIB:.1f} GiB of its {engine_share * gpu_gb * 1e9 / GIB:.1f} GiB for "
+                     f"its weights and one round's KV cache: "
+                     + ("enough" if need < 0.9 * engine_share * gpu_gb * 1e9 else
+                        "raise --vllm-gpu-memory-utilization (vLLM would generate in several waves)")
+                     + f"; asleep during the update, it keeps {g['  of which weights (compute dtype)'] / GIB:.1f} GiB "
+                       f"of host memory per GPU")
     if plan["totals"]["training"] > plan["totals"]["generation"] and not gradient_checkpointing:
         lines.append("  hint: --gradient-checkpointing shrinks the activations; a smaller --micro-batch-size shrinks "
                      "activations and logits")
