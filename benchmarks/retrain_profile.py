@@ -1,6 +1,8 @@
 """Where one EDIS retrain spends its time, by part and by op (the speed issue's profile, before any change).
 
     OMP_NUM_THREADS=1 python benchmarks/retrain_profile.py     # ~3 minutes; -> benchmarks/results/retrain_profile.json
+    OMP_NUM_THREADS=1 python benchmarks/retrain_profile.py --bf16   # the same under bf16 autocast (fp32 weights), as
+                                                                    # edis_retrain runs with --bf16
 
 The retrain of edis_iql.py at the CPU preset and PointMaze sizes (x = [s, a, r, s', d], D = 12; denoiser 256 x 3;
 12,000 denoiser steps, 2,048 x 10 negatives per energy set, 100 InfoNCE steps, 20,000 guided samples of 32 Heun
@@ -65,6 +67,9 @@ def parts(g, codec, x, online, state, n: dict) -> dict:
 
 def main() -> None:
     torch.set_num_threads(1)
+    bf16 = "--bf16" in sys.argv
+    if bf16:  # what the scripts' amp() context does around edis_retrain with --bf16
+        torch.autocast("cpu", dtype=torch.bfloat16).__enter__()
     g, codec, x, online, state = setup()
     parts(g, codec, x, online, state, dict(diffusion_steps=50, pool=16, infonce_steps=5, samples=200))  # warm-up
     measured = parts(g, codec, x, online, state, PART)
@@ -88,14 +93,14 @@ def main() -> None:
         tot = sum(e.self_cpu_time_total for e in rows) or 1
         ops[name] = [{"op": e.key, "self_share": round(e.self_cpu_time_total / tot, 3), "calls": e.count}
                      for e in rows[:8]]
-    result = {"threads": 1, "torch": torch.__version__, "full_counts": FULL, "measured_counts": PART,
+    result = {"threads": 1, "bf16": bf16, "torch": torch.__version__, "full_counts": FULL, "measured_counts": PART,
               "seconds_full": {k: round(v, 1) for k, v in full.items()}, "total_s": round(total, 1),
               "share": {k: round(v / total, 3) for k, v in full.items()}, "top_ops": ops}
     for k, v in full.items():
         print(f"{k:>40}: {v:7.1f} s  {v / total:5.1%}   top ops: "
               + ", ".join(f"{o['op']} {o['self_share']:.0%}" for o in ops[k][:4]))
     print(f"{'one retrain':>40}: {total:7.1f} s")
-    out = os.path.join(ROOT, "benchmarks", "results", "retrain_profile.json")
+    out = os.path.join(ROOT, "benchmarks", "results", f"retrain_profile{'_bf16' if bf16 else ''}.json")
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
     print(out)
