@@ -156,6 +156,7 @@ CALQL_CASES = [(["--cql-n-actions", "0"], "--cql-n-actions must be >= 1"),
 LLM_CASES = [
     (["--seed", "-1"], "--seed must be in [0, 4294967295]"),
     (["--plan-gpus", "-1"], "--plan-gpus must be >= 0"),
+    (["--vllm-gpu-memory-utilization", "1.5"], "--vllm-gpu-memory-utilization must be in (0, 1]"),
     (["--model", "/nonexistent/model", "--plan-gpus", "8"], "cannot read the config of model"),
     (["--max-prompt-tokens", "0"], "--max-prompt-tokens must be >= 1"),
     (["--group-size", "0"], "--group-size must be >= 1"),

@@ -37,12 +37,14 @@ CHECKPOINT_FORMAT = 2  # trainer_state.pt of another format is refused in one li
 COMMON_RANGES = {"seed": SEED_RANGE, "temperature": "(0, inf)", "reward_timeout": "(0, 600]",
                  "learning_rate": "(0, inf)", "weight_decay": "[0, inf)", "max_grad_norm": "(0, inf)",
                  "eval_samples": "[0, inf)", "total_rounds": "[0, inf)", "plan_gpus": "[0, inf)",
+                 "vllm_gpu_memory_utilization": "(0, 1]",
                  **{name: "[1, inf)" for name in ("prompts_per_round", "group_size", "max_new_tokens",
                                                   "max_prompt_tokens", "micro_batch_size", "eval_every",
                                                   "eval_prompts", "eval_batch_size", "checkpoint_every")}}
 # Flags that may change when a run is resumed (budgets, evaluation, logging, hardware, the learning rate, applied to
 # the restored optimizer); any other flag given with --resume must equal the checkpoint's.
 RESUME_MAY_CHANGE = {"resume", "output_dir", "overwrite", "device", "bf16", "fsdp", "gradient_checkpointing",
+                     "rollout_engine", "vllm_gpu_memory_utilization",
                      "plan_gpus", "track", "wandb_project_name", "wandb_entity", "total_rounds", "eval_every",
                      "eval_samples", "eval_batch_size", "checkpoint_every", "micro_batch_size", "learning_rate",
                      "max_grad_norm", "reward_timeout", "eval_only", "eval_prompts"}
