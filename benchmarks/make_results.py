@@ -383,8 +383,8 @@ def llm_tuning_figures(data: dict) -> None:
     save(fig, "llm_beta.png")
 
 
-EDIS_ARMS = {"noedis": "no EDIS", "paper": "EDIS as the paper", "extras": "EDIS + --edis-extras",
-             "online_only": "diagnosis: EDIS batches without synthetic rows"}  # folder -> label
+EDIS_ARMS = {"noedis": "no EDIS", "online_only": "online only: EDIS's batches without synthetic rows",
+             "paper": "EDIS as the paper", "extras": "EDIS + --edis-extras"}  # folder -> label
 
 
 def arm_label(arm: str, algo: str = "", runs: list = ()) -> str:
@@ -401,35 +401,36 @@ def endpoint(run: dict) -> float:
     return statistics.mean(e["score"] for e in run["evals"][-ENDPOINT_EVALS:])
 
 
+STUDY2_PAIRS = {"paper": ("noedis", "online_only"), "extras": ("noedis", "online_only", "paper"),
+                "online_only": ("noedis",)}  # each arm against these references, paired by seed
+
+
 def edis_tables(data: dict, name: str = "edis") -> dict:
     """Study 2: per algorithm and arm, the endpoint (mean of the last 3 evaluations), the final evaluation, the
-    training success rate, and each EDIS arm against no EDIS (paired by seed, the same offline phase) and the extras
-    against the paper's form."""
+    training success rate, and each EDIS arm against no EDIS and against EDIS's batches without synthetic rows
+    (online only), paired by seed (the same offline phase): mean ± sd, k/n better, 95 % t interval, p."""
     runs = data["runs"]
     arms = edis_arms(runs)
     lines = ["| algorithm | arm | seeds | score after offline | endpoint: last 3 evals | final eval | "
-             "training success rate | endpoint − no EDIS (paired) | paired test | endpoint − paper (paired) | "
-             "paired test |", "|---" * 11 + "|"]
+             "training success rate | paired endpoint differences |", "|---" * 8 + "|"]
     for algo in ("iql", "calql"):
         by_arm = {arm: {r["seed"]: r for r in runs if r["algo"] == algo and r["arm"] == arm} for arm in arms}
         for arm, rs in by_arm.items():
             if not rs:
                 continue
             cells = []
-            for ref in ("noedis", "paper"):
+            for ref in STUDY2_PAIRS.get(arm, ()):
                 base = by_arm.get(ref, {})
-                diffs = [endpoint(r) - endpoint(base[s]) for s, r in rs.items() if s in base]
-                cells += [ms(diffs, "{:.1f}"), paired(diffs)] if arm != ref and arm in ("paper", "extras",
-                                                                                       "online_only") else ["", ""]
-            if arm == "online_only":
-                cells[2:] = ["", ""]
+                diffs = [endpoint(r) - endpoint(base[s]) for s, r in sorted(rs.items()) if s in base]
+                if diffs:
+                    cells.append(f"− {SHORT.get(ref, ref)}: {ms(diffs, '{:.1f}')} ({paired(diffs)})")
             vals = list(rs.values())
             lines.append(f"| {'IQL' if algo == 'iql' else 'Cal-QL'} | {arm_label(arm)} | {len(vals)} | "
                          f"{ms([r['offline_score'] for r in vals], '{:.1f}')} | "
                          f"{ms([endpoint(r) for r in vals], '{:.1f}')} | "
                          f"{ms([r['final_score'] for r in vals], '{:.1f}')} | "
                          f"{ms([1 - r['regret'] for r in vals if r['regret'] is not None], '{:.2f}')} | "
-                         + " | ".join(cells) + " |")
+                         + "<br>".join(cells) + " |")
     lines += ["", "| algorithm | arm | offline updates / s (1 core) | online phase wall-clock, s | "
               "EDIS retrain, s each |", "|---|---|---|---|---|"]
     for algo in ("iql", "calql"):
@@ -439,9 +440,12 @@ def edis_tables(data: dict, name: str = "edis") -> dict:
                 rt = [t for r in rs for t in r["retrain_time_s"]]
                 lines.append(f"| {'IQL' if algo == 'iql' else 'Cal-QL'} | {arm_label(arm)} | "
                              f"{ms([r['offline_updates_per_s'] for r in rs], '{:.1f}')} | "
-                             f"{ms([r['online_wall_s'] for r in rs], '{:.0f}')} | "
+                             f"{ms([r.get('wall_s', r['online_wall_s']) for r in rs], '{:.0f}')} | "
                              f"{ms(rt, '{:.1f}') if rt and arm != 'online_only' else '–'} |")
     return {name: "\n".join(lines)}
+
+
+SHORT = {"noedis": "no EDIS", "online_only": "online only", "paper": "paper"}
 
 
 def success_table(data: dict) -> dict:
@@ -587,6 +591,42 @@ def toy_table(results: list) -> dict:
     return {"toy_guidance": "\n".join(lines)}
 
 
+TOY_GOAL_ARMS = {"unguided": "no guidance (same prior, same noise)", "paper": "**the paper's form, every dimension "
+                 "guided** (the default before this study)",
+                 "no_rd": "**reward (and terminal) not guided** (today's default)",
+                 "clip": "guidance norm clipped at √D·10 per sample", "sigma5": "guidance only at σ ≤ 5",
+                 "half_online": "half of every diffusion batch online", "extras": "--edis-extras (all of its parts)"}
+TOY_SIZES = {"preset": "CPU preset", "undertrained": "undertrained", "toy": "small, well trained"}
+
+
+def toy_goal_tables(results: list) -> dict:
+    """benchmarks/results/toy_goal.json (benchmarks/toy_goal.py): each ablation's errors, and the energies' held-out
+    accuracy per noise band, mean ± std over seeds."""
+    cols = [("dynamics_error", "dynamics error", "{:.3f}"), ("reward_error", "reward error", "{:.3f}"),
+            ("reward_bias", "reward bias", "{:.3f}"), ("states_in_wall", "states in the wall", "{:.3f}"),
+            ("goal_dist_to_online_goal", "goal distance to the online goal", "{:.2f}"),
+            ("policy_action_error", "‖a − π(s)‖", "{:.2f}")]
+    lines = ["| sizes | guidance | seeds | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 3) + "|"]
+    for size, label in TOY_SIZES.items():
+        rs = [r for r in results if r.get("sizes") == size]
+        for arm, text in TOY_GOAL_ARMS.items():
+            if rs and arm in rs[0]["arms"]:
+                cells = [ms([r["arms"][arm][k] for r in rs], f) for k, _, f in cols]
+                lines.append(f"| {label} | {text} | {len(rs)} | " + " | ".join(cells) + " |")
+    acc = ["| sizes | prior | energy | σ < 0.1 | 0.1-1 | 1-5 | 5-80 |", "|---" * 7 + "|"]
+    for size, label in list(TOY_SIZES.items())[:1]:  # the CPU preset's energies
+        rs = [r for r in results if r.get("sizes") == size]
+        for fit in ("paper", "half_online", "extras"):
+            for e in ("state", "policy", "transition"):
+                cells = []
+                for band in ("0-0.1", "0.1-1", "1-5", "5-80"):
+                    v = [r["energy_metrics"][fit].get(f"edis/energy_acc_{e}_sigma{band}") for r in rs]
+                    cells.append(ms(v, "{:.2f}") if v and None not in v else "–")
+                if rs:
+                    acc.append(f"| {label} | {fit.replace('_', ' ')} | {e} | " + " | ".join(cells) + " |")
+    return {"toy_goal": "\n".join(lines), "toy_goal_acc": "\n".join(acc)}
+
+
 def round_time_table() -> dict:
     """benchmarks/results/llm_round_time.jsonl (from benchmarks/llm_round_time.sh): one row per script."""
     path = os.path.join(RESULTS, "llm_round_time.jsonl")
@@ -632,6 +672,9 @@ def report() -> None:
     toy = os.path.join(RESULTS, "toy_guidance.json")
     if os.path.exists(toy):
         tables.update(toy_table(json.load(open(toy))))
+    goal = os.path.join(RESULTS, "toy_goal.json")
+    if os.path.exists(goal):
+        tables.update(toy_goal_tables(json.load(open(goal))))
     text = open(DOC).read()
     for name, body in tables.items():
         pat = re.compile(rf"(<!-- table:{name} -->\n)(?:.*?\n)?(<!-- /table:{name} -->)", re.S)

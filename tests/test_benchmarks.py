@@ -163,7 +163,7 @@ def test_edis_and_fidelity_pipeline(tiny_pointmaze, tmp_path):
                        "--img", str(tmp_path / "img")])
     text = doc.read_text()
     assert "| IQL | EDIS as the paper | 1 |" in text and "| IQL | EDIS + --edis-extras | 1 |" in text
-    assert "| paper: guided |" in text and "| diagnosis: EDIS batches without synthetic rows | 1 |" in text
+    assert "| paper: guided |" in text and "| online only: EDIS's batches without synthetic rows | 1 |" in text
     assert (tmp_path / "img" / "edis_curves.png").stat().st_size > 1000
     for bad, text in (("edis_diffusion_steps=abc", "'abc' is not a int"), ("no_such_flag=1", "not a number")):
         p = run_script(["benchmarks/fidelity_study.py", "--seeds", "1", "--runs", str(runs / "edis"), "--overrides",
