@@ -216,7 +216,7 @@ def test_torchrun_two_processes(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("flags, text", [
-    (["--model", "/nonexistent/model/dir"], "cannot load model"),
+    (["--model", "/nonexistent/model/dir"], "--model /nonexistent/model/dir does not exist"),
     (["--model", "no-such-org/no-such-model"], "cannot load model"),
     (["--group-size", "0"], "--group-size must be >= 1"),
     (["--resume", "/nonexistent"], "no checkpoint"),
