@@ -385,11 +385,14 @@ def lock_holder(folder: str) -> Optional[str]:
         import fcntl
     except ImportError:  # no flock (Windows): no lock
         return None
-    with open(path, "a+") as f:
+    try:
+        f = open(path)  # read-only is enough for flock
+    except OSError:
+        return None
+    with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            f.seek(0)
             return f.read().strip() or "?"
         fcntl.flock(f, fcntl.LOCK_UN)
     return None
@@ -410,7 +413,10 @@ def lock_run_folder(folder: str) -> None:
         import fcntl
     except ImportError:
         return
-    f = open(os.path.join(folder, LOCK_FILE), "a+")
+    try:
+        f = open(os.path.join(folder, LOCK_FILE), "a+")
+    except OSError as e:
+        raise UserError(f"{folder}: cannot write its lock file ({e.strerror})") from None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -447,8 +453,9 @@ def check_output_dir(path: str, resuming: bool, overwrite: bool) -> None:
     unless ``overwrite`` is given and the folder is an earlier run (it has a config.json), which is then emptied. An
     existing folder is locked here, before anything in it changes."""
     path = os.path.abspath(path)
-    if os.path.isdir(path) and lock_holder(path) is not None:
-        raise in_use_error(path, lock_holder(path) or "?")
+    holder = lock_holder(path) if os.path.isdir(path) else None
+    if holder is not None:
+        raise in_use_error(path, holder)
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"--output-dir {path} is a file, not a folder")
     parent = path

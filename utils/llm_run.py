@@ -117,8 +117,9 @@ def already_finished(args, resume_dir: Optional[str], saved: Optional[dict]) -> 
     rounds = saved["ranks"][0]["state"]["round"]
     if rounds < args.total_rounds or not os.path.isfile(os.path.join(folder, "summary.json")):
         return False
-    if lock_holder(folder) is not None:
-        raise in_use_error(folder, lock_holder(folder) or "?")
+    holder = lock_holder(folder)
+    if holder is not None:
+        raise in_use_error(folder, holder)
     if os.environ.get("RANK", "0") == "0":
         print(f"{folder} is a finished run ({rounds} rounds, --total-rounds {args.total_rounds}); nothing was "
               f"changed. Raise --total-rounds to continue it, or evaluate it with --eval-only")

@@ -136,8 +136,9 @@ def already_finished(ckpt: Optional[dict], args) -> bool:
     total = args.offline_steps + args.online_steps
     if ckpt["step"] < total or not os.path.isfile(os.path.join(folder, "summary.json")):
         return False
-    if lock_holder(folder) is not None:
-        raise in_use_error(folder, lock_holder(folder) or "?")
+    holder = lock_holder(folder)
+    if holder is not None:
+        raise in_use_error(folder, holder)
     print(f"{folder} is a finished run ({ckpt['step']} steps, the budget is {total}); nothing was changed. Raise "
           f"--online-steps to continue it, or evaluate it with --eval-only")
     return True
