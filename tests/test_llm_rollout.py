@@ -85,6 +85,10 @@ def test_engine_logprobs_equal_the_trainers(engine_and_model):
     assert torch.equal(again["completion_ids"], batch["completion_ids"])
     other = grpo_llm.generate(model, tok, p, 4, args, engine=engine, seeds=[s + 1 for s in seeds])
     assert not torch.equal(other["completion_ids"], batch["completion_ids"])
+    hot = grpo_llm.Args(max_new_tokens=24, rollout_engine="vllm", micro_batch_size=8, temperature=0.7)
+    b = grpo_llm.generate(model, tok, p, 4, hot, engine=engine, seeds=seeds)  # log-probs of the tempered policy
+    lp = grpo_llm.token_logprobs(grpo_llm.sequence_logits(model, b), b["completion_ids"], 0.7)
+    assert (lp - b["engine_logp"])[b["completion_mask"].bool()].abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("script", ["grpo_llm.py", "reval_llm.py"])

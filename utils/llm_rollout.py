@@ -10,7 +10,8 @@ the next generation. On CPU there is no sleep mode: the engine keeps its KV cach
 default 1 here) and a copy of the weights in the engine's dtype through the update.
 
 The samples are the policy's own: temperature, ``top_k=0`` and ``top_p=1``, ``--max-new-tokens``, stopping at the
-tokenizer's EOS, which is kept in the completion (as HF ``generate`` does here). Every request carries its own seed,
+tokenizer's EOS, which is kept in the completion (as HF ``generate`` does here); the log-probs it returns are those of
+the sampling distribution (``processed_logprobs``: after the temperature). Every request carries its own seed,
 derived from the run's seed, the round and the prompt, so a resumed run samples what an uninterrupted one does. The
 engine also returns the log-probability of each sampled token; the scripts log its mean gap to the trainer's own
 recomputed log-probability (``rollout/logprob_gap``), the known failure mode of this design (different kernels,
@@ -73,7 +74,7 @@ class VLLMEngine:
         try:
             self.llm = vllm.LLM(model=model_dir, dtype="bfloat16" if bf16 else "float32", seed=seed,
                                 max_model_len=min(max_model_len, limit or max_model_len),
-                                enforce_eager=device.type != "cuda", **kw)
+                                enforce_eager=device.type != "cuda", logprobs_mode="processed_logprobs", **kw)
         except (ValueError, RuntimeError, NotImplementedError) as e:
             lines = [x.strip() for x in str(e).splitlines() if x.strip()]
             why = next((x for x in lines if "rror" in x and "validation error" not in x), lines[0] if lines else "")
