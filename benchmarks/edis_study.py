@@ -11,6 +11,7 @@ env reset seeds and batch seeds: they differ only in how the online batches are 
   extras       EDIS with --edis-extras
   online_only  EDIS's batches without synthetic rows: online rows only after the first "retrain", whose tiny model
                is never sampled from (--edis-ratio 0). It tells the loss of the offline rows from the synthetic data.
+  paper_bf16   the paper's form under bf16 autocast (fp32 weights): does bf16 lose anything against fp32?
 The endpoint is fixed before the runs: the mean normalized score of the last 3 evaluations (20 episodes each).
 
 **The evidence accumulates across sessions.** ``--code`` pins the scripts' commit: they run from a git worktree of it,
@@ -46,7 +47,9 @@ BUDGETS = {
 }
 ARM_FLAGS = {"noedis": ["--no-edis"], "paper": ["--edis", "--no-edis-extras"], "extras": ["--edis", "--edis-extras"],
              "online_only": ["--edis", "--edis-ratio", "0", "--edis-diffusion-steps", "10", "--edis-num-samples", "10",
-                             "--edis-sample-steps", "2", "--energy-pool", "16", "--energy-steps", "1"]}
+                             "--edis-sample-steps", "2", "--energy-pool", "16", "--energy-steps", "1"],
+             # precision check (the speed issue): the paper's form under bf16 autocast, fp32 weights
+             "paper_bf16": ["--edis", "--no-edis-extras", "--bf16"]}
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "edis_study")
 
 
@@ -56,8 +59,8 @@ class Cli:
     """algorithms to run"""
     seeds: tuple[int, ...] = (1, 2, 3)
     """seeds of every run"""
-    arms: tuple[Literal["noedis", "paper", "extras", "online_only"], ...] = ("noedis", "online_only", "paper",
-                                                                             "extras")
+    arms: tuple[Literal["noedis", "paper", "extras", "online_only", "paper_bf16"], ...] = (
+        "noedis", "online_only", "paper", "extras")
     """which online arms to run, in this order"""
     code: Optional[str] = None
     """commit of the scripts to run (from a git worktree); default: this checkout as it is"""

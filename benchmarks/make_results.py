@@ -384,7 +384,8 @@ def llm_tuning_figures(data: dict) -> None:
 
 
 EDIS_ARMS = {"noedis": "no EDIS", "online_only": "online only: EDIS's batches without synthetic rows",
-             "paper": "EDIS as the paper", "extras": "EDIS + --edis-extras"}  # folder -> label
+             "paper": "EDIS as the paper", "extras": "EDIS + --edis-extras",
+             "paper_bf16": "EDIS as the paper, bf16 autocast"}  # folder -> label
 
 
 def arm_label(arm: str, algo: str = "", runs: list = ()) -> str:
@@ -402,7 +403,7 @@ def endpoint(run: dict) -> float:
 
 
 STUDY2_PAIRS = {"paper": ("noedis", "online_only"), "extras": ("noedis", "online_only", "paper"),
-                "online_only": ("noedis",)}  # each arm against these references, paired by seed
+                "online_only": ("noedis",), "paper_bf16": ("paper",)}  # each arm against these, paired by seed
 
 
 def edis_tables(data: dict, name: str = "edis") -> dict:

@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import time
+from typing import Optional
 
 import torch
 import tyro
@@ -140,12 +141,17 @@ def run(seed: int, extras: bool, n_eval: int = 2000, **sizes) -> dict:
 class Cli:
     seeds: tuple[int, ...] = (1, 2, 3)
     """seeds of the toy (data, networks, sampling)"""
-    out: str = os.path.join(ROOT, "benchmarks", "results", "toy_guidance.json")
-    """where the results go"""
+    out: Optional[str] = None
+    """where the results go (default benchmarks/results/toy_guidance.json, or toy_guidance_bf16.json with --bf16)"""
+    bf16: bool = False
+    """everything under bf16 autocast, fp32 weights, as the scripts' --bf16 (the precision check of the speed issue)"""
 
 
 def main(cli: Cli) -> None:
     torch.set_num_threads(1)
+    if cli.bf16:
+        torch.autocast("cpu", dtype=torch.bfloat16).__enter__()
+    cli.out = cli.out or os.path.join(ROOT, "benchmarks", "results", f"toy_guidance{'_bf16' if cli.bf16 else ''}.json")
     results = []
     for extras in (False, True):
         for seed in cli.seeds:
