@@ -1026,7 +1026,7 @@ def main(argv: Optional[list] = None) -> None:
                        {"args": dataclasses.asdict(args), "task": dataclasses.asdict(task), "device": str(device)})
     if ckpt is not None:
         print(f"resumed {out_dir} at step {start_step}")
-    amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)  # noqa: E731
+    amp = lambda: harness.bf16_autocast(device, args.bf16)  # noqa: E731
     logger = Logger(out_dir, dataclasses.asdict(args), run_name, track=args.track, project=args.wandb_project_name,
                     entity=args.wandb_entity)
 

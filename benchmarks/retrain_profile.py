@@ -21,6 +21,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import edis_iql as m  # noqa: E402
+from utils.run import bf16_autocast  # noqa: E402
 
 S, A = 4, 2
 FULL = dict(diffusion_steps=12_000, negatives=2048 * 10 * 3 + 2048, infonce_steps=100, samples=20_000)
@@ -69,7 +70,7 @@ def main() -> None:
     torch.set_num_threads(1)
     bf16 = "--bf16" in sys.argv
     if bf16:  # what the scripts' amp() context does around edis_retrain with --bf16
-        torch.autocast("cpu", dtype=torch.bfloat16).__enter__()
+        bf16_autocast(torch.device("cpu"), True).__enter__()
     g, codec, x, online, state = setup()
     parts(g, codec, x, online, state, dict(diffusion_steps=50, pool=16, infonce_steps=5, samples=200))  # warm-up
     measured = parts(g, codec, x, online, state, PART)

@@ -25,6 +25,7 @@ import tyro
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import edis_iql as m  # noqa: E402
+from utils.run import bf16_autocast  # noqa: E402
 
 STEP, GOAL, GOAL_RADIUS = 0.15, (0.7, 0.7), 0.2
 WALL_X, WALL_Y = 0.1, 0.3  # the wall: |x| <= WALL_X and y <= WALL_Y
@@ -150,7 +151,7 @@ class Cli:
 def main(cli: Cli) -> None:
     torch.set_num_threads(1)
     if cli.bf16:
-        torch.autocast("cpu", dtype=torch.bfloat16).__enter__()
+        bf16_autocast(torch.device("cpu"), True).__enter__()
     cli.out = cli.out or os.path.join(ROOT, "benchmarks", "results", f"toy_guidance{'_bf16' if cli.bf16 else ''}.json")
     results = []
     for extras in (False, True):

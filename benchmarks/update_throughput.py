@@ -21,6 +21,7 @@ import torch
 import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from utils.run import bf16_autocast  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -87,7 +88,7 @@ def main(a: Cli) -> None:
     update = torch.compile(fn) if a.compile else fn
 
     def step():
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.bf16):
+        with bf16_autocast(dev, a.bf16):
             return update(batch())
 
     for _ in range(a.warmup):

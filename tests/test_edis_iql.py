@@ -1,5 +1,6 @@
 """edis_iql.py: IQL and EDIS math against hand-computed values and slow references, toys, smoke and resume runs."""
 
+import contextlib
 import copy
 import importlib
 import json
@@ -166,6 +167,26 @@ def toy_denoiser():
     g = torch.Generator().manual_seed(0)
     ema, losses = m.train_diffusion(two_mode_data(4000, g), 1500, 64, 2, g, torch.tensor([[1.0, 0.0]]), lr=3e-3)
     return ema, losses
+
+
+def test_bf16_retrain_learns_as_fp32():
+    """--bf16 wraps a whole EDIS retrain (thousands of denoiser and energy steps) in one autocast region. The
+    scripts' context (no weight-cast cache) trains the denoiser as fp32 does; torch.autocast's default cache would
+    keep the first step's bf16 weights for every later forward, and the loss would stay where it started."""
+    from utils.run import bf16_autocast
+
+    def train(ctx):
+        torch.manual_seed(0)
+        g = torch.Generator().manual_seed(0)
+        with ctx:
+            _, losses = m.train_diffusion(two_mode_data(4000, g), 400, 64, 2, g, torch.tensor([[1.0, 0.0]]), lr=3e-3)
+        return float(losses[-100:].mean()), float(losses[:20].mean())
+
+    fp32, start = train(contextlib.nullcontext())
+    bf16, _ = train(bf16_autocast(torch.device("cpu"), True))
+    cached, _ = train(torch.autocast("cpu", dtype=torch.bfloat16))  # the cache: the bug this guards against
+    assert fp32 < 0.85 * start and abs(bf16 / fp32 - 1) < 0.05, (start, fp32, bf16)
+    assert cached > 0.95 * start, (start, cached)  # stuck where it started
 
 
 def test_denoiser_loss_decreases_on_2d_toy(toy_denoiser):

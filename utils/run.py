@@ -44,6 +44,14 @@ COMMON_RANGES = {
 CHECKPOINT_FORMAT = 4  # any other format is refused in one line (no migrations)
 
 
+def bf16_autocast(device: torch.device, enabled: bool):
+    """--bf16: bfloat16 autocast over fp32 weights, without autocast's weight-cast cache. The cache keeps each
+    weight's bf16 copy until the outermost autocast region ends; an EDIS retrain trains its denoiser and energies for
+    thousands of steps inside one region, so with the cache every forward after the first used the initial weights
+    and nothing learned (tests/test_edis_iql.py::test_bf16_retrain_learns_as_fp32)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=False)
+
+
 def resolve_device(name: str) -> torch.device:
     """--device: auto (cuda when available, else cpu), cpu, cuda or cuda:N."""
     if name == "auto":
