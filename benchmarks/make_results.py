@@ -673,6 +673,9 @@ def report() -> None:
     toy = os.path.join(RESULTS, "toy_guidance.json")
     if os.path.exists(toy):
         tables.update(toy_table(json.load(open(toy))))
+    toy16 = os.path.join(RESULTS, "toy_guidance_bf16.json")
+    if os.path.exists(toy16):
+        tables["toy_guidance_bf16"] = toy_table(json.load(open(toy16)))["toy_guidance"]
     goal = os.path.join(RESULTS, "toy_goal.json")
     if os.path.exists(goal):
         tables.update(toy_goal_tables(json.load(open(goal))))
