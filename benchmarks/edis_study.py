@@ -143,6 +143,7 @@ def write_result(path: str, record: dict, commit: bool) -> None:
 
 
 def main(a: Cli) -> None:
+    a.out, a.results = os.path.abspath(a.out), os.path.abspath(a.results)  # the runs start in the code's folder
     os.makedirs(a.out, exist_ok=True)
     cwd, commit = code_dir(a.code, a.out)
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
