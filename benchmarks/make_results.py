@@ -617,7 +617,7 @@ def toy_goal_tables(results: list) -> dict:
     acc = ["| sizes | prior | energy | σ < 0.1 | 0.1-1 | 1-5 | 5-80 |", "|---" * 7 + "|"]
     for size, label in list(TOY_SIZES.items())[:1]:  # the CPU preset's energies
         rs = [r for r in results if r.get("sizes") == size]
-        for fit in ("paper", "half_online", "extras"):
+        for fit in ("paper", "extras"):
             for e in ("state", "policy", "transition"):
                 cells = []
                 for band in ("0-0.1", "0.1-1", "1-5", "5-80"):
