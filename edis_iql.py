@@ -396,7 +396,7 @@ BUFFER_EXTRA: dict = {}  # per-row fields beyond (s, a, r, s', terminal): none f
 # x = [s, a, r, s', terminal]. Prior p(x): offline + online replay. Target (EDIS Sec. 4): q(x) = d_pi(s) pi(a|s)
 # T(s'|s,a) = p(x) exp(-E_s - E_pi - E_T), each E a log-ratio of q's and p's factor. The exact energy at noise level
 # sigma is a function of the WHOLE noisy x (CEP, Lu et al. 2023, Thm. 3.1): networks of the full noisy x, trained by
-# InfoNCE (CEP Sec. 4), guiding by their full gradient; negatives from the prior's conditionals (CSDI masks).
+# InfoNCE (CEP Sec. 4), guiding s, a, s' by their gradient; negatives from the prior's conditionals (CSDI masks).
 class TransitionCodec:
     """Blocks of a transition vector and its standardisation (refitted at each retrain)."""
 
@@ -634,9 +634,8 @@ def make_guidance(energies: nn.ModuleDict, weights: dict, dims: Optional[torch.T
 
 
 def guided_dims(codec: TransitionCodec, extras: bool) -> Optional[torch.Tensor]:
-    """What guidance moves: s, a and s' (the official code's masks; the paper's energies are of (s, a, s'), so r and
-    the terminal stay the prior's, given the rest; unguided r also keeps the learned energies from shifting rewards:
-    benchmarks/toy_goal.py). --edis-extras guides every dimension, as it was measured."""
+    """Guidance moves s, a and s' (the paper's energies are of (s, a, s'); the official code's masks): r and the
+    terminal follow the prior, unbiased (benchmarks/toy_goal.py). --edis-extras guides all, as it was measured."""
     return None if extras else 1.0 - codec.mask(codec.r, codec.d)
 
 
