@@ -78,8 +78,37 @@ def preset_defaults(device: torch.device, device_presets: dict, family_presets: 
             merged[k] = v
     if device.type != "cuda":
         merged.update(algo_cpu)
-    merged["bf16"] = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    merged["bf16"] = native_bf16(device) and (device.type == "cuda" or BF16_CPU_DEFAULT)
     return merged
+
+
+# bf16 by default on a CPU that computes it natively only once the evidence shows no loss against fp32 (the toy of
+# study 3a and one study-2 seed per algorithm under --bf16: docs/results.md, study 4); until then --bf16 opts in.
+BF16_CPU_DEFAULT = False
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 natively: a CUDA GPU with bf16 units, a CPU with AVX512-BF16 or AMX."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
+    except OSError:  # not Linux: unknown, fp32
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def set_precision(device: torch.device, bf16: bool, tf32: bool) -> dict:
+    """TF32 for fp32 matmuls on CUDA unless --no-tf32; what the run computes in, printed and for config.json."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.fp32_precision = "tf32" if tf32 else "ieee"
+        torch.backends.cudnn.conv.fp32_precision = "tf32" if tf32 else "ieee"
+    p = {"autocast": "bf16" if bf16 else "off", "fp32_matmul": "tf32" if tf32 and device.type == "cuda" else "ieee",
+         "native_bf16": native_bf16(device)}
+    hint = " (this device computes bf16 natively: --bf16)" if p["native_bf16"] and not bf16 else ""
+    print(f"precision: fp32 weights, autocast {p['autocast']}, fp32 matmuls {p['fp32_matmul']}{hint}")
+    return p
 
 
 def parse_flags(args_cls, argv: Optional[list], presets: Callable, frozen: Callable, algo_ranges: dict,
