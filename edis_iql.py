@@ -66,8 +66,6 @@ class Args:
     """bfloat16 autocast, fp32 weights (preset: on for bf16 GPUs)"""
     tf32: bool = True
     """TF32 for fp32 matmuls on CUDA GPUs (no effect on CPU); --no-tf32: full fp32"""
-    compile: bool = False
-    """torch.compile the denoiser and the energies (speed only; each retrain's first steps compile)"""
     # --- budget, evaluation, logging ---
     offline_steps: int = 20_000
     """updates on the offline dataset (GPU preset: 1M)"""
@@ -565,14 +563,13 @@ def data_rows(n_rows: int, n_online: int, n: int, online_frac: float, generator:
 
 def train_diffusion(x: torch.Tensor, steps: int, width: int, depth: int, generator: torch.Generator,
                     cond_masks: torch.Tensor, n_online: int = 0, online_frac: float = 0.0,
-                    lr: float = DIFFUSION_LR, compiled: bool = False) -> tuple:
+                    lr: float = DIFFUSION_LR) -> tuple:
     """A fresh denoiser of x [N, D] (AdamW, cosine lr, grad clip 1) and its EMA; half the rows get a condition."""
     net = ResidualMLPDenoiser(x.shape[1], width, depth).to(x.device)
     ema = ResidualMLPDenoiser(x.shape[1], width, depth).to(x.device)
     ema.load_state_dict(net.state_dict())
     ema.requires_grad_(False)
     opt = adam(net.parameters(), lr, betas=(0.9, 0.99))  # the official AdamW, weight decay 0: Adam
-    fwd = torch.compile(net) if compiled else net  # --compile: the same module, its forward and backward compiled
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     losses = torch.zeros(steps, device=x.device)
     B, dev = DIFFUSION_BATCH, x.device
@@ -581,7 +578,7 @@ def train_diffusion(x: torch.Tensor, steps: int, width: int, depth: int, generat
         which = torch.randint(0, len(cond_masks), (B,), device=dev, generator=generator)
         uncond = torch.rand(B, device=dev, generator=generator) < 0.5
         mask = torch.where(uncond[:, None], 0.0, cond_masks[which])
-        loss = edm_loss(fwd, x[idx], generator, mask)
+        loss = edm_loss(net, x[idx], generator, mask)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -733,11 +730,10 @@ def build_energies(state: EDISState, extras: bool, position_dims: tuple) -> None
     state.energy_opt = adam(state.energies.parameters(), ENERGY_LR)
 
 
-def fit_energies(state: EDISState, denoiser: nn.Module, energies: dict, online: ReplayBuffer,
-                 policy_sample: Callable, x_train: torch.Tensor, generator: torch.Generator, *, sample_steps: int,
-                 pool: int, negatives: int, steps: int, online_frac: float, sigma_max: float) -> dict:
-    """Contrastive sets of ``pool`` online transitions; InfoNCE at the sampler's levels <= sigma_max; ``energies``:
-    state.energies or their compiled views (--compile)."""
+def fit_energies(state: EDISState, denoiser: nn.Module, online: ReplayBuffer, policy_sample: Callable,
+                 x_train: torch.Tensor, generator: torch.Generator, *, sample_steps: int, pool: int, negatives: int,
+                 steps: int, online_frac: float, sigma_max: float) -> dict:
+    """Contrastive sets of ``pool`` online transitions; InfoNCE at the sampler's levels <= sigma_max."""
     c = state.codec
     sample = lambda n, known=None, mask=None: sample_chunked(  # noqa: E731
         denoiser, n, c.dim, sample_steps, generator, known=known, known_mask=mask)
@@ -746,16 +742,16 @@ def fit_energies(state: EDISState, denoiser: nn.Module, energies: dict, online: 
         x_on = c.encode(pos)
         x_pi = c.encode(dict(pos, actions=policy_sample(pos["observations"])))
         x_data = x_train[data_rows(len(x_train), online.size, pool, online_frac, generator)]
-        sets = contrastive_sets(tuple(energies), sample, c, x_on, x_pi, x_data, negatives)
+        sets = contrastive_sets(tuple(state.energies), sample, c, x_on, x_pi, x_data, negatives)
     sigmas = karras_sigmas(sample_steps, c.mean.device)[:-1]
     sigmas = sigmas[sigmas <= max(sigma_max, float(sigmas.min()))]
-    return train_energies(energies, state.energy_opt, sets, sigmas, steps, generator)
+    return train_energies(state.energies, state.energy_opt, sets, sigmas, steps, generator)
 
 
 def edis_retrain(state: EDISState, offline: ReplayBuffer, online: ReplayBuffer, policy_sample: Callable,
                  generator: torch.Generator, *, extras: bool, position_dims: tuple, diffusion_steps: int, width: int,
                  depth: int, sample_steps: int, n_samples: int, pool: int, negatives: int, energy_steps: int,
-                 weights: dict, compiled: bool = False) -> dict:
+                 weights: dict) -> dict:
     """One EDIS round (Alg. 1): fresh diffusion, energies trained further, n_samples guided transitions."""
     t0, c = time.time(), state.codec
     x_raw = torch.cat([c.raw(offline.rows()), c.raw(online.rows())])
@@ -764,17 +760,15 @@ def edis_retrain(state: EDISState, offline: ReplayBuffer, online: ReplayBuffer, 
     online_frac, sigma_max = (EXTRAS["online_frac"], EXTRAS["guide_sigma_max"]) if extras else (0.0, SIGMA_MAX)
     cond = torch.stack([c.mask(c.s), c.mask(c.s, c.a)])
     denoiser, diff_losses = train_diffusion(x_train, diffusion_steps, width, depth, generator, cond, online.size,
-                                            online_frac, compiled=compiled)
+                                            online_frac)
     if state.energies is None:
         build_energies(state, extras, position_dims)
-    view = torch.compile if compiled else (lambda module: module)  # --compile: the same modules, compiled
-    denoiser, energies = view(denoiser), {k: view(e) for k, e in state.energies.items()}
-    metrics = fit_energies(state, denoiser, energies, online, policy_sample, x_train, generator,
-                           sample_steps=sample_steps, pool=pool, negatives=negatives, steps=energy_steps,
-                           online_frac=online_frac, sigma_max=sigma_max)
+    metrics = fit_energies(state, denoiser, online, policy_sample, x_train, generator, sample_steps=sample_steps,
+                           pool=pool, negatives=negatives, steps=energy_steps, online_frac=online_frac,
+                           sigma_max=sigma_max)
     stats = {"guidance_norm": 0.0, "n": 0}
     x = sample_chunked(denoiser, n_samples, c.dim, sample_steps, generator, stats=stats, guide_sigma_max=sigma_max,
-                       guidance=make_guidance(energies, weights, guided_dims(c, extras)))
+                       guidance=make_guidance(state.energies, weights, guided_dims(c, extras)))
     syn = c.decode(x.detach())
     syn["actions"] = syn["actions"].clamp(-1.0, 1.0)
     state.synthetic = ReplayBuffer(c.obs_dim, c.act_dim, n_samples, c.mean.device, extra=BUFFER_EXTRA)
@@ -1035,8 +1029,7 @@ def main(argv: Optional[list] = None) -> None:
                     width=args.edis_width, depth=args.edis_depth, sample_steps=args.edis_sample_steps,
                     n_samples=args.edis_num_samples, pool=args.energy_pool, negatives=args.energy_negatives,
                     energy_steps=args.energy_steps, weights={"state": args.guide_state, "policy": args.guide_policy,
-                                                             "transition": args.guide_transition},
-                    compiled=args.compile)
+                                                             "transition": args.guide_transition})
             edis.last_retrain_step = t + 1
             logger.scalars(check_finite({k: float(v) for k, v in metrics.items()}, f"step {step + 1}"), step + 1)
         for _ in range(args.utd):

@@ -252,7 +252,7 @@ def main(a: Cli) -> None:
                                 to_raw(codec.decode(x)), env, online_ref, norm_state, bandwidth, policy_mean))
             mod.build_energies(edis, extras, task.position_dims)
             t2 = time.time()
-            metrics = mod.fit_energies(edis, denoiser, edis.energies, online, agent.actor.sample, x_train, gen,
+            metrics = mod.fit_energies(edis, denoiser, online, agent.actor.sample, x_train, gen,
                                        sample_steps=args.edis_sample_steps, pool=args.energy_pool,
                                        negatives=args.energy_negatives, steps=a.energy_steps,
                                        online_frac=online_frac, sigma_max=sigma_max)

@@ -1,6 +1,6 @@
-"""One EDIS retrain's time, side by side: the code before the speed work against today's, fp32 / bf16, eager / compiled.
+"""One EDIS retrain's time, side by side: the code before the speed work against today's, fp32 and bf16.
 
-    python benchmarks/retrain_speed.py --baseline fc93593 --pairs 5   # ~25 min with nothing else running
+    python benchmarks/retrain_speed.py --baseline fc93593 --pairs 5   # ~15 min with nothing else running
     -> benchmarks/results/retrain_speed.json and the table of docs/results.md (study 4)
 
 What is timed is benchmarks/retrain_profile.py's retrain: edis_iql.py's own functions at the CPU preset and PointMaze
@@ -8,7 +8,8 @@ sizes (D = 12, denoiser 256 x 3, 12,000 denoiser steps, 2,048 x 10 negatives per
 20,000 guided samples of 32 Heun steps, the paper's form), each part at a fraction of its count and scaled to the full
 count, one thread. Each configuration runs in a fresh process; the configurations alternate within every pair, so
 all feel the same machine. The baseline's code is a git worktree of --baseline (benchmarks/runs/, not committed).
-``compile_s``: the first call's extra time (torch.compile's compilation, paid once per process: the first retrain).
+The committed results also hold two rows of an EDIS `--compile` (torch.compile of the denoiser and the energies,
+97e915e): not faster here (docs/results.md, study 4), so the flag and its rows here were removed.
 """
 
 import dataclasses
@@ -26,21 +27,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 S, A = 4, 2
 FULL = dict(diffusion_steps=12_000, negatives=2048 * 10 * 3 + 2048, infonce_steps=100, samples=20_000)
 PART = dict(diffusion_steps=600, pool=256, infonce_steps=50, samples=2_000)
-SMALL = dict(diffusion_steps=20, pool=16, infonce_steps=2, samples=100)  # warm-up (and compilation)
-CONFIGS = {  # name: (code, bf16, compile)
-    "baseline fp32": ("baseline", False, False), "today fp32": ("today", False, False),
-    "today fp32 --compile": ("today", False, True), "baseline bf16": ("baseline", True, False),
-    "today bf16": ("today", True, False), "today bf16 --compile": ("today", True, True)}
+SMALL = dict(diffusion_steps=20, pool=16, infonce_steps=2, samples=100)  # warm-up
+CONFIGS = {"baseline fp32": ("baseline", False), "today fp32": ("today", False),  # name: (code, bf16)
+           "baseline bf16": ("baseline", True), "today bf16": ("today", True)}
 
 
-def parts(m, g, codec, x, online, state, n: dict, compiled: bool) -> dict:
-    """Seconds of each part at the counts ``n``, wired as edis_retrain wires them (--compile: compiled views)."""
+def parts(m, g, codec, x, online, state, n: dict) -> dict:
+    """Seconds of each part at the counts ``n``, wired as edis_retrain wires them."""
     cond = torch.stack([codec.mask(codec.s), codec.mask(codec.s, codec.a)])
-    view = torch.compile if compiled else (lambda module: module)
     out, t = {}, time.perf_counter()
-    den, _ = m.train_diffusion(x, n["diffusion_steps"], 256, 3, g, cond, **({"compiled": True} if compiled else {}))
+    den, _ = m.train_diffusion(x, n["diffusion_steps"], 256, 3, g, cond)
     out["denoiser training"] = time.perf_counter() - t
-    den, energies = view(den), {k: view(e) for k, e in state.energies.items()}
+    energies = state.energies
     x_on = codec.encode(online.sample(n["pool"], g))
     sample = lambda k, known=None, mask=None: m.sample_chunked(den, k, codec.dim, 32, g, known=known,  # noqa: E731
                                                                known_mask=mask)
@@ -59,7 +57,7 @@ def parts(m, g, codec, x, online, state, n: dict, compiled: bool) -> dict:
     return out
 
 
-def measure_one(code: str, bf16: bool, compiled: bool) -> dict:
+def measure_one(code: str, bf16: bool) -> dict:
     """In this process: the retrain's seconds by part, scaled to the full counts, after a warm-up."""
     torch.set_num_threads(1)
     sys.path.insert(0, code)
@@ -75,18 +73,14 @@ def measure_one(code: str, bf16: bool, compiled: bool) -> dict:
     state = m.EDISState(codec)
     m.build_energies(state, False, (0, 1))
     with bf16_autocast(torch.device("cpu"), bf16):
-        t = time.perf_counter()
-        parts(m, g, codec, x, online, state, SMALL, compiled)
-        warm = time.perf_counter() - t
-        measured = parts(m, g, codec, x, online, state, PART, compiled)
+        parts(m, g, codec, x, online, state, SMALL)
+        measured = parts(m, g, codec, x, online, state, PART)
     scale = {"denoiser training": FULL["diffusion_steps"] / PART["diffusion_steps"],
              "conditional sampling of the negatives": FULL["negatives"] / (PART["pool"] * 31),
              "InfoNCE steps": FULL["infonce_steps"] / PART["infonce_steps"],
              "guided generation": FULL["samples"] / PART["samples"]}
     full = {k: round(v * scale[k], 2) for k, v in measured.items()}
-    small_share = sum(SMALL[k] / PART[k] for k in PART) / len(PART)  # the warm-up's work, as a share of PART's
-    return {"seconds": full, "total_s": round(sum(full.values()), 2),
-            "compile_s": round(max(warm - small_share * sum(measured.values()), 0.0), 1) if compiled else 0.0}
+    return {"seconds": full, "total_s": round(sum(full.values()), 2)}
 
 
 @dataclasses.dataclass
@@ -105,8 +99,8 @@ class Cli:
 
 def main(a: Cli) -> None:
     if a.one:
-        code, bf16, compiled = json.loads(a.one)
-        print(json.dumps(measure_one(code, bf16, compiled)))
+        code, bf16 = json.loads(a.one)
+        print(json.dumps(measure_one(code, bf16)))
         return
     tree = os.path.join(ROOT, "benchmarks", "runs", "retrain_speed", a.baseline)
     if not os.path.isdir(tree):
@@ -119,8 +113,8 @@ def main(a: Cli) -> None:
     runs = {c: [] for c in a.configs}
     for i in range(a.pairs):
         for c in a.configs:
-            code, bf16, compiled = CONFIGS[c]
-            arg = json.dumps([tree if code == "baseline" else ROOT, bf16, compiled])
+            code, bf16 = CONFIGS[c]
+            arg = json.dumps([tree if code == "baseline" else ROOT, bf16])
             p = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", arg], capture_output=True,
                                text=True, env=env, cwd=ROOT)
             if p.returncode != 0:
@@ -135,11 +129,10 @@ def main(a: Cli) -> None:
                     "total_s": [r["total_s"] for r in rs],
                     "parts_s_median": {k: statistics.median(r["seconds"][k] for r in rs) for k in rs[0]["seconds"]},
                     "speedup_vs_" + base.replace(" ", "_"): {"median": round(statistics.median(ratios), 3),
-                                                            "min": round(min(ratios), 3), "max": round(max(ratios), 3)},
-                    "compile_s_median": statistics.median(r["compile_s"] for r in rs)}
+                                                            "min": round(min(ratios), 3), "max": round(max(ratios), 3)}}
     result = {"baseline_commit": a.baseline, "commit": commit, "uncommitted_changes": dirty, "pairs": a.pairs,
               "threads": 1, "torch": torch.__version__, "cpu": cpu_name(), "full_counts": FULL,
-              "measured_counts": PART, "configs": {c: dict(zip(("code", "bf16", "compile"), CONFIGS[c]))
+              "measured_counts": PART, "configs": {c: dict(zip(("code", "bf16"), CONFIGS[c]))
                                                    for c in a.configs}, "results": table}
     with open(a.out, "w") as f:
         json.dump(result, f, indent=1)

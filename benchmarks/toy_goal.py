@@ -140,9 +140,9 @@ def fit(seed: int, z: dict, online_frac: float, extras: bool, sigma_max: float) 
     denoiser, _ = m.train_diffusion(x_train, z["diffusion_steps"], z["width"], z["depth"], g, cond, on.size,
                                     online_frac, lr=z["lr"])
     m.build_energies(edis, extras, position_dims=(0, 1))
-    metrics = m.fit_energies(edis, denoiser, edis.energies, on, lambda o: policy(o, g), x_train, g,
-                             sample_steps=z["sample_steps"], pool=z["pool"], negatives=10,
-                             steps=z["energy_steps"], online_frac=online_frac, sigma_max=sigma_max)
+    metrics = m.fit_energies(edis, denoiser, on, lambda o: policy(o, g), x_train, g, sample_steps=z["sample_steps"],
+                             pool=z["pool"], negatives=10, steps=z["energy_steps"], online_frac=online_frac,
+                             sigma_max=sigma_max)
     return denoiser, edis, {k: float(v) for k, v in metrics.items()}
 
 

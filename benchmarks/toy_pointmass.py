@@ -116,9 +116,9 @@ def run(seed: int, extras: bool, n_eval: int = 2000, **sizes) -> dict:
                                     online_frac, lr=z["lr"])
     t1 = time.time()
     m.build_energies(edis, extras, position_dims=(0, 1))  # the toy's state is the position (x, y)
-    metrics = m.fit_energies(edis, denoiser, edis.energies, on, lambda o: policy(o, g), x_train, g,
-                             sample_steps=z["sample_steps"], pool=z["pool"], negatives=10,
-                             steps=z["energy_steps"], online_frac=online_frac, sigma_max=sigma_max)
+    metrics = m.fit_energies(edis, denoiser, on, lambda o: policy(o, g), x_train, g, sample_steps=z["sample_steps"],
+                             pool=z["pool"], negatives=10, steps=z["energy_steps"], online_frac=online_frac,
+                             sigma_max=sigma_max)
     t2 = time.time()
     out = {"seed": seed, "extras": extras, "diffusion_s": t1 - t0, "energies_s": t2 - t1,
            "energy_metrics": {k: float(v) for k, v in metrics.items()}}

@@ -289,40 +289,6 @@ def test_denoiser_adam_steps_as_the_official_adamw():
         assert not torch.equal(p, p0)
 
 
-def retrain_once(compiled: bool) -> tuple:
-    """A tiny EDIS retrain (the paper's form) from fixed data and seeds: (metrics, synthetic rows, energies)."""
-    torch.manual_seed(0)
-    g = torch.Generator().manual_seed(0)
-    codec = m.TransitionCodec(2, 2, torch.device("cpu"))
-    buffers = []
-    for n in (600, 200):
-        buf = m.ReplayBuffer(2, 2, n, torch.device("cpu"), extra=m.BUFFER_EXTRA)
-        rows = codec.decode(torch.randn(n, codec.dim, generator=g))
-        rows["terminals"] = (rows["terminals"] > 0.5).float()
-        buf.add_batch(rows)
-        buffers.append(buf)
-    state = m.EDISState(codec)
-    metrics = m.edis_retrain(state, *buffers, lambda o: torch.tanh(o), g, extras=False, position_dims=(0, 1),
-                             diffusion_steps=20, width=32, depth=1, sample_steps=4, n_samples=64, pool=32,
-                             negatives=2, energy_steps=3, weights={}, compiled=compiled)
-    probe = torch.randn(256, codec.dim, generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():  # each energy on fixed inputs, up to the constant InfoNCE leaves free
-        e = {k: net(probe, torch.full((256,), 0.5)) for k, net in state.energies.items()}
-    return metrics, state.synthetic.rows(), {k: v - v.mean() for k, v in e.items()}
-
-
-def test_compile_computes_what_eager_computes():
-    """--compile: the denoiser's training and sampling, the energies' InfoNCE steps and the guidance through the
-    compiled modules give the eager retrain's losses, synthetic transitions and energies (float tolerance)."""
-    eager, compiled = retrain_once(False), retrain_once(True)
-    for k in ("edis/diffusion_loss", "edis/energy_loss_state", "edis/energy_loss_transition", "edis/guidance_norm"):
-        torch.testing.assert_close(compiled[0][k], eager[0][k], rtol=1e-3, atol=1e-4)
-    for a, b in ((compiled[1], eager[1]), (compiled[2], eager[2])):
-        for k in b:
-            torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
-    assert float(eager[0]["edis/guidance_norm"]) > 0
-
-
 def test_ema_warm_up():
     assert m.ema_decay(0) == 0.0  # the first EMA step copies the network
     assert m.ema_decay(7) == pytest.approx(1 - 8 ** (-2 / 3))  # 0.75 after 8 steps
