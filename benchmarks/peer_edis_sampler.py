@@ -1,0 +1,132 @@
+"""The paper-form guided sampler against the official EDIS sampler, side by side, at equal work.
+
+    python benchmarks/peer_edis_sampler.py --official DIR --pairs 5   # ~3 min -> results/peer_edis_sampler.json
+
+DIR holds the official code (liuxhym/EDIS at commit 28bf16d: diffusion/elucidated_diffusion.py, its
+diffusion/denoiser_network.py and diffusion/norm.py, common/energy.py and common/network.py), outside this
+repository and never copied into it. To get it: the library's `fetch` of github:liuxhym/EDIS, then
+`git --git-dir MIRROR archive 28bf16d diffusion common | tar -x -C DIR`. It imports gin and gym only for decorators
+and type hints (stubbed here) and einops (`pip install einops`).
+
+Equal work, one thread, fp32 (and bf16 autocast for ours, reported apart: the official code has none): n samples of
+D = 11 (PointMaze: s 4, a 2, r, s' 4; the official transition has no terminal), 32 stochastic Heun steps, each
+evaluation = the denoiser (residual MLP, width 256, 3 blocks with LayerNorm, time-embedding width 256) + the three
+energies' gradients (MLPs of 3 x 256 on the transition and the noise level). The official sampler takes one backward
+per energy (three), ours one backward of their weighted sum: the same gradient. Fresh process per measurement,
+official and ours alternating.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import types
+
+import torch
+import tyro
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OFFICIAL_COMMIT = "28bf16d"
+S, A, WIDTH, DEPTH, STEPS = 4, 2, 256, 3, 32
+D = 2 * S + A + 1
+
+
+def official_samples_per_s(official: str, n: int) -> float:
+    sys.modules.setdefault("gin", types.SimpleNamespace(configurable=lambda f: f))  # decorators only
+    sys.modules.setdefault("gym", types.SimpleNamespace(Env=object))  # a type hint only
+    sys.path.insert(0, official)
+    from common.energy import energy_model
+    from diffusion.denoiser_network import ResidualMLPDenoiser
+    from diffusion.elucidated_diffusion import ElucidatedDiffusion
+    from diffusion.norm import Normalizer
+
+    torch.manual_seed(0)
+    net = ResidualMLPDenoiser(d_in=D, dim_t=WIDTH, mlp_width=WIDTH, num_layers=DEPTH, layer_norm=True)
+    net.requires_grad_(False)  # it samples with its EMA copy (ema-pytorch), which has no gradients
+    flags = argparse.Namespace(state_guide=True, transition_guide=True, policy_guide=True, ope_clip=2.0, te_clip=0.1,
+                               pe_clip=0.1)
+    diffusion = ElucidatedDiffusion(net, Normalizer(torch.randn(1000, D)), [D], num_sample_steps=STEPS, args=flags)
+    energies = [energy_model(S, A, DEPTH, torch.nn.ReLU, False, with_reward=True) for _ in range(3)]
+    env = types.SimpleNamespace(observation_space=types.SimpleNamespace(shape=(S,)),
+                                action_space=types.SimpleNamespace(shape=(A,)))
+    run = lambda k: diffusion.sample(*energies, env, 1.0, batch_size=k, num_sample_steps=STEPS,  # noqa: E731
+                                     clamp=False, disable_tqdm=True)
+    run(64)  # warm-up
+    t = time.perf_counter()
+    run(n)
+    return n / (time.perf_counter() - t)
+
+
+def ours_samples_per_s(n: int, bf16: bool) -> float:
+    sys.path.insert(0, ROOT)
+    import edis_iql as m
+    from utils.run import bf16_autocast
+
+    torch.manual_seed(0)
+    net = m.ResidualMLPDenoiser(D, WIDTH, DEPTH)
+    energies = torch.nn.ModuleDict({k: m.EnergyNet(D) for k in ("state", "policy", "transition")})
+    dims = torch.ones(D)
+    dims[S + A] = 0.0  # the paper's form: r unguided (the official masks)
+    guidance = m.make_guidance(energies, {}, dims)
+    g = torch.Generator().manual_seed(0)
+    with bf16_autocast(torch.device("cpu"), bf16):
+        m.edm_sample(net, 64, D, STEPS, g, guidance=guidance)  # warm-up
+        t = time.perf_counter()
+        m.edm_sample(net, n, D, STEPS, g, guidance=guidance)
+        return n / (time.perf_counter() - t)
+
+
+@dataclasses.dataclass
+class Cli:
+    official: str = ""
+    """a folder with the official code at 28bf16d (see the module docstring)"""
+    pairs: int = 5
+    """official / ours (fp32) / ours (bf16) rounds, each measurement in a fresh process"""
+    samples: int = 2000
+    """samples per measurement (one batch)"""
+    out: str = os.path.join(ROOT, "benchmarks", "results", "peer_edis_sampler.json")
+    """the results file (committed)"""
+    one: str = ""
+    """internal: official, ours or ours_bf16, measured in this process"""
+
+
+def main(a: Cli) -> None:
+    torch.set_num_threads(1)
+    if a.one:
+        rate = (official_samples_per_s(a.official, a.samples) if a.one == "official"
+                else ours_samples_per_s(a.samples, a.one == "ours_bf16"))
+        print(rate)
+        return
+    need = os.path.join(a.official, "diffusion", "elucidated_diffusion.py")
+    if not a.official or not os.path.isfile(need):
+        sys.exit(f"error: --official {a.official or '(none)'} has no diffusion/elucidated_diffusion.py: fetch "
+                 f"github:liuxhym/EDIS and unpack commit {OFFICIAL_COMMIT} there (see --help)")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    runs = {"official": [], "ours": [], "ours_bf16": []}
+    for _ in range(a.pairs):
+        for k in runs:
+            p = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", k, "--official", a.official,
+                                "--samples", str(a.samples)], capture_output=True, text=True, env=env)
+            if p.returncode != 0:
+                sys.exit(f"{k}: failed\n{p.stderr[-2000:]}")
+            runs[k].append(round(float(p.stdout.strip().splitlines()[-1]), 1))
+            print(f"{k:>10}: {runs[k][-1]:7.1f} samples/s", flush=True)
+    ratio = lambda k: [o / b for b, o in zip(runs["official"], runs[k])]  # noqa: E731  pair by pair
+    commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    result = {"commit": commit, "official_commit": OFFICIAL_COMMIT, "torch": torch.__version__, "threads": 1,
+              "samples": a.samples, "dim": D, "width": WIDTH, "depth": DEPTH, "heun_steps": STEPS,
+              "samples_per_s": runs, "samples_per_s_median": {k: statistics.median(v) for k, v in runs.items()},
+              "vs_official": {k: {"median": round(statistics.median(ratio(k)), 3), "min": round(min(ratio(k)), 3),
+                                  "max": round(max(ratio(k)), 3)} for k in ("ours", "ours_bf16")}}
+    with open(a.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(json.dumps(result["vs_official"]))
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Cli))
