@@ -125,3 +125,27 @@ def test_optional_bool_flags_take_their_bare_forms():
     for argv, want in cases.items():
         a = peek_args(grpo_llm.Args, list(argv))
         assert (a.fsdp, a.bf16) == want, argv
+
+
+def test_bf16_default_follows_the_hardware_and_the_evidence(monkeypatch, tmp_path):
+    """bf16 by default on a device that computes it natively: CUDA GPUs with bf16 always, CPUs with AVX512-BF16 or
+    AMX only once BF16_CPU_DEFAULT is set (the evidence); the CPU flags are read from /proc/cpuinfo."""
+    import builtins
+
+    from utils import run
+
+    real_open = builtins.open
+    for flags, native in (("fpu sse avx512f avx512_bf16", True), ("fpu amx_tile amx_bf16", True),
+                          ("fpu sse avx512f", False)):
+        (tmp_path / "cpuinfo").write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        monkeypatch.setattr(builtins, "open", lambda p, *a, **k: real_open(
+            tmp_path / "cpuinfo" if p == "/proc/cpuinfo" else p, *a, **k))
+        cpu = torch.device("cpu")
+        assert run.native_bf16(cpu) is native
+        presets = {"cpu": {}, "cuda": {}}
+        assert run.preset_defaults(cpu, presets, {}, {}, {})["bf16"] is False  # the CPU default waits
+        monkeypatch.setattr(run, "BF16_CPU_DEFAULT", True)
+        assert run.preset_defaults(cpu, presets, {}, {}, {})["bf16"] is native
+        monkeypatch.setattr(run, "BF16_CPU_DEFAULT", False)
+        p = run.set_precision(cpu, False, True)  # TF32 is CUDA's: fp32 matmuls stay IEEE on a CPU
+        assert p == {"autocast": "off", "fp32_matmul": "ieee", "native_bf16": native}

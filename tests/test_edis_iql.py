@@ -469,6 +469,8 @@ def test_smoke_run_reaches_every_stage(extras, tiny_pointmaze, tmp_path):
         assert summary[k] is not None
     assert summary["edis_extras"] == extras
     assert (out / "checkpoint.pt").exists() and (out / "config.json").exists()
+    precision = json.loads((out / "config.json").read_text())["precision"]  # what the run computed in
+    assert precision["autocast"] == "off" and precision["fp32_matmul"] == "ieee" and "precision: " in p.stdout
     scalars = read_scalars(str(out))
     for tag in ("losses/q_loss", "losses/v_loss", "losses/actor_loss", "eval/normalized_score",
                 "eval/success_rate", "charts/SPS", "edis/diffusion_loss", "edis/energy_loss_state",
