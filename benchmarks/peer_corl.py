@@ -31,7 +31,7 @@ import tyro
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORL_COMMIT = "eeeeef2"
 OBS, ACT, B = 29, 8, 256
-UPDATES = {"iql": (100, 1000), "calql": (10, 60)}  # (warm-up, timed) per measurement
+UPDATES = {"iql": (100, 1000), "calql": (10, 40)}  # (warm-up, timed) per measurement
 
 
 def corl_module(corl: str, name: str):
