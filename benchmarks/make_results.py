@@ -289,6 +289,9 @@ def tuned_labels(data: dict, tune_phase: str) -> dict:
     return {m: f"{name} ({describe(best[m])})" for m, name in (("grpo", "GRPO"), ("reval", "ReVal")) if m in best}
 
 
+TUNE_ROWS = 3  # of each tuning grid, the best configurations shown in results.md
+
+
 def llm_tuning_tables(data: dict) -> dict:
     tables, runs = {}, data["runs"]
     lines = ["| setting | method | configuration | validation score (mean of last 3 evals) | validation sampled, "
@@ -297,12 +300,16 @@ def llm_tuning_tables(data: dict) -> dict:
         sel = data["selections"].get(phase, {})
         for method, r in sel.items():
             by_name = {x["config"]: x for x in runs if x["phase"] == phase and x["method"] == method}
-            for name, score in sorted(r["scores"].items(), key=lambda kv: -kv[1]):
+            ranked = sorted(r["scores"].items(), key=lambda kv: -kv[1])
+            for name, score in ranked[:TUNE_ROWS]:  # the rest: one line (all in llm_tuning.json)
                 run = by_name.get(name)
                 chosen = "**yes**" if name == r["best_name"] else ""
                 final = run["evals"][-1] if run else {"accuracy_sampled": None, "accuracy": None}
                 lines.append(f"| {setting} | {'GRPO' if method == 'grpo' else 'ReVal'} | {name} | {score:.3f} | "
                              f"{ms([final['accuracy_sampled']])} | {ms([final['accuracy']])} | {chosen} |")
+            if len(ranked) > TUNE_ROWS:
+                lines.append(f"| {setting} | {'GRPO' if method == 'grpo' else 'ReVal'} | {len(ranked) - TUNE_ROWS} "
+                             f"more (`llm_tuning.json`) | {ranked[TUNE_ROWS][1]:.3f}-{ranked[-1][1]:.3f} | | | |")
     tables["llm_tune"] = "\n".join(lines)
     for phase, tune_phase, name in (("final", "tune", "llm_tuned_main"), ("n1-final", "n1-tune", "llm_tuned_n1")):
         rs = [r for r in runs if r["phase"] == phase]
@@ -643,6 +650,46 @@ def round_time_table() -> dict:
     return {"llm_round_time": "\n".join(lines)}
 
 
+def speed_table() -> dict:
+    """Study 4: the speed benchmarks' committed JSON (retrain_speed, peer_edis_sampler, peer_corl, compile_check)."""
+    load = lambda name: json.load(open(os.path.join(RESULTS, name)))  # noqa: E731
+    have = lambda name: os.path.exists(os.path.join(RESULTS, name))  # noqa: E731
+    x = lambda r: f"**{r['median']:.2f}x** ({r['min']:.2f}-{r['max']:.2f})"  # noqa: E731
+    rows = ["| measured (nothing else running; pairs alternate) | ours | against | ratio, median (range) |",
+            "|---|---|---|---|"]
+    if have("retrain_speed.json"):
+        d = load("retrain_speed.json")
+        r, key = d["results"], "speedup_vs_baseline_fp32"
+        base = r["baseline fp32"]["total_s_median"]
+        for c in ("today fp32", "today bf16"):  # the --compile rows of 97e915e: quoted in the text
+            if c in r:
+                rows.append(f"| one EDIS retrain, CPU preset, 1 thread: {c} (`{d['commit']}`) | "
+                            f"{r[c]['total_s_median']:.0f} s | {base:.0f} s, fp32 at `{d['baseline_commit']}` | "
+                            f"{x(r[c][key])} |")
+    if have("peer_edis_sampler.json"):
+        d = load("peer_edis_sampler.json")
+        for k, label in (("ours", "fp32"), ("ours_bf16", "bf16 autocast (the official code has none)")):
+            rows.append(f"| guided sampler, equal work ({d['samples']} samples, {d['heun_steps']} Heun steps, 3 "
+                        f"energies), 1 thread, {label} | {d['samples_per_s_median'][k]:.0f} samples/s | official "
+                        f"EDIS `{d['official_commit']}`: {d['samples_per_s_median']['official']:.0f} | "
+                        f"{x(d['vs_official'][k])} |")
+    if have("peer_corl.json"):
+        d = load("peer_corl.json")
+        for key, sm in d["summary"].items():
+            algo, t = key.split()
+            u = sm["updates_per_s_median"]
+            rows.append(f"| {'IQL' if algo == 'iql' else 'Cal-QL'} updates/s, AntMaze sizes, {t} thread"
+                        f"{'s' * (t != '1')}: fp32; "
+                        f"bf16 | {u['ours']:.1f}; {u['ours_bf16']:.1f} | CORL `{d['corl_commit']}`: {u['corl']:.1f}"
+                        f" | {x(sm['ours_vs_corl'])}; {x(sm['ours_bf16_vs_corl'])} |")
+    if have("compile_check.json"):
+        d = load("compile_check.json")
+        u = {k: statistics.median(v) for k, v in d["updates_per_s"].items()}
+        rows.append(f"| IQL update under torch.compile, 1 thread | {u['compiled']:.0f} updates/s | eager: "
+                    f"{u['eager']:.0f} | {x(d['compiled_over_eager'])} |")
+    return {"speed": "\n".join(rows)} if len(rows) > 2 else {}
+
+
 def save(fig, name: str) -> None:
     os.makedirs(IMG, exist_ok=True)
     fig.savefig(os.path.join(IMG, name), dpi=110)
@@ -670,6 +717,7 @@ def report() -> None:
         tables.update(edis_tables(study2))
         edis_figures(study2)
     tables.update(round_time_table())
+    tables.update(speed_table())
     toy = os.path.join(RESULTS, "toy_guidance.json")
     if os.path.exists(toy):
         tables.update(toy_table(json.load(open(toy))))
