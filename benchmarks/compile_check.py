@@ -12,13 +12,13 @@ detached); the eager side does the same, so only compilation differs. Fresh proc
 import dataclasses
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
 
 import torch
 import tyro
+from study_common import short_commit, spread
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -77,11 +77,9 @@ def main(a: Cli) -> None:
             runs[k].append(round(float(p.stdout.strip().splitlines()[-1]), 1))
             print(k, runs[k][-1], flush=True)
     ratios = [c / e for e, c in zip(runs["eager"], runs["compiled"])]
-    commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
+    commit = short_commit()
     result = {"commit": commit, "torch": torch.__version__, "threads": 1, "updates_per_s": runs,
-              "compiled_over_eager": {"median": round(statistics.median(ratios), 3), "min": round(min(ratios), 3),
-                                      "max": round(max(ratios), 3)}}
+              "compiled_over_eager": spread(ratios)}
     with open(a.out, "w") as f:
         json.dump(result, f, indent=1)
     print(json.dumps(result["compiled_over_eager"]))

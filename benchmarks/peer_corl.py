@@ -27,6 +27,7 @@ import types
 import numpy as np
 import torch
 import tyro
+from study_common import short_commit, spread
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORL_COMMIT = "eeeeef2"
@@ -128,11 +129,8 @@ def main(a: Cli) -> None:
     for key, r in runs.items():
         ratio = lambda k: [o / c for c, o in zip(r["corl"], r[k])]  # noqa: E731, B023  pair by pair
         summary[key] = {"updates_per_s_median": {k: statistics.median(v) for k, v in r.items()},
-                        **{f"{k}_vs_corl": {"median": round(statistics.median(ratio(k)), 3),
-                                            "min": round(min(ratio(k)), 3), "max": round(max(ratio(k)), 3)}
-                           for k in ("ours", "ours_bf16")}}
-    commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
+                        **{f"{k}_vs_corl": spread(ratio(k)) for k in ("ours", "ours_bf16")}}
+    commit = short_commit()
     with open(a.out, "w") as f:
         json.dump({"commit": commit, "corl_commit": CORL_COMMIT, "torch": torch.__version__, "runs": runs,
                    "summary": summary}, f, indent=1)

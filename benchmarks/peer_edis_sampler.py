@@ -28,6 +28,7 @@ import types
 
 import torch
 import tyro
+from study_common import short_commit, spread
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OFFICIAL_COMMIT = "28bf16d"
@@ -116,13 +117,11 @@ def main(a: Cli) -> None:
             runs[k].append(round(float(p.stdout.strip().splitlines()[-1]), 1))
             print(f"{k:>10}: {runs[k][-1]:7.1f} samples/s", flush=True)
     ratio = lambda k: [o / b for b, o in zip(runs["official"], runs[k])]  # noqa: E731  pair by pair
-    commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
+    commit = short_commit()
     result = {"commit": commit, "official_commit": OFFICIAL_COMMIT, "torch": torch.__version__, "threads": 1,
               "samples": a.samples, "dim": D, "width": WIDTH, "depth": DEPTH, "heun_steps": STEPS,
               "samples_per_s": runs, "samples_per_s_median": {k: statistics.median(v) for k, v in runs.items()},
-              "vs_official": {k: {"median": round(statistics.median(ratio(k)), 3), "min": round(min(ratio(k)), 3),
-                                  "max": round(max(ratio(k)), 3)} for k in ("ours", "ours_bf16")}}
+              "vs_official": {k: spread(ratio(k)) for k in ("ours", "ours_bf16")}}
     with open(a.out, "w") as f:
         json.dump(result, f, indent=1)
     print(json.dumps(result["vs_official"]))

@@ -22,6 +22,7 @@ import tempfile
 import time
 
 import tyro
+from study_common import short_commit, spread
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRL = "trl==1.16.0"
@@ -101,8 +102,12 @@ def main(a: Cli) -> None:
     python = os.path.join(a.venv, "bin", "python")
     if not os.path.exists(python):
         print(f"making {a.venv} (the project's packages + {TRL}) ...", flush=True)
-        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", a.venv], check=True)
-        subprocess.run([python, "-m", "pip", "install", "-q", TRL], check=True)
+        for cmd in ([sys.executable, "-m", "venv", "--system-site-packages", a.venv],
+                    [python, "-m", "pip", "install", "-q", TRL]):
+            p = subprocess.run(cmd, capture_output=True, text=True)
+            if p.returncode != 0:  # e.g. no package index reachable
+                sys.exit(f"error: could not make {a.venv} ({' '.join(cmd[1:4])}): "
+                         f"{(p.stderr.strip().splitlines() or ['?'])[-1]}")
     env = dict(os.environ, OMP_NUM_THREADS="2", OMP_WAIT_POLICY="PASSIVE", HF_HUB_OFFLINE="1")
     runs = {"ours": [], "trl": []}
     for _ in range(a.pairs):
@@ -117,13 +122,11 @@ def main(a: Cli) -> None:
     ratios = [t / o for o, t in zip(runs["ours"], runs["trl"])]
     versions = subprocess.run([python, "-c", "import trl, transformers, torch; print(trl.__version__, "
                                "transformers.__version__, torch.__version__)"], capture_output=True, text=True)
-    commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
+    commit = short_commit()
     result = {"commit": commit, "versions (trl transformers torch)": versions.stdout.strip(), "threads": 2,
               "work": {"prompts": PROMPTS, "group": GROUP, "max_new_tokens": NEW_TOKENS, "micro_batch": MICRO},
               "seconds_per_step": runs, "median_s": {k: statistics.median(v) for k, v in runs.items()},
-              "trl_over_ours": {"median": round(statistics.median(ratios), 3), "min": round(min(ratios), 3),
-                                "max": round(max(ratios), 3)}}
+              "trl_over_ours": spread(ratios)}
     with open(a.out, "w") as f:
         json.dump(result, f, indent=1)
     print(json.dumps(result["trl_over_ours"]))

@@ -66,6 +66,15 @@ def parts(g, codec, x, online, state, n: dict) -> dict:
     return out
 
 
+def to_full(measured: dict) -> dict:
+    """Seconds of each part at the PART counts, scaled to the FULL counts (each part is a loop of identical steps)."""
+    scale = {"denoiser training": FULL["diffusion_steps"] / PART["diffusion_steps"],
+             "conditional sampling of the negatives": FULL["negatives"] / (PART["pool"] * 10 * 3 + PART["pool"]),
+             "InfoNCE steps": FULL["infonce_steps"] / PART["infonce_steps"],
+             "guided generation": FULL["samples"] / PART["samples"]}
+    return {k: v * scale[k] for k, v in measured.items()}
+
+
 def main() -> None:
     torch.set_num_threads(1)
     bf16 = "--bf16" in sys.argv
@@ -73,13 +82,7 @@ def main() -> None:
         bf16_autocast(torch.device("cpu"), True).__enter__()
     g, codec, x, online, state = setup()
     parts(g, codec, x, online, state, dict(diffusion_steps=50, pool=16, infonce_steps=5, samples=200))  # warm-up
-    measured = parts(g, codec, x, online, state, PART)
-    negatives_part = PART["pool"] * 10 * 3 + PART["pool"]
-    scale = {"denoiser training": FULL["diffusion_steps"] / PART["diffusion_steps"],
-             "conditional sampling of the negatives": FULL["negatives"] / negatives_part,
-             "InfoNCE steps": FULL["infonce_steps"] / PART["infonce_steps"],
-             "guided generation": FULL["samples"] / PART["samples"]}
-    full = {k: v * scale[k] for k, v in measured.items()}
+    full = to_full(parts(g, codec, x, online, state, PART))
     total = sum(full.values())
     ops = {}
     from torch.profiler import ProfilerActivity, profile

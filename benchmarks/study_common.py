@@ -27,6 +27,18 @@ def machine_info() -> dict:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
+def spread(ratios: list) -> dict:
+    """Median and range of paired ratios (the speed benchmarks' summary)."""
+    import statistics
+
+    return {"median": round(statistics.median(ratios), 3), "min": round(min(ratios), 3), "max": round(max(ratios), 3)}
+
+
+def short_commit() -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                          text=True).stdout.strip()
+
+
 def llm_run_flags(rounds: int, eval_every: int, eval_prompts: int, eval_samples: int, extra: str) -> list:
     """The flags every run of an LLM study shares: budget, evaluation, one checkpoint at the end, and --extra."""
     import shlex
