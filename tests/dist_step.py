@@ -61,7 +61,8 @@ def main() -> None:
                                                "wrapped": type(unwrap(model)).__name__}
     if rank == 0:
         torch.save(results, out)
-    if world > 1:
+    if world > 1:  # as the scripts end: no rank tears gloo down while the other still works (rank 0 saving)
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
