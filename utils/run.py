@@ -82,8 +82,9 @@ def preset_defaults(device: torch.device, device_presets: dict, family_presets: 
     return merged
 
 
-# bf16 by default on a CPU that computes it natively only once the evidence shows no loss against fp32 (the toy of
-# study 3a and one study-2 seed per algorithm under --bf16: docs/results.md, study 4); until then --bf16 opts in.
+# bf16 by default on a CPU that computes it natively only where the evidence shows no loss against fp32; the toy of
+# study 3a and one study-2 seed per algorithm under --bf16 lean slightly against it (docs/results.md, study 4), so
+# on a CPU --bf16 opts in.
 BF16_CPU_DEFAULT = False
 
 
