@@ -1,6 +1,7 @@
 """IQL and Cal-QL update throughput against CORL's, side by side, at AntMaze sizes.
 
     python benchmarks/peer_corl.py --corl DIR --pairs 5     # ~15 min, nothing else running -> results/peer_corl.json
+    python benchmarks/peer_corl.py --corl DIR --flops       # FLOPs per update, each side -> peer_corl_flops.json
 
 DIR holds CORL's algorithms/finetune/iql.py and cal_ql.py (corl-team/CORL at commit eeeeef2), outside this
 repository and never copied into it. To get it: the library's `fetch` of github:corl-team/CORL, then
@@ -44,7 +45,8 @@ def corl_module(corl: str, name: str):
     return __import__(name)
 
 
-def corl_updates_per_s(corl: str, algo: str) -> float:
+def corl_step(corl: str, algo: str):
+    """CORL's update at AntMaze sizes on 20 fixed random batches: step(i) runs one on batch i % 20."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     batches = [[torch.randn(B, OBS, generator=g), torch.rand(B, ACT, generator=g) * 2 - 1,
@@ -56,7 +58,7 @@ def corl_updates_per_s(corl: str, algo: str) -> float:
         trainer = c.ImplicitQLearning(1.0, actor, torch.optim.Adam(actor.parameters(), 3e-4), q,
                                       torch.optim.Adam(q.parameters(), 3e-4), v,
                                       torch.optim.Adam(v.parameters(), 3e-4), iql_tau=0.9, beta=10.0)
-        step = lambda b: trainer.train(b[:5])  # noqa: E731
+        train = lambda b: trainer.train(b[:5])  # noqa: E731
     else:
         c = corl_module(corl, "cal_ql")
         q1, q2 = (c.FullyConnectedQFunction(OBS, ACT, True, 5) for _ in range(2))
@@ -67,14 +69,50 @@ def corl_updates_per_s(corl: str, algo: str) -> float:
                           policy_lr=1e-4, qf_lr=3e-4, cql_n_actions=10, cql_importance_sample=True,
                           cql_lagrange=True, cql_target_action_gap=0.8, cql_alpha=5.0, cql_max_target_backup=True,
                           cql_clip_diff_min=-200.0, cql_clip_diff_max=np.inf, use_automatic_entropy_tuning=True)
-        step = trainer.train
-    warm, n = UPDATES[algo]
+        train = trainer.train
+    return lambda i: train(batches[i % 20])
+
+
+def corl_updates_per_s(corl: str, algo: str) -> float:
+    step, (warm, n) = corl_step(corl, algo), UPDATES[algo]
     for i in range(warm):
-        step(batches[i % 20])
+        step(i)
     t = time.perf_counter()
     for i in range(n):
-        step(batches[i % 20])
+        step(i)
     return n / (time.perf_counter() - t)
+
+
+def gflop_per_update(step) -> float:
+    """Matrix-product FLOPs (mm, addmm, bmm: what torch's FlopCounterMode counts) of one update, after a first one."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    step(0)
+    with FlopCounterMode(display=False) as counter:
+        step(1)
+    return counter.get_total_flops() / 1e9
+
+
+def count_flops(corl: str, algos: tuple, out: str) -> None:
+    """--flops: the work of one update on each side, and with peer_corl.json's medians the FLOP rate each sustains."""
+    import update_throughput as ut
+
+    res = {"commit": short_commit(), "corl_commit": CORL_COMMIT, "torch": torch.__version__, "gflop_per_update": {}}
+    speed = json.load(open(out)) if os.path.isfile(out) else None
+    for algo in algos:
+        ours = ut.make_step(ut.Cli(algo=algo))
+        g = {"corl": gflop_per_update(corl_step(corl, algo)), "ours": gflop_per_update(lambda i: ours())}
+        res["gflop_per_update"][algo] = {k: round(v, 3) for k, v in g.items()}
+        line = f"{algo}: {g['ours']:.3f} GFLOP per update (CORL {g['corl']:.3f}, {g['corl'] / g['ours']:.2f}x ours)"
+        for t in (1, 2):
+            med = (speed or {}).get("summary", {}).get(f"{algo} {t}", {}).get("updates_per_s_median")
+            if med:  # GFLOP/s = GFLOP per update x updates/s (peer_corl.json, measured at its own commit)
+                rate = {k: round(g[k] * med[k], 1) for k in ("ours", "corl")}
+                res.setdefault("gflop_per_s", {})[f"{algo} {t}"] = rate
+                line += f"; {t} thread(s): ours {rate['ours']} GFLOP/s, CORL {rate['corl']}"
+        print(line, flush=True)
+    with open(os.path.join(os.path.dirname(out), "peer_corl_flops.json"), "w") as f:
+        json.dump(res, f, indent=1)
 
 
 def ours_updates_per_s(algo: str, threads: int, bf16: bool, env: dict) -> float:
@@ -97,6 +135,9 @@ class Cli:
     """torch thread counts"""
     out: str = os.path.join(ROOT, "benchmarks", "results", "peer_corl.json")
     """the results file (committed)"""
+    flops: bool = False
+    """count each side's matrix-product FLOPs per update instead (-> results/peer_corl_flops.json, with FLOP rates
+    from the --out file's medians)"""
     one: str = ""
     """internal: 'corl ALGO THREADS', measured in this process"""
 
@@ -110,6 +151,9 @@ def main(a: Cli) -> None:
     if not a.corl or not os.path.isfile(os.path.join(a.corl, "algorithms", "finetune", "iql.py")):
         sys.exit(f"error: --corl {a.corl or '(none)'} has no algorithms/finetune/iql.py: fetch github:corl-team/CORL "
                  f"and unpack commit {CORL_COMMIT} there (see --help)")
+    if a.flops:
+        count_flops(a.corl, a.algos, a.out)
+        return
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
     runs = {f"{algo} {t}": {"corl": [], "ours": [], "ours_bf16": []} for algo in a.algos for t in a.threads}
     for _ in range(a.pairs):

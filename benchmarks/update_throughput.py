@@ -44,8 +44,8 @@ class Cli:
     """bfloat16 autocast (as the scripts' --bf16)"""
 
 
-def main(a: Cli) -> None:
-    torch.set_num_threads(a.threads)
+def make_step(a: Cli):
+    """The script's own update at these sizes, on batches drawn from a filled buffer: step() -> metrics."""
     mod = importlib.import_module("edis_iql" if a.algo == "iql" else "edis_calql")
     from utils import run as harness
     from utils.tasks import get_task
@@ -91,6 +91,13 @@ def main(a: Cli) -> None:
         with bf16_autocast(dev, a.bf16):
             return update(batch())
 
+    return step
+
+
+def main(a: Cli) -> None:
+    torch.set_num_threads(a.threads)
+    dev = torch.device(a.device)
+    step = make_step(a)
     for _ in range(a.warmup):
         step()
     if dev.type == "cuda":

@@ -255,3 +255,21 @@ def test_llm_tuning_pipeline(tiny_model_dir, tmp_path, monkeypatch):
     doc = text.read_text()
     assert doc.count("**yes**") == 4 and "| GRPO (lr" in doc and "| 1 |" in doc
     assert (tmp_path / "img" / "llm_tuned_main.png").exists() and (tmp_path / "img" / "llm_beta.png").exists()
+
+
+def test_flop_count_of_one_update_against_a_hand_count():
+    """peer_corl.py --flops counts an update's matrix products: a linear layer's forward and weight gradient on
+    B rows are 2 x (2 B in out) FLOPs (the input needs no gradient), its bias none; the first call is not counted."""
+    import peer_corl
+
+    torch.manual_seed(0)
+    lin, x = torch.nn.Linear(29, 256), torch.randn(64, 29)
+    step = lambda i: lin(x).pow(2).sum().backward()  # noqa: E731
+    assert peer_corl.gflop_per_update(step) * 1e9 == 2 * (2 * 64 * 29 * 256)
+
+
+@pytest.mark.parametrize("script, flag, fetch", [("peer_corl.py", "--corl", "github:corl-team/CORL"),
+                                                 ("peer_edis_sampler.py", "--official", "github:liuxhym/EDIS")])
+def test_peer_benchmark_without_the_peer_copy_is_one_line(script, flag, fetch, tmp_path):
+    p = run_script([os.path.join("benchmarks", script), flag, str(tmp_path)])
+    assert p.returncode == 1 and fetch in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr[-500:]
