@@ -28,7 +28,7 @@ import types
 import numpy as np
 import torch
 import tyro
-from study_common import short_commit, spread
+from study_common import flops_of, short_commit, spread
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORL_COMMIT = "eeeeef2"
@@ -84,13 +84,9 @@ def corl_updates_per_s(corl: str, algo: str) -> float:
 
 
 def gflop_per_update(step) -> float:
-    """Matrix-product FLOPs (mm, addmm, bmm: what torch's FlopCounterMode counts) of one update, after a first one."""
-    from torch.utils.flop_counter import FlopCounterMode
-
+    """Matrix-product FLOPs of one update (study_common.flops_of), after a first one."""
     step(0)
-    with FlopCounterMode(display=False) as counter:
-        step(1)
-    return counter.get_total_flops() / 1e9
+    return flops_of(lambda: step(1)) / 1e9
 
 
 def count_flops(corl: str, algos: tuple, out: str) -> None:

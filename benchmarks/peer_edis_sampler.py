@@ -1,6 +1,7 @@
 """The paper-form guided sampler against the official EDIS sampler, side by side, at equal work.
 
     python benchmarks/peer_edis_sampler.py --official DIR --pairs 5   # ~3 min -> results/peer_edis_sampler.json
+    python benchmarks/peer_edis_sampler.py --official DIR --flops     # FLOPs per sample -> ..._flops.json
 
 DIR holds the official code (liuxhym/EDIS at commit 28bf16d: diffusion/elucidated_diffusion.py, its
 diffusion/denoiser_network.py and diffusion/norm.py, common/energy.py and common/network.py), outside this
@@ -28,7 +29,7 @@ import types
 
 import torch
 import tyro
-from study_common import short_commit, spread
+from study_common import flops_of, short_commit, spread
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OFFICIAL_COMMIT = "28bf16d"
@@ -36,7 +37,8 @@ S, A, WIDTH, DEPTH, STEPS = 4, 2, 256, 3, 32
 D = 2 * S + A + 1
 
 
-def official_samples_per_s(official: str, n: int) -> float:
+def official_sampler(official: str):
+    """The official sampler at these sizes: run(k) draws k samples."""
     sys.modules.setdefault("gin", types.SimpleNamespace(configurable=lambda f: f))  # decorators only
     sys.modules.setdefault("gym", types.SimpleNamespace(Env=object))  # a type hint only
     sys.path.insert(0, official)
@@ -54,18 +56,22 @@ def official_samples_per_s(official: str, n: int) -> float:
     energies = [energy_model(S, A, DEPTH, torch.nn.ReLU, False, with_reward=True) for _ in range(3)]
     env = types.SimpleNamespace(observation_space=types.SimpleNamespace(shape=(S,)),
                                 action_space=types.SimpleNamespace(shape=(A,)))
-    run = lambda k: diffusion.sample(*energies, env, 1.0, batch_size=k, num_sample_steps=STEPS,  # noqa: E731
-                                     clamp=False, disable_tqdm=True)
+    return lambda k: diffusion.sample(*energies, env, 1.0, batch_size=k, num_sample_steps=STEPS, clamp=False,
+                                      disable_tqdm=True)
+
+
+def official_samples_per_s(official: str, n: int) -> float:
+    run = official_sampler(official)
     run(64)  # warm-up
     t = time.perf_counter()
     run(n)
     return n / (time.perf_counter() - t)
 
 
-def ours_samples_per_s(n: int, bf16: bool) -> float:
+def ours_sampler():
+    """Ours at the same sizes, the paper's form: run(k) draws k samples."""
     sys.path.insert(0, ROOT)
     import edis_iql as m
-    from utils.run import bf16_autocast
 
     torch.manual_seed(0)
     net = m.ResidualMLPDenoiser(D, WIDTH, DEPTH)
@@ -74,11 +80,33 @@ def ours_samples_per_s(n: int, bf16: bool) -> float:
     dims[S + A] = 0.0  # the paper's form: r unguided (the official masks)
     guidance = m.make_guidance(energies, {}, dims)
     g = torch.Generator().manual_seed(0)
+    return lambda k: m.edm_sample(net, k, D, STEPS, g, guidance=guidance)
+
+
+def ours_samples_per_s(n: int, bf16: bool) -> float:
+    from utils.run import bf16_autocast
+
+    run = ours_sampler()
     with bf16_autocast(torch.device("cpu"), bf16):
-        m.edm_sample(net, 64, D, STEPS, g, guidance=guidance)  # warm-up
+        run(64)  # warm-up
         t = time.perf_counter()
-        m.edm_sample(net, n, D, STEPS, g, guidance=guidance)
+        run(n)
         return n / (time.perf_counter() - t)
+
+
+def count_flops(official: str, n: int, out: str) -> None:
+    """--flops: matrix-product FLOPs per sample on each side (study_common.flops_of), and with the --out file's
+    medians the FLOP rate each sustains."""
+    res = {"commit": short_commit(), "official_commit": OFFICIAL_COMMIT, "samples": n, "mflop_per_sample": {}}
+    for side, run in (("official", official_sampler(official)), ("ours", ours_sampler())):
+        run(8)
+        res["mflop_per_sample"][side] = round(flops_of(lambda: run(n)) / n / 1e6, 2)  # noqa: B023
+    if os.path.isfile(out):  # samples/s (fp32, measured at that file's commit) x FLOPs per sample
+        med = json.load(open(out))["samples_per_s_median"]
+        res["gflop_per_s"] = {k: round(med[k] * v / 1e3, 1) for k, v in res["mflop_per_sample"].items()}
+    print(json.dumps(res))
+    with open(os.path.join(os.path.dirname(out), "peer_edis_sampler_flops.json"), "w") as f:
+        json.dump(res, f, indent=1)
 
 
 @dataclasses.dataclass
@@ -91,6 +119,8 @@ class Cli:
     """samples per measurement (one batch)"""
     out: str = os.path.join(ROOT, "benchmarks", "results", "peer_edis_sampler.json")
     """the results file (committed)"""
+    flops: bool = False
+    """count each side's matrix-product FLOPs per sample instead (-> results/peer_edis_sampler_flops.json)"""
     one: str = ""
     """internal: official, ours or ours_bf16, measured in this process"""
 
@@ -106,6 +136,9 @@ def main(a: Cli) -> None:
     if not a.official or not os.path.isfile(need):
         sys.exit(f"error: --official {a.official or '(none)'} has no diffusion/elucidated_diffusion.py: fetch "
                  f"github:liuxhym/EDIS and unpack commit {OFFICIAL_COMMIT} there (see --help)")
+    if a.flops:
+        count_flops(a.official, 256, a.out)
+        return
     env = dict(os.environ, OMP_NUM_THREADS="1")
     runs = {"official": [], "ours": [], "ours_bf16": []}
     for _ in range(a.pairs):

@@ -34,6 +34,26 @@ def spread(ratios: list) -> dict:
     return {"median": round(statistics.median(ratios), 3), "min": round(min(ratios), 3), "max": round(max(ratios), 3)}
 
 
+def flops_of(fn) -> int:
+    """Matrix-product FLOPs (mm, addmm, bmm, ...: torch's flop_registry) that fn() runs. A plain dispatch mode, not
+    FlopCounterMode, whose module tracking breaks on torch.autograd.grad of a leaf (the official EDIS sampler)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import flop_registry
+
+    class Count(TorchDispatchMode):
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func._overloadpacket in flop_registry:
+                self.total += flop_registry[func._overloadpacket](*args, **(kwargs or {}), out_val=out)
+            return out
+
+    with Count() as counter:
+        fn()
+    return counter.total
+
+
 def short_commit() -> str:
     return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                           text=True).stdout.strip()
