@@ -1,5 +1,7 @@
 """Task registry, evaluation envs and D4RL normalized scores."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -62,6 +64,9 @@ def test_every_task_env_builds_with_flat_obs():
         if task.family in dims:
             assert obs.shape[0] == dims[task.family], task.name
         assert env.spec.max_episode_steps == task.max_episode_steps
+        xml = getattr(env.unwrapped, "tmp_xml_file_path", None)  # gymnasium-robotics' mazes: removed once loaded
+        assert (xml is not None) == (task.family in dims) and not (xml and os.path.exists(xml)), task.name
+        env.step(env.action_space.sample())  # the model does not need the file
         env.close()
 
 

@@ -313,6 +313,9 @@ def make_env(task: TaskSpec, seed: Optional[int] = None, render_mode: Optional[s
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # AntMaze *-v4 is "out of date"; it is the data's env
         env = gym.make(task.env_id, render_mode=render_mode, **kwargs)
+    xml = getattr(env.unwrapped, "tmp_xml_file_path", None)  # a maze's model, written to /tmp and never removed
+    if xml and os.path.basename(xml).startswith("ant_maze") and os.path.isfile(xml):
+        os.remove(xml)  # MuJoCo has loaded it
     env = FlatObservation(env, task.obs_keys)
     if seed is not None:
         env.action_space.seed(seed)
