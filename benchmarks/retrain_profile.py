@@ -13,12 +13,14 @@ count (every part is a loop of identical steps); then each part once more under 
 self CPU time. One thread, the paper's form (guidance at every noise level, three energies).
 """
 
+import dataclasses
 import json
 import os
 import sys
 import time
 
 import torch
+import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -84,10 +86,19 @@ def to_full(measured: dict) -> dict:
     return {k: v * scale[k] for k, v in measured.items()}
 
 
-def main() -> None:
+@dataclasses.dataclass
+class Cli:
+    bf16: bool = False
+    """under bf16 autocast (fp32 weights), as edis_retrain runs with --bf16"""
+    device: str = "cpu"
+    """cpu or cuda (TF32 matmuls on CUDA, the scripts' default)"""
+    out: str = os.path.join(ROOT, "benchmarks", "results")
+    """the folder of retrain_profile[_cuda][_bf16].json"""
+
+
+def main(a: Cli) -> None:
     torch.set_num_threads(1)
-    bf16 = "--bf16" in sys.argv
-    device = torch.device(sys.argv[sys.argv.index("--device") + 1] if "--device" in sys.argv else "cpu")
+    bf16, device = a.bf16, torch.device(a.device)
     from utils.run import set_precision  # here: retrain_speed.py imports this module beside older code
 
     set_precision(device, bf16, tf32=True)  # the scripts' default: TF32 matmuls on CUDA
@@ -121,9 +132,7 @@ def main() -> None:
               + ", ".join(f"{o['op']} {o['self_share']:.0%}" for o in ops[k][:4]))
     print(f"{'one retrain':>40}: {total:7.1f} s")
     tag = ("_cuda" if device.type == "cuda" else "") + ("_bf16" if bf16 else "")
-    folder = os.path.join(ROOT, "benchmarks", "results")
-    folder = sys.argv[sys.argv.index("--out") + 1] if "--out" in sys.argv else folder
-    out = os.path.join(folder, f"retrain_profile{tag}.json")
+    out = os.path.join(a.out, f"retrain_profile{tag}.json")
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
     print(out)
@@ -135,4 +144,4 @@ def name_of(count_key: str) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    main(tyro.cli(Cli))
