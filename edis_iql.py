@@ -523,7 +523,7 @@ def edm_sample(net: nn.Module, n: int, dim: int, n_steps: int, generator: torch.
     def direction(x_: torch.Tensor, sigma: float) -> torch.Tensor:
         sig = torch.full((n,), sigma, device=device)
         with torch.no_grad():
-            d = (x_ - edm_denoise(net, x_, sig[:1], mask)) / sigma  # sig[:1]: the same D, 1.1-1.2x faster
+            d = (x_ - edm_denoise(net, x_, sig[:1], mask)) / sigma  # sig[:1]: the same D, embedded once
         if guidance is None or sigma > guide_sigma_max:
             return d
         g = sigma * guidance(x_, sig) * (1.0 - mask)

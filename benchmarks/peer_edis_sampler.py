@@ -68,8 +68,8 @@ def official_samples_per_s(official: str, n: int) -> float:
     return n / (time.perf_counter() - t)
 
 
-def ours_sampler():
-    """Ours at the same sizes, the paper's form: run(k) draws k samples."""
+def ours_sampler(guided: bool = True):
+    """Ours at the same sizes, the paper's form (``guided=False``: the denoiser alone): run(k) draws k samples."""
     sys.path.insert(0, ROOT)
     import edis_iql as m
 
@@ -80,7 +80,7 @@ def ours_sampler():
     dims[S + A] = 0.0  # the paper's form: r unguided (the official masks)
     guidance = m.make_guidance(energies, {}, dims)
     g = torch.Generator().manual_seed(0)
-    return lambda k: m.edm_sample(net, k, D, STEPS, g, guidance=guidance)
+    return lambda k: m.edm_sample(net, k, D, STEPS, g, guidance=guidance if guided else None)
 
 
 def ours_samples_per_s(n: int, bf16: bool) -> float:
@@ -98,12 +98,13 @@ def count_flops(official: str, n: int, out: str) -> None:
     """--flops: matrix-product FLOPs per sample on each side (study_common.flops_of), and with the --out file's
     medians the FLOP rate each sustains."""
     res = {"commit": short_commit(), "official_commit": OFFICIAL_COMMIT, "samples": n, "mflop_per_sample": {}}
-    for side, run in (("official", official_sampler(official)), ("ours", ours_sampler())):
+    for side, run in (("official", official_sampler(official)), ("ours", ours_sampler()),
+                      ("ours_unguided", ours_sampler(guided=False))):  # the rest of "ours": the energies' gradients
         run(8)
         res["mflop_per_sample"][side] = round(flops_of(lambda: run(n)) / n / 1e6, 2)  # noqa: B023
     if os.path.isfile(out):  # samples/s (fp32, measured at that file's commit) x FLOPs per sample
         med = json.load(open(out))["samples_per_s_median"]
-        res["gflop_per_s"] = {k: round(med[k] * v / 1e3, 1) for k, v in res["mflop_per_sample"].items()}
+        res["gflop_per_s"] = {k: round(med[k] * v / 1e3, 1) for k, v in res["mflop_per_sample"].items() if k in med}
     print(json.dumps(res))
     with open(os.path.join(os.path.dirname(out), "peer_edis_sampler_flops.json"), "w") as f:
         json.dump(res, f, indent=1)
